@@ -1,0 +1,74 @@
+//! # udpring
+//!
+//! High-throughput UDP services on Linux, built on io_uring.
+//!
+//! Architecture: one worker thread per CPU. Each worker owns a UDP socket bound with
+//! SO_REUSEPORT to the shared address (the kernel spreads peers over the workers), its own
+//! io_uring, a ring of provided receive buffers and a fixed pool of reply slots. A single
+//! multishot `RECVMSG` keeps receiving into the provided buffers; each datagram is handed to
+//! the user's [`Handler`] borrowed from its buffer; replies are `SENDMSG`s submitted in one
+//! batch per loop turn. Completions are dispatched on a typed `user_data` (the IOCP operation
+//! table of the seed article, made safe by generations). Nothing on the datagram path
+//! allocates or locks.
+//!
+//! Minimum kernel: Linux 6.0 (multishot recvmsg); 6.1+ for DEFER_TASKRUN.
+//!
+//! ```no_run
+//! use udpring::{Datagram, Handler, Reply, Server, ServerConfig};
+//!
+//! struct Upper;
+//! impl Handler for Upper {
+//!     fn on_datagram(&mut self, d: &Datagram<'_>, reply: &mut Reply<'_>) {
+//!         let _ = reply.send_with(|buf| {
+//!             let n = d.payload.len().min(buf.len());
+//!             for (o, i) in buf[..n].iter_mut().zip(d.payload) {
+//!                 *o = i.to_ascii_uppercase();
+//!             }
+//!             n
+//!         });
+//!     }
+//! }
+//!
+//! let server = Server::start(ServerConfig::default(), |_worker| Upper)?;
+//! println!("listening on {}", server.local_addr());
+//! # server.shutdown()?;
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+pub mod buf_ring;
+pub mod config;
+pub mod datagram;
+pub mod features;
+pub mod handler;
+pub mod op;
+pub mod ring;
+pub mod send_pool;
+pub mod server;
+pub mod socket;
+pub mod sockperf;
+pub mod stats;
+mod sys;
+pub mod worker;
+
+pub use config::{parse_duration, ServerConfig};
+pub use features::Features;
+pub use handler::{App, Datagram, Discard, Echo, Handler, Reply, Sockperf};
+pub use send_pool::SendError;
+pub use server::Server;
+pub use stats::Counters;
+
+/// The running kernel's release string (for logs and reports).
+pub fn kernel_release() -> String {
+    sys::kernel_release()
+}
+
+/// Blocks SIGINT/SIGTERM in the calling thread (call before [`Server::start`] so workers
+/// inherit the mask) and returns a waiter for them.
+pub fn block_shutdown_signals() -> std::io::Result<()> {
+    sys::block_shutdown_signals()
+}
+
+/// Waits up to `timeout` for SIGINT or SIGTERM blocked by [`block_shutdown_signals`].
+pub fn wait_shutdown_signal(timeout: std::time::Duration) -> std::io::Result<Option<i32>> {
+    sys::wait_shutdown_signal(timeout)
+}

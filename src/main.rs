@@ -1,1 +1,200 @@
-fn main(){}
+//! The `udpring` command line: `serve`, `probe`.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use udpring::{App, Counters, Discard, Echo, Handler, Server, ServerConfig, Sockperf};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "udpring",
+    version,
+    about = "High-throughput UDP server on io_uring",
+    long_about = "udpring serves UDP on Linux with io_uring: one worker thread per CPU, each with \
+its own SO_REUSEPORT socket and ring, multishot receive into provided buffers and batched replies.\n\n\
+Examples:\n  udpring serve                          echo on 127.0.0.1:9000, one worker per CPU\n  \
+udpring serve --bind [::]:7 --app echo  dual-stack echo on every address\n  \
+udpring serve --app sockperf --workers 1  answer `sockperf ping-pong`\n  \
+udpring probe                          which io_uring features this kernel has\n\n\
+Logging: RUST_LOG=debug (default info)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve UDP until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+    /// Print the kernel version and each io_uring feature udpring uses, yes or no.
+    Probe,
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Address to serve on. `0.0.0.0` or `[::]` (dual-stack) serve every address, and replies
+    /// leave from the address each request was sent to. Port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    bind: SocketAddr,
+    /// Worker threads, each with its own socket and io_uring [default: one per CPU].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// What to answer with: echo (RFC 862), discard (RFC 863), or sockperf.
+    #[arg(long, value_enum, default_value_t = App::Echo)]
+    app: App,
+    /// Pin worker i to the i-th CPU this process may use.
+    #[arg(long)]
+    pin_cpus: bool,
+    /// Largest datagram received whole, in bytes; larger ones are counted as truncated and
+    /// dropped. The default takes every legal UDP/IPv4 payload.
+    #[arg(long, default_value_t = 65_507)]
+    max_datagram: usize,
+    /// Provided receive buffers per worker (power of two, at most 32768). Each holds one
+    /// datagram; untouched pages cost no memory.
+    #[arg(long, default_value_t = 1024)]
+    buffers: u16,
+    /// Reply slots per worker: replies in flight before the worker stops taking datagrams.
+    #[arg(long, default_value_t = 1024)]
+    send_slots: usize,
+    /// Socket receive buffer (SO_RCVBUF) to ask for, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    recv_buffer: usize,
+    /// Socket send buffer (SO_SNDBUF) to ask for, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    send_buffer: usize,
+    /// Log a counter summary this often (e.g. 10s, 500ms); 0 logs only at shutdown.
+    #[arg(long, default_value = "10s", value_parser = udpring::parse_duration)]
+    stats_interval: Duration,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Probe => probe(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("udpring: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn probe() -> Result<ExitCode> {
+    let features = udpring::Features::probe();
+    print!("{}", features.report());
+    match features.check_required() {
+        Ok(()) => {
+            println!("udpring can run on this kernel");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("udpring cannot run: {e}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let config = ServerConfig {
+        bind: args.bind,
+        workers: args.workers.unwrap_or_else(udpring::config::default_workers),
+        pin_cpus: args.pin_cpus,
+        max_datagram: args.max_datagram,
+        buffers: args.buffers,
+        send_slots: args.send_slots,
+        recv_buffer_bytes: args.recv_buffer,
+        send_buffer_bytes: args.send_buffer,
+        stats_interval: (!args.stats_interval.is_zero()).then_some(args.stats_interval),
+        ..ServerConfig::default()
+    };
+    match args.app {
+        App::Echo => run(config, args.app, |_| Echo),
+        App::Discard => run(config, args.app, |_| Discard),
+        App::Sockperf => run(config, args.app, |_| Sockperf),
+    }
+}
+
+fn run<H, F>(config: ServerConfig, app: App, factory: F) -> Result<ExitCode>
+where
+    H: Handler,
+    F: Fn(usize) -> H + Send + Sync + 'static,
+{
+    // Block the shutdown signals before any worker exists so they inherit the mask and only
+    // this thread sees SIGINT/SIGTERM.
+    udpring::block_shutdown_signals().context("cannot block signals")?;
+    let interval = config.stats_interval;
+    let server = Server::start(config.clone(), factory)?;
+    let features: Vec<&str> = server
+        .features()
+        .list
+        .iter()
+        .filter(|f| f.present)
+        .map(|f| f.name)
+        .collect();
+    tracing::info!(
+        addr = %server.local_addr(),
+        workers = server.worker_count(),
+        app = ?app,
+        ring = server.task_run_mode().describe(),
+        rcvbuf = server.recv_buffer(),
+        kernel = %server.features().kernel_release,
+        "listening"
+    );
+    tracing::info!("kernel features in use: {}", features.join(", "));
+    // Printed on stdout too, for scripts waiting for readiness.
+    println!("udpring listening on {}", server.local_addr());
+    let started = Instant::now();
+    let mut last = Counters::default();
+    let mut last_at = Instant::now();
+    let tick = interval.unwrap_or(Duration::from_secs(3600));
+    let signal = loop {
+        if let Some(sig) = udpring::wait_shutdown_signal(tick)? {
+            break sig;
+        }
+        let now = Instant::now();
+        let total = server.total_counters();
+        let secs = now.duration_since(last_at).as_secs_f64().max(1e-9);
+        let per_worker: Vec<u64> = server
+            .worker_counters()
+            .iter()
+            .map(|c| c.rx_datagrams)
+            .collect();
+        tracing::info!(
+            rx_per_s = ((total.rx_datagrams - last.rx_datagrams) as f64 / secs) as u64,
+            tx_per_s = ((total.tx_datagrams - last.tx_datagrams) as f64 / secs) as u64,
+            per_worker_rx = ?per_worker,
+            "stats {}",
+            total.summary()
+        );
+        last = total;
+        last_at = now;
+    };
+    tracing::info!(signal, "shutting down");
+    let finals = server.shutdown()?;
+    let mut total = Counters::default();
+    for (i, c) in finals.iter().enumerate() {
+        tracing::info!(worker = i, "final {}", c.summary());
+        total.add(c);
+    }
+    tracing::info!(
+        uptime_s = started.elapsed().as_secs_f64(),
+        "final total {}",
+        total.summary()
+    );
+    println!("udpring final {}", total.summary());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,166 @@
+//! Server options, their defaults and their validation.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything a server needs to start. `Default` gives what `udpring serve` uses with no flags.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address every worker binds (with SO_REUSEPORT). Port 0 picks one port for all workers.
+    pub bind: SocketAddr,
+    /// Worker threads, each with its own socket and ring.
+    pub workers: usize,
+    /// Pin worker `i` to the `i`-th CPU this process may use.
+    pub pin_cpus: bool,
+    /// Largest datagram received whole; larger ones are counted as truncated and dropped.
+    pub max_datagram: usize,
+    /// Provided receive buffers per worker (a power of two, at most 32768).
+    pub buffers: u16,
+    /// Reply slots per worker: replies in flight before the worker applies backpressure.
+    pub send_slots: usize,
+    /// SO_RCVBUF to ask for, in bytes.
+    pub recv_buffer_bytes: usize,
+    /// SO_SNDBUF to ask for, in bytes.
+    pub send_buffer_bytes: usize,
+    /// How often to log a counter summary; `None` logs only at shutdown.
+    pub stats_interval: Option<Duration>,
+    /// How long shutdown may take to flush replies and drain in-flight operations.
+    pub shutdown_timeout: Duration,
+}
+
+/// Largest UDP payload over IPv4 (65,535 - 20 IP header - 8 UDP header).
+pub const MAX_UDP4_PAYLOAD: usize = 65_507;
+/// Largest UDP payload over IPv6 without jumbograms (65,535 - 8 UDP header).
+pub const MAX_UDP6_PAYLOAD: usize = 65_527;
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 9000)),
+            workers: default_workers(),
+            pin_cpus: false,
+            max_datagram: MAX_UDP4_PAYLOAD,
+            buffers: 1024,
+            send_slots: 1024,
+            recv_buffer_bytes: 4 << 20,
+            send_buffer_bytes: 4 << 20,
+            stats_interval: None,
+            shutdown_timeout: Duration::from_millis(900),
+        }
+    }
+}
+
+/// One worker per CPU this process may run on.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+impl ServerConfig {
+    /// Checks the options against each other and the kernel's limits; the error is one line
+    /// naming the option and what is allowed.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.workers == 0 || self.workers > 1024 {
+            return Err(format!("--workers must be 1..=1024, got {}", self.workers));
+        }
+        if self.max_datagram == 0 || self.max_datagram > MAX_UDP6_PAYLOAD {
+            return Err(format!(
+                "--max-datagram must be 1..={MAX_UDP6_PAYLOAD} bytes, got {}",
+                self.max_datagram
+            ));
+        }
+        if !self.buffers.is_power_of_two() || self.buffers > 32768 {
+            return Err(format!(
+                "--buffers must be a power of two from 1 to 32768 (the kernel's buffer-ring limit), got {}",
+                self.buffers
+            ));
+        }
+        if self.send_slots == 0 || self.send_slots > 65_536 {
+            return Err(format!(
+                "--send-slots must be 1..=65536, got {}",
+                self.send_slots
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parses durations written as `250ms`, `30s`, `5m`, `1h`, `1500us` or plain seconds (`2`,
+/// `0.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration '{s}': expected e.g. 500ms, 30s, 5m"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1e3,
+        "us" | "µs" => value / 1e6,
+        "ns" => value / 1e9,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "invalid duration unit '{other}' in '{s}': use ns, us, ms, s, m or h"
+            ))
+        }
+    };
+    if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
+        return Err(format!("duration '{s}' is out of range"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("1e400").is_err());
+    }
+
+    #[test]
+    fn defaults_validate_and_bad_values_do_not() {
+        assert!(ServerConfig::default().validate().is_ok());
+        let bad = [
+            ServerConfig {
+                workers: 0,
+                ..Default::default()
+            },
+            ServerConfig {
+                max_datagram: 0,
+                ..Default::default()
+            },
+            ServerConfig {
+                max_datagram: 70_000,
+                ..Default::default()
+            },
+            ServerConfig {
+                buffers: 1000,
+                ..Default::default()
+            },
+            ServerConfig {
+                send_slots: 0,
+                ..Default::default()
+            },
+        ];
+        for c in bad {
+            assert!(c.validate().is_err(), "{c:?}");
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The one-time kernel probe: which io_uring features this kernel has, tested once at
+//! start-up, reported by `udpring probe`, and checked before any worker starts.
+
+use std::fmt::Write as _;
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use io_uring::{opcode, types, Probe};
+
+use crate::buf_ring::BufRing;
+use crate::ring::{has_more, Ring, TaskRunMode};
+use crate::sys;
+
+/// One feature the engine uses.
+#[derive(Debug, Clone)]
+pub struct Feature {
+    pub name: &'static str,
+    /// The kernel release that brought it.
+    pub since: &'static str,
+    pub present: bool,
+    /// Without it udpring cannot run (otherwise it falls back, as `fallback` says).
+    pub required: bool,
+    pub fallback: &'static str,
+}
+
+/// What the probe found.
+#[derive(Debug, Clone)]
+pub struct Features {
+    pub kernel_release: String,
+    /// (major, minor) parsed from the release, when it parses.
+    pub kernel_version: Option<(u32, u32)>,
+    /// Why io_uring itself is unusable, if it is.
+    pub io_uring_error: Option<String>,
+    pub task_run: Option<TaskRunMode>,
+    pub list: Vec<Feature>,
+}
+
+impl Features {
+    /// Probes the running kernel. Takes a few milliseconds; call once.
+    pub fn probe() -> Features {
+        let kernel_release = sys::kernel_release();
+        let ring = match Ring::new(8, 16) {
+            Ok(r) => r,
+            Err(e) => {
+                return Features {
+                    kernel_version: sys::kernel_version(&kernel_release),
+                    kernel_release,
+                    io_uring_error: Some(crate::ring::explain_setup_error(&e)),
+                    task_run: None,
+                    list: Vec::new(),
+                }
+            }
+        };
+        let mode = ring.mode();
+        let params = ring.uring().params();
+        let mut probe = Probe::new();
+        let have_probe = ring.uring().submitter().register_probe(&mut probe).is_ok();
+        let op = |code: u8| have_probe && probe.is_supported(code);
+        let buf_ring = probe_buf_ring();
+        let multishot = buf_ring && probe_recvmsg_multishot();
+        let list = vec![
+            Feature {
+                name: "IORING_OP_SENDMSG / IORING_OP_RECVMSG",
+                since: "5.3",
+                present: op(opcode::SendMsg::CODE) && op(opcode::RecvMsg::CODE),
+                required: true,
+                fallback: "none",
+            },
+            Feature {
+                name: "IORING_FEAT_EXT_ARG (timed waits)",
+                since: "5.11",
+                present: params.is_feature_ext_arg(),
+                required: true,
+                fallback: "none",
+            },
+            Feature {
+                name: "IORING_FEAT_NODROP (no lost completions)",
+                since: "5.5",
+                present: params.is_feature_nodrop(),
+                required: false,
+                fallback: "completion queue sized to everything in flight",
+            },
+            Feature {
+                name: "IORING_SETUP_COOP_TASKRUN",
+                since: "5.19",
+                present: mode != TaskRunMode::Plain,
+                required: false,
+                fallback: "plain task-work interrupts",
+            },
+            Feature {
+                name: "IORING_SETUP_SINGLE_ISSUER|DEFER_TASKRUN",
+                since: "6.1",
+                present: mode == TaskRunMode::Deferred,
+                required: false,
+                fallback: "COOP_TASKRUN, then plain",
+            },
+            Feature {
+                name: "IORING_REGISTER_PBUF_RING (provided buffer ring)",
+                since: "5.19",
+                present: buf_ring,
+                required: true,
+                fallback: "none",
+            },
+            Feature {
+                name: "multishot IORING_OP_RECVMSG (tested by receiving)",
+                since: "6.0",
+                present: multishot,
+                required: true,
+                fallback: "none",
+            },
+            Feature {
+                name: "IORING_OP_ASYNC_CANCEL",
+                since: "5.5",
+                present: op(opcode::AsyncCancel::CODE),
+                required: true,
+                fallback: "none",
+            },
+            Feature {
+                name: "IORING_OP_READ (wake-up eventfd)",
+                since: "5.6",
+                present: op(opcode::Read::CODE),
+                required: true,
+                fallback: "none",
+            },
+            Feature {
+                name: "IORING_OP_MSG_RING",
+                since: "5.18",
+                present: op(opcode::MsgRingData::CODE),
+                required: false,
+                fallback: "eventfd wake-ups",
+            },
+            Feature {
+                name: "IORING_OP_TIMEOUT",
+                since: "5.4",
+                present: op(opcode::Timeout::CODE),
+                required: false,
+                fallback: "timed waits",
+            },
+        ];
+        Features {
+            kernel_version: sys::kernel_version(&kernel_release),
+            kernel_release,
+            io_uring_error: None,
+            task_run: Some(mode),
+            list,
+        }
+    }
+
+    /// `Err` with one line naming the first missing required feature and the kernel that
+    /// has it.
+    pub fn check_required(&self) -> Result<(), String> {
+        if let Some(e) = &self.io_uring_error {
+            return Err(e.clone());
+        }
+        for f in &self.list {
+            if f.required && !f.present {
+                return Err(format!(
+                    "this kernel ({}) lacks {}, which udpring needs: it arrived in Linux {}; upgrade the kernel",
+                    self.kernel_release, f.name, f.since
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the named feature is present (by a prefix of its name).
+    pub fn has(&self, prefix: &str) -> bool {
+        self.list
+            .iter()
+            .any(|f| f.name.starts_with(prefix) && f.present)
+    }
+
+    /// The `udpring probe` report.
+    pub fn report(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "kernel: {}", self.kernel_release);
+        match &self.io_uring_error {
+            Some(e) => {
+                let _ = writeln!(out, "io_uring: unavailable: {e}");
+                return out;
+            }
+            None => {
+                let _ = writeln!(out, "io_uring: available");
+            }
+        }
+        if let Some(mode) = self.task_run {
+            let _ = writeln!(out, "ring set-up: {}", mode.describe());
+        }
+        for f in &self.list {
+            let _ = writeln!(
+                out,
+                "{:<3} {:<52} since {:<5} {}",
+                if f.present { "yes" } else { "no" },
+                f.name,
+                f.since,
+                if f.required {
+                    "required".to_string()
+                } else {
+                    format!("optional (without: {})", f.fallback)
+                }
+            );
+        }
+        out
+    }
+}
+
+fn probe_buf_ring() -> bool {
+    let Ok(bufs) = BufRing::new(2, 64, 0) else {
+        return false;
+    };
+    let Ok(ring) = Ring::new(8, 16) else {
+        return false;
+    };
+    // SAFETY: `ring` is declared after `bufs`, so it is dropped first.
+    unsafe { bufs.register(ring.uring()) }.is_ok()
+}
+
+/// Multishot recvmsg shares its opcode with plain recvmsg, so IORING_REGISTER_PROBE cannot
+/// tell them apart: arm one on a loopback socket, send it a datagram and see whether the
+/// completion says more will follow. Old kernels fail the request with -EINVAL.
+fn probe_recvmsg_multishot() -> bool {
+    let Ok(rx) = UdpSocket::bind("127.0.0.1:0") else {
+        return false;
+    };
+    let Ok(tx) = UdpSocket::bind("127.0.0.1:0") else {
+        return false;
+    };
+    let Ok(rx_addr) = rx.local_addr() else {
+        return false;
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_namelen = 16;
+    let Ok(bufs) = BufRing::new(4, 256, 1) else {
+        return false;
+    };
+    // Declared last, dropped first: no request outlives `msg` or `bufs`.
+    let Ok(mut ring) = Ring::new(8, 16) else {
+        return false;
+    };
+    // SAFETY: `ring` is dropped before `bufs`.
+    if unsafe { bufs.register(ring.uring()) }.is_err() {
+        return false;
+    }
+    let entry = opcode::RecvMsgMulti::new(types::Fd(rx.as_raw_fd()), &msg, 1)
+        .build()
+        .user_data(1);
+    // SAFETY: `msg` and `bufs` outlive `ring` (declared before it).
+    if unsafe { ring.push(&entry) }.is_err() {
+        return false;
+    }
+    if tx.send_to(b"probe", rx_addr).is_err() {
+        return false;
+    }
+    let mut seen = Vec::with_capacity(16);
+    for _ in 0..10 {
+        if ring
+            .submit_and_wait(1, Some(Duration::from_millis(100)))
+            .is_err()
+        {
+            return false;
+        }
+        ring.drain(&mut seen);
+        if let Some(c) = seen.first() {
+            return c.result >= 0 && has_more(c.flags);
+        }
+    }
+    false
+}

@@ -1,0 +1,172 @@
+//! The handler API and the built-in handlers (`--app echo|discard|sockperf`).
+//!
+//! A handler runs on its worker's thread, one instance per worker, so it needs no locks. It is
+//! given each datagram's bytes borrowed straight from the kernel-filled receive buffer (no
+//! copy) and a [`Reply`] to answer through; replies are batched and submitted once per loop
+//! turn.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::RawFd;
+
+use crate::ring::Ring;
+use crate::send_pool::{SendError, SendPool};
+use crate::sockperf;
+use crate::stats::Counters;
+
+/// One received datagram.
+#[derive(Debug, Clone, Copy)]
+pub struct Datagram<'a> {
+    /// Who sent it. IPv4 peers of a dual-stack socket appear as plain IPv4.
+    pub peer: SocketAddr,
+    /// The local address it was sent to, when the socket is bound to a wildcard address; a
+    /// reply leaves from it, so a multi-homed host answers from the address it was asked on.
+    pub local: Option<IpAddr>,
+    /// The payload, borrowed from the receive buffer until the handler returns.
+    pub payload: &'a [u8],
+    /// Index of the worker (and ring) that received it.
+    pub worker: usize,
+}
+
+/// Serves datagrams on one worker. Create one per worker with the factory given to
+/// [`crate::Server::start`]; it lives on that worker's thread and so needs no synchronisation.
+pub trait Handler: 'static {
+    /// Called once per received datagram, exactly once, in arrival order for that socket.
+    fn on_datagram(&mut self, datagram: &Datagram<'_>, reply: &mut Reply<'_>);
+}
+
+/// The way a handler answers. Every reply is queued for the kernel or counted as dropped:
+/// nothing is lost silently.
+pub struct Reply<'a> {
+    pub(crate) pool: &'a mut SendPool,
+    pub(crate) ring: &'a mut Ring,
+    pub(crate) counters: &'a mut Counters,
+    pub(crate) fd: RawFd,
+    pub(crate) socket_is_v6: bool,
+    pub(crate) peer: SocketAddr,
+    pub(crate) local: Option<IpAddr>,
+}
+
+impl Reply<'_> {
+    /// Sends `bytes` back to the datagram's sender.
+    pub fn send(&mut self, bytes: &[u8]) -> Result<(), SendError> {
+        self.send_with(|buf| {
+            let n = bytes.len().min(buf.len());
+            buf[..n].copy_from_slice(&bytes[..n]);
+            bytes.len()
+        })
+    }
+
+    /// Builds the reply in place: `fill` writes into the send buffer (`max_len()` bytes) and
+    /// returns the reply's length. Saves a copy when the reply is computed, not copied.
+    pub fn send_with(&mut self, fill: impl FnOnce(&mut [u8]) -> usize) -> Result<(), SendError> {
+        let peer = self.peer;
+        self.send_to_with(peer, fill)
+    }
+
+    /// Sends `bytes` to another address from the same socket (for relays and fan-out).
+    pub fn send_to(&mut self, peer: SocketAddr, bytes: &[u8]) -> Result<(), SendError> {
+        self.send_to_with(peer, |buf| {
+            let n = bytes.len().min(buf.len());
+            buf[..n].copy_from_slice(&bytes[..n]);
+            bytes.len()
+        })
+    }
+
+    fn send_to_with(
+        &mut self,
+        peer: SocketAddr,
+        fill: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Result<(), SendError> {
+        let result = self.pool.queue(
+            self.ring,
+            self.fd,
+            self.socket_is_v6,
+            peer,
+            self.local,
+            fill,
+        );
+        if result.is_err() {
+            self.counters.send_dropped += 1;
+        }
+        result.map(|_| ())
+    }
+
+    /// Replies that can still be queued in this loop turn. The engine guarantees at least one
+    /// when it calls a handler.
+    pub fn capacity(&self) -> usize {
+        self.pool.free_slots()
+    }
+
+    /// The longest reply a send slot holds (`--max-datagram`).
+    pub fn max_len(&self) -> usize {
+        self.pool.slot_capacity()
+    }
+
+    /// Records that this datagram was bad input (counted as `bad_input`).
+    pub fn count_bad_input(&mut self) {
+        self.counters.bad_input += 1;
+    }
+}
+
+/// RFC 862 echo: every datagram goes back to its sender unchanged.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Echo;
+
+impl Handler for Echo {
+    #[inline]
+    fn on_datagram(&mut self, datagram: &Datagram<'_>, reply: &mut Reply<'_>) {
+        // A failed send is already counted by `Reply`; UDP peers retransmit.
+        let _ = reply.send(datagram.payload);
+    }
+}
+
+/// RFC 863 discard: reads and drops.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Discard;
+
+impl Handler for Discard {
+    #[inline]
+    fn on_datagram(&mut self, _datagram: &Datagram<'_>, _reply: &mut Reply<'_>) {}
+}
+
+/// Answers the `sockperf` tool: a request whose header carries the PONG-request flag is sent
+/// back whole with the CLIENT flag cleared; other well-formed messages are only counted as
+/// received; datagrams too short for a header are counted as bad input.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Sockperf;
+
+impl Handler for Sockperf {
+    #[inline]
+    fn on_datagram(&mut self, datagram: &Datagram<'_>, reply: &mut Reply<'_>) {
+        let payload = datagram.payload;
+        let header = match sockperf::Header::parse(payload) {
+            Ok(h) => h,
+            Err(_) => {
+                reply.count_bad_input();
+                return;
+            }
+        };
+        if !header.wants_reply() {
+            return;
+        }
+        let _ = reply.send_with(|buf| {
+            if buf.len() < payload.len() {
+                return payload.len();
+            }
+            buf[..payload.len()].copy_from_slice(payload);
+            sockperf::mark_as_reply(&mut buf[..payload.len()]);
+            payload.len()
+        });
+    }
+}
+
+/// The built-in handlers, by name on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum App {
+    /// RFC 862 echo.
+    Echo,
+    /// RFC 863 discard.
+    Discard,
+    /// Replies to `sockperf ping-pong` / `under-load` clients.
+    Sockperf,
+}

@@ -1,0 +1,176 @@
+//! io_uring set-up with flag fallback, submission and completion harvesting.
+//!
+//! Pushing an entry is the one `unsafe` act of the engine: the entry carries raw pointers
+//! (a `msghdr`, a buffer) that the kernel will read or write until the operation completes.
+
+use std::io;
+use std::time::Duration;
+
+use io_uring::{cqueue, squeue, types, IoUring};
+
+/// The set-up flags a ring ended up with, for logs and `udpring probe`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskRunMode {
+    /// `SINGLE_ISSUER | DEFER_TASKRUN` (6.1): completions are posted only when we wait, in one
+    /// batch, on our own thread; no inter-processor interrupts to run task work.
+    Deferred,
+    /// `COOP_TASKRUN | TASKRUN_FLAG` (5.19): task work waits for our next kernel entry.
+    Cooperative,
+    /// No task-run flag: the kernel interrupts the thread to run task work.
+    Plain,
+}
+
+impl TaskRunMode {
+    pub fn describe(self) -> &'static str {
+        match self {
+            TaskRunMode::Deferred => "SINGLE_ISSUER|DEFER_TASKRUN",
+            TaskRunMode::Cooperative => "COOP_TASKRUN|TASKRUN_FLAG",
+            TaskRunMode::Plain => "no task-run flags",
+        }
+    }
+}
+
+/// A completion copied out of the completion queue.
+#[derive(Debug, Clone, Copy)]
+pub struct Completion {
+    pub user_data: u64,
+    pub result: i32,
+    pub flags: u32,
+}
+
+/// One worker's ring.
+pub struct Ring {
+    uring: IoUring,
+    mode: TaskRunMode,
+}
+
+/// Explains an io_uring set-up failure in terms of what the user can do about it.
+pub fn explain_setup_error(err: &io::Error) -> String {
+    match err.raw_os_error() {
+        Some(libc::ENOSYS) => "io_uring is not available: the kernel lacks io_uring (needs Linux 5.1+, udpring needs 6.0+) or a seccomp profile hides it; run udpring outside the sandbox or allow io_uring_setup/io_uring_enter/io_uring_register".to_string(),
+        Some(libc::EPERM) => "io_uring is not permitted: sysctl kernel.io_uring_disabled is set (set it to 0, or 1 and add this user to kernel.io_uring_group) or a container seccomp profile blocks it (allow io_uring_setup/io_uring_enter/io_uring_register)".to_string(),
+        Some(libc::ENOMEM) => "io_uring set-up ran out of locked memory: raise RLIMIT_MEMLOCK (ulimit -l) or use fewer buffers".to_string(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) => "out of file descriptors while creating the ring: raise ulimit -n".to_string(),
+        _ => format!("io_uring set-up failed: {err}"),
+    }
+}
+
+impl Ring {
+    /// Builds a ring with `sq_entries` submission slots and `cq_entries` completion slots,
+    /// asking for the cheapest task-run mode and falling back when the kernel says EINVAL.
+    pub fn new(sq_entries: u32, cq_entries: u32) -> io::Result<Ring> {
+        let attempts = [
+            TaskRunMode::Deferred,
+            TaskRunMode::Cooperative,
+            TaskRunMode::Plain,
+        ];
+        let mut last_err = None;
+        for mode in attempts {
+            let mut builder = IoUring::builder();
+            builder.setup_cqsize(cq_entries).setup_clamp();
+            match mode {
+                TaskRunMode::Deferred => {
+                    builder.setup_single_issuer().setup_defer_taskrun();
+                }
+                TaskRunMode::Cooperative => {
+                    builder.setup_coop_taskrun().setup_taskrun_flag();
+                }
+                TaskRunMode::Plain => {}
+            }
+            match builder.build(sq_entries) {
+                Ok(uring) => return Ok(Ring { uring, mode }),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last_err = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| io::Error::other("io_uring set-up failed")))
+    }
+
+    pub fn mode(&self) -> TaskRunMode {
+        self.mode
+    }
+
+    pub fn uring(&self) -> &IoUring {
+        &self.uring
+    }
+
+    /// Queues `entry`, submitting what is queued first if the submission queue is full.
+    ///
+    /// # Safety
+    /// Every pointer inside `entry` (message headers, buffers, addresses) must stay valid and
+    /// unmoved until the kernel posts the operation's final completion.
+    pub unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: the caller upholds the pointer-validity contract stated above.
+            let pushed = unsafe { self.uring.submission().push(entry) };
+            if pushed.is_ok() {
+                return Ok(());
+            }
+            // Full: hand what is queued to the kernel and try again.
+            match self.uring.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // The completion queue is overflowing; the caller drains it next turn.
+                    // Waiting here cannot help, so report it.
+                    return Err(e);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Submits what is queued and waits for at least `want` completions, or until `timeout`.
+    /// Interrupted and timed-out waits return normally: the caller just drains what is there.
+    pub fn submit_and_wait(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<()> {
+        let res = match timeout {
+            None => self.uring.submit_and_wait(want),
+            Some(t) => {
+                let ts = types::Timespec::new()
+                    .sec(t.as_secs())
+                    .nsec(t.subsec_nanos());
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.uring.submitter().submit_with_args(want, &args)
+            }
+        };
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EINTR) | Some(libc::ETIME) | Some(libc::EBUSY) | Some(libc::EAGAIN) => {
+                    Ok(())
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// Submits what is queued without waiting.
+    pub fn submit(&mut self) -> io::Result<()> {
+        self.submit_and_wait(0, None)
+    }
+
+    /// Moves every available completion into `out` (which keeps its capacity across turns).
+    pub fn drain(&mut self, out: &mut Vec<Completion>) {
+        let mut cq = self.uring.completion();
+        cq.sync();
+        for cqe in &mut cq {
+            out.push(Completion {
+                user_data: cqe.user_data(),
+                result: cqe.result(),
+                flags: cqe.flags(),
+            });
+        }
+    }
+}
+
+/// Whether more completions will follow for a multishot request.
+#[inline]
+pub fn has_more(flags: u32) -> bool {
+    cqueue::more(flags)
+}
+
+/// The provided buffer a completion used, if any.
+#[inline]
+pub fn buffer_id(flags: u32) -> Option<u16> {
+    cqueue::buffer_select(flags)
+}

@@ -1,0 +1,225 @@
+//! Starts one worker per CPU, each on its own thread with its own socket and ring, and stops
+//! them: request, flush, drain, join.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::config::ServerConfig;
+use crate::features::Features;
+use crate::handler::Handler;
+use crate::ring::TaskRunMode;
+use crate::socket::bind_worker_socket;
+use crate::stats::Counters;
+use crate::sys;
+use crate::worker::{Worker, WorkerShared};
+
+struct WorkerHandle {
+    shared: Arc<WorkerShared>,
+    thread: Option<JoinHandle<io::Result<Counters>>>,
+}
+
+/// A running server.
+pub struct Server {
+    workers: Vec<WorkerHandle>,
+    local_addr: SocketAddr,
+    features: Features,
+    task_run: TaskRunMode,
+    recv_buffer: usize,
+}
+
+/// What a worker reports once its ring is built, before it serves.
+struct Ready {
+    task_run: TaskRunMode,
+    recv_buffer: usize,
+}
+
+impl Server {
+    /// Probes the kernel, binds every worker's socket, builds every ring and starts serving.
+    /// `factory(i)` makes worker `i`'s handler on that worker's thread. Every set-up error
+    /// (address in use, io_uring blocked, kernel too old) is returned before anything serves.
+    pub fn start<H, F>(config: ServerConfig, factory: F) -> io::Result<Server>
+    where
+        H: Handler,
+        F: Fn(usize) -> H + Send + Sync + 'static,
+    {
+        config
+            .validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let features = Features::probe();
+        features
+            .check_required()
+            .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e))?;
+        // Bind in this thread so errors surface here, and so port 0 is resolved by the first
+        // socket and shared by the rest.
+        let first = bind_worker_socket(
+            config.bind,
+            config.recv_buffer_bytes,
+            config.send_buffer_bytes,
+        )?;
+        let local_addr = first.local_addr;
+        let mut sockets = vec![first];
+        for _ in 1..config.workers {
+            sockets.push(bind_worker_socket(
+                local_addr,
+                config.recv_buffer_bytes,
+                config.send_buffer_bytes,
+            )?);
+        }
+        let cpus = if config.pin_cpus {
+            Some(sys::allowed_cpus()?)
+        } else {
+            None
+        };
+        let config = Arc::new(config);
+        let factory = Arc::new(factory);
+        let mut workers = Vec::with_capacity(sockets.len());
+        let mut ready = Vec::with_capacity(sockets.len());
+        for (id, socket) in sockets.into_iter().enumerate() {
+            let shared = Arc::new(WorkerShared::new()?);
+            let (tx, rx) = mpsc::channel::<io::Result<Ready>>();
+            let cpu = cpus.as_ref().map(|c| c[id % c.len()]);
+            let thread = {
+                let shared = shared.clone();
+                let config = config.clone();
+                let factory = factory.clone();
+                std::thread::Builder::new()
+                    .name(format!("udpring-w{id}"))
+                    .spawn(move || {
+                        if let Some(cpu) = cpu {
+                            if let Err(e) = sys::pin_current_thread(cpu) {
+                                tracing::warn!(worker = id, cpu, error = %e, "cannot pin worker");
+                            }
+                        }
+                        let worker = match Worker::new(id, socket, &config, factory(id), shared) {
+                            Ok(w) => w,
+                            Err(e) => {
+                                let msg = e.to_string();
+                                let _ = tx.send(Err(e));
+                                return Err(io::Error::other(msg));
+                            }
+                        };
+                        let _ = tx.send(Ok(Ready {
+                            task_run: worker.task_run_mode(),
+                            recv_buffer: worker.recv_buffer(),
+                        }));
+                        worker.run()
+                    })?
+            };
+            workers.push(WorkerHandle {
+                shared,
+                thread: Some(thread),
+            });
+            ready.push(rx);
+        }
+        let mut server = Server {
+            workers,
+            local_addr,
+            features,
+            task_run: TaskRunMode::Plain,
+            recv_buffer: 0,
+        };
+        for rx in ready {
+            let status = rx
+                .recv()
+                .unwrap_or_else(|_| Err(io::Error::other("worker exited during set-up")));
+            match status {
+                Ok(r) => {
+                    server.task_run = r.task_run;
+                    server.recv_buffer = r.recv_buffer;
+                }
+                Err(e) => {
+                    let _ = server.stop();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(server)
+    }
+
+    /// The address the workers are bound to (with the real port when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn features(&self) -> &Features {
+        &self.features
+    }
+
+    /// The ring set-up the workers got.
+    pub fn task_run_mode(&self) -> TaskRunMode {
+        self.task_run
+    }
+
+    /// SO_RCVBUF as the kernel reports it.
+    pub fn recv_buffer(&self) -> usize {
+        self.recv_buffer
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Each worker's counters as last published (at most one loop turn old).
+    pub fn worker_counters(&self) -> Vec<Counters> {
+        self.workers
+            .iter()
+            .map(|w| w.shared.counters.snapshot())
+            .collect()
+    }
+
+    /// The sum over workers.
+    pub fn total_counters(&self) -> Counters {
+        let mut total = Counters::default();
+        for c in self.worker_counters() {
+            total.add(&c);
+        }
+        total
+    }
+
+    /// Stops every worker (stop receiving, flush replies, cancel, drain) and joins them.
+    /// Returns each worker's final counters, or the first worker error.
+    pub fn shutdown(mut self) -> io::Result<Vec<Counters>> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> io::Result<Vec<Counters>> {
+        for w in &self.workers {
+            if let Err(e) = w.shared.request_shutdown() {
+                tracing::error!(error = %e, "cannot wake a worker for shutdown");
+            }
+        }
+        let mut finals = Vec::with_capacity(self.workers.len());
+        let mut first_error = None;
+        for w in &mut self.workers {
+            let Some(thread) = w.thread.take() else {
+                continue;
+            };
+            match thread.join() {
+                Ok(Ok(c)) => finals.push(c),
+                Ok(Err(e)) => {
+                    finals.push(w.shared.counters.snapshot());
+                    first_error.get_or_insert(e);
+                }
+                Err(_) => {
+                    finals.push(w.shared.counters.snapshot());
+                    first_error.get_or_insert(io::Error::other("a worker thread panicked"));
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(finals),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.workers.iter().any(|w| w.thread.is_some()) {
+            let _ = self.stop();
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Socket set-up for a worker: SO_REUSEPORT so every worker binds the same address and the
+//! kernel spreads peers across them, big buffers, and packet-info so a wildcard-bound server
+//! can reply from the address it was asked on.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::sys::syscall;
+
+/// What a bound worker socket ended up with.
+pub struct BoundSocket {
+    pub socket: Socket,
+    pub local_addr: SocketAddr,
+    /// The socket is AF_INET6 (addresses are encoded as `sockaddr_in6`).
+    pub is_v6: bool,
+    /// Bound to a wildcard address: datagrams carry packet-info and replies use it.
+    pub wants_pktinfo: bool,
+    /// SO_RCVBUF as the kernel reports it (twice what was granted, see socket(7)).
+    pub recv_buffer: usize,
+}
+
+/// Opens a UDP socket with SO_REUSEPORT, sized buffers and packet-info, and binds it.
+pub fn bind_worker_socket(
+    addr: SocketAddr,
+    recv_buffer: usize,
+    send_buffer: usize,
+) -> io::Result<BoundSocket> {
+    let domain = Domain::for_address(addr);
+    let socket = Socket::new(domain, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+    socket.set_reuse_port(true)?;
+    let is_v6 = addr.is_ipv6();
+    let wildcard = addr.ip().is_unspecified();
+    if is_v6 && wildcard {
+        // `[::]` serves IPv4 too (dual-stack), whatever net.ipv6.bindv6only says.
+        socket.set_only_v6(false)?;
+    }
+    if wildcard {
+        // IPv4 datagrams (also those reaching a dual-stack socket) report IP_PKTINFO;
+        // IPv6 ones report IPV6_PKTINFO.
+        set_int(&socket, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+        if is_v6 {
+            set_int(&socket, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+        }
+    }
+    // SO_RCVBUFFORCE goes past net.core.rmem_max when we have CAP_NET_ADMIN; otherwise fall
+    // back to the capped request. Under load a small receive buffer loses requests.
+    if set_int(
+        &socket,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        clamp_int(recv_buffer),
+    )
+    .is_err()
+    {
+        socket.set_recv_buffer_size(recv_buffer)?;
+    }
+    if set_int(
+        &socket,
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUFFORCE,
+        clamp_int(send_buffer),
+    )
+    .is_err()
+    {
+        socket.set_send_buffer_size(send_buffer)?;
+    }
+    socket
+        .bind(&addr.into())
+        .map_err(|e| explain_bind_error(addr, e))?;
+    let local_addr = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("bound socket has no inet address"))?;
+    let recv_buffer = socket.recv_buffer_size()?;
+    Ok(BoundSocket {
+        socket,
+        local_addr,
+        is_v6,
+        wants_pktinfo: wildcard,
+        recv_buffer,
+    })
+}
+
+fn clamp_int(v: usize) -> libc::c_int {
+    v.min(libc::c_int::MAX as usize) as libc::c_int
+}
+
+fn set_int(socket: &Socket, level: i32, name: i32, value: libc::c_int) -> io::Result<()> {
+    syscall!(setsockopt(
+        socket.as_raw_fd(),
+        level,
+        name,
+        (&value as *const libc::c_int).cast(),
+        std::mem::size_of::<libc::c_int>() as libc::socklen_t
+    ))?;
+    Ok(())
+}
+
+/// Rewrites a bind error into one line that names the cause and the fix.
+pub fn explain_bind_error(addr: SocketAddr, err: io::Error) -> io::Error {
+    let msg = match err.raw_os_error() {
+        Some(libc::EADDRINUSE) => format!(
+            "cannot bind {addr}: address in use by a socket without SO_REUSEPORT or owned by another user; stop that process or choose another --bind port"
+        ),
+        Some(libc::EACCES) => format!(
+            "cannot bind {addr}: permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE (or lower net.ipv4.ip_unprivileged_port_start)"
+        ),
+        Some(libc::EADDRNOTAVAIL) => format!(
+            "cannot bind {addr}: that address is not configured on this host; use one of its addresses or 0.0.0.0 / [::]"
+        ),
+        Some(libc::EAFNOSUPPORT) => format!(
+            "cannot bind {addr}: the address family is not supported here (IPv6 disabled?)"
+        ),
+        _ => format!("cannot bind {addr}: {err}"),
+    };
+    io::Error::new(err.kind(), msg)
+}

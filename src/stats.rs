@@ -1,0 +1,143 @@
+//! Per-worker counters. The worker bumps plain integers on its own thread and publishes a copy
+//! to shared atomics once per loop turn, so the datagram path has no atomic read-modify-write
+//! and no lock, while the main thread can still print summaries at any time.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! define_counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// A worker's counters (plain integers, owned by the worker thread).
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct Counters {
+            $( $(#[$doc])* pub $name: u64, )*
+        }
+
+        /// The published copy of a worker's counters, readable from any thread.
+        #[derive(Debug, Default)]
+        pub struct SharedCounters {
+            $( $name: AtomicU64, )*
+        }
+
+        impl SharedCounters {
+            pub fn publish(&self, c: &Counters) {
+                $( self.$name.store(c.$name, Ordering::Relaxed); )*
+            }
+
+            pub fn snapshot(&self) -> Counters {
+                Counters { $( $name: self.$name.load(Ordering::Relaxed), )* }
+            }
+        }
+
+        impl Counters {
+            /// `(name, value)` for every counter, in declaration order.
+            pub fn fields(&self) -> Vec<(&'static str, u64)> {
+                vec![ $( (stringify!($name), self.$name), )* ]
+            }
+
+            /// Field-by-field sum.
+            pub fn add(&mut self, other: &Counters) {
+                $( self.$name += other.$name; )*
+            }
+        }
+    };
+}
+
+define_counters! {
+    /// Datagrams handed to the handler.
+    rx_datagrams,
+    /// Payload bytes handed to the handler.
+    rx_bytes,
+    /// Replies the kernel accepted.
+    tx_datagrams,
+    /// Reply payload bytes the kernel accepted.
+    tx_bytes,
+    /// Multishot receives that ended because the buffer ring was empty (`-ENOBUFS`).
+    enobufs,
+    /// Datagrams larger than `--max-datagram`, dropped (`MSG_TRUNC`).
+    truncated,
+    /// Buffers that could not be parsed or carried an unusable source address.
+    malformed,
+    /// Datagrams the handler rejected as bad input (e.g. a short sockperf header).
+    bad_input,
+    /// Replies the kernel refused (the completion carried an error).
+    send_errors,
+    /// Replies that found no free send slot or did not fit; dropped and counted.
+    send_dropped,
+    /// Receive errors other than `-ENOBUFS`.
+    recv_errors,
+    /// Times the multishot receive was armed again after it ended.
+    rearms,
+    /// Times the worker stopped taking datagrams because every send slot was busy.
+    backpressure,
+    /// Completions whose generation no longer matched their slot (dropped).
+    stale_completions,
+    /// Calls into the kernel to submit and wait (`io_uring_enter`).
+    enters,
+}
+
+impl Counters {
+    /// The one-line summary printed every `--stats-interval` and at shutdown.
+    pub fn summary(&self) -> Summary<'_> {
+        Summary(self)
+    }
+}
+
+pub struct Summary<'a>(&'a Counters);
+
+impl fmt::Display for Summary<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = self.0;
+        write!(
+            f,
+            "rx={} rx_bytes={} tx={} tx_bytes={} enobufs={} truncated={} malformed={} bad_input={} \
+             send_errors={} send_dropped={} recv_errors={} rearms={} backpressure={} enters={}",
+            c.rx_datagrams,
+            c.rx_bytes,
+            c.tx_datagrams,
+            c.tx_bytes,
+            c.enobufs,
+            c.truncated,
+            c.malformed,
+            c.bad_input,
+            c.send_errors,
+            c.send_dropped,
+            c.recv_errors,
+            c.rearms,
+            c.backpressure,
+            c.enters
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_snapshot_round_trip() {
+        let shared = SharedCounters::default();
+        let c = Counters {
+            rx_datagrams: 3,
+            tx_bytes: 9,
+            enobufs: 1,
+            ..Counters::default()
+        };
+        shared.publish(&c);
+        assert_eq!(shared.snapshot(), c);
+    }
+
+    #[test]
+    fn add_sums_every_field() {
+        let mut a = Counters {
+            rx_datagrams: 1,
+            backpressure: 2,
+            ..Counters::default()
+        };
+        a.add(&a.clone());
+        assert_eq!(a.rx_datagrams, 2);
+        assert_eq!(a.backpressure, 4);
+        assert!(a.fields().iter().any(|&(n, v)| n == "backpressure" && v == 4));
+        assert!(a.summary().to_string().contains("rx=2"));
+    }
+}

@@ -1,0 +1,465 @@
+//! One worker: a thread that owns a SO_REUSEPORT socket, an io_uring, a provided-buffer ring
+//! and a pool of reply slots, and runs the completion loop: submit and wait, drain a batch of
+//! completions, one `match` on the operation kind, hand datagrams to the handler, recycle.
+
+use std::collections::VecDeque;
+use std::io;
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, types};
+
+use crate::buf_ring::BufRing;
+use crate::config::ServerConfig;
+use crate::datagram::{
+    decode_sockaddr, find_pktinfo, parse_recvmsg_out, CONTROL_LEN, RECVMSG_OUT_LEN,
+    SOCKADDR_IN6_LEN, SOCKADDR_IN_LEN,
+};
+use crate::handler::{Datagram, Handler, Reply};
+use crate::op::{next_generation, OpKind, UserData};
+use crate::ring::{buffer_id, has_more, Completion, Ring};
+use crate::send_pool::{send_errno, SendPool};
+use crate::socket::BoundSocket;
+use crate::stats::{Counters, SharedCounters};
+
+/// The buffer group every worker's receive ring registers (each worker has its own ring, so
+/// the ids do not collide).
+const BUF_GROUP: u16 = 0;
+
+/// What a worker shares with the thread that started it.
+pub struct WorkerShared {
+    pub counters: SharedCounters,
+    /// Written to wake the worker's ring from another thread.
+    pub wake_fd: OwnedFd,
+    pub shutdown: AtomicBool,
+}
+
+impl WorkerShared {
+    pub fn new() -> io::Result<WorkerShared> {
+        Ok(WorkerShared {
+            counters: SharedCounters::default(),
+            wake_fd: crate::sys::eventfd()?,
+            shutdown: AtomicBool::new(false),
+        })
+    }
+
+    /// Asks the worker to stop: it stops receiving, flushes replies, cancels what is in
+    /// flight and returns.
+    pub fn request_shutdown(&self) -> io::Result<()> {
+        self.shutdown.store(true, Ordering::Release);
+        crate::sys::eventfd_signal(&self.wake_fd)
+    }
+}
+
+/// A received datagram waiting for the handler: it holds buffer `bid` until then.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    bid: u16,
+    len: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Running,
+    Draining { deadline: Instant },
+}
+
+/// Limits an error log line to one per second, counting what it held back.
+struct LogLimit {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    fn new() -> LogLimit {
+        LogLimit {
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(suppressed since last time)` when a line may be logged now.
+    fn check(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        match self.last {
+            Some(t) if now.duration_since(t) < Duration::from_secs(1) => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// Field order matters: the ring is dropped first, so the kernel lets go of the buffers,
+/// message headers and send slots below before they are freed.
+pub struct Worker<H: Handler> {
+    ring: Ring,
+    // Memory the kernel points at. `Drop` frees it only when nothing is in flight.
+    bufs: ManuallyDrop<BufRing>,
+    sends: ManuallyDrop<SendPool>,
+    recv_msg: ManuallyDrop<Box<libc::msghdr>>,
+    wake_buf: ManuallyDrop<Box<u64>>,
+    socket: BoundSocket,
+    fd: RawFd,
+    id: usize,
+    handler: H,
+    shared: Arc<WorkerShared>,
+    counters: Counters,
+    backlog: VecDeque<Pending>,
+    completions: Vec<Completion>,
+    name_space: usize,
+    control_space: usize,
+    recv_armed: bool,
+    recv_generation: u32,
+    wake_armed: bool,
+    cancels_in_flight: usize,
+    backpressured: bool,
+    state: State,
+    shutdown_timeout: Duration,
+    recv_log: LogLimit,
+    send_log: LogLimit,
+}
+
+impl<H: Handler> Worker<H> {
+    /// Builds the ring, buffers and pool for `socket`. Runs on the worker's own thread
+    /// (SINGLE_ISSUER rings belong to the thread that creates them).
+    pub fn new(
+        id: usize,
+        socket: BoundSocket,
+        config: &ServerConfig,
+        handler: H,
+        shared: Arc<WorkerShared>,
+    ) -> io::Result<Worker<H>> {
+        let name_space = if socket.is_v6 {
+            SOCKADDR_IN6_LEN
+        } else {
+            SOCKADDR_IN_LEN
+        };
+        let control_space = if socket.wants_pktinfo { CONTROL_LEN } else { 0 };
+        let buf_len = RECVMSG_OUT_LEN + name_space + control_space + config.max_datagram;
+        let buffers = usize::from(config.buffers);
+        // Every buffer and every send slot can have a completion outstanding at once, plus
+        // the wake-up read, the cancel and slack: size the completion queue for all of them.
+        let cq_entries = (buffers + config.send_slots + 64).next_power_of_two() as u32;
+        let sq_entries = 512u32.min(cq_entries);
+        let ring = Ring::new(sq_entries, cq_entries)
+            .map_err(|e| io::Error::new(e.kind(), crate::ring::explain_setup_error(&e)))?;
+        let bufs = BufRing::new(config.buffers, buf_len as u32, BUF_GROUP)?;
+        // SAFETY: `ring` is declared before `bufs` in `Worker`, so it is dropped first, and
+        // `Drop` leaks the buffers if operations are still in flight at that point.
+        unsafe { bufs.register(ring.uring()) }.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot register the provided buffer ring ({e}): needs Linux 5.19+"),
+            )
+        })?;
+        let sends = SendPool::new(config.send_slots, config.max_datagram);
+        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+        let mut recv_msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        recv_msg.msg_namelen = name_space as u32;
+        recv_msg.msg_controllen = control_space;
+        let fd = socket.socket.as_raw_fd();
+        Ok(Worker {
+            ring,
+            bufs: ManuallyDrop::new(bufs),
+            sends: ManuallyDrop::new(sends),
+            recv_msg: ManuallyDrop::new(recv_msg),
+            wake_buf: ManuallyDrop::new(Box::new(0)),
+            socket,
+            fd,
+            id,
+            handler,
+            shared,
+            counters: Counters::default(),
+            backlog: VecDeque::with_capacity(buffers),
+            completions: Vec::with_capacity(cq_entries as usize),
+            name_space,
+            control_space,
+            recv_armed: false,
+            recv_generation: 0,
+            wake_armed: false,
+            cancels_in_flight: 0,
+            backpressured: false,
+            state: State::Running,
+            shutdown_timeout: config.shutdown_timeout,
+            recv_log: LogLimit::new(),
+            send_log: LogLimit::new(),
+        })
+    }
+
+    pub fn task_run_mode(&self) -> crate::ring::TaskRunMode {
+        self.ring.mode()
+    }
+
+    pub fn recv_buffer(&self) -> usize {
+        self.socket.recv_buffer
+    }
+
+    /// Runs until shutdown is requested and everything in flight has completed; returns the
+    /// final counters.
+    pub fn run(mut self) -> io::Result<Counters> {
+        self.arm_wake()?;
+        self.arm_recv()?;
+        loop {
+            let timeout = match self.state {
+                State::Running => None,
+                // While draining, wake up to notice the deadline even if nothing completes.
+                State::Draining { .. } => Some(Duration::from_millis(20)),
+            };
+            self.counters.enters += 1;
+            self.ring.submit_and_wait(1, timeout)?;
+            let mut completions = std::mem::take(&mut self.completions);
+            completions.clear();
+            self.ring.drain(&mut completions);
+            for c in &completions {
+                self.dispatch(*c)?;
+            }
+            self.completions = completions;
+            self.process_backlog();
+            self.bufs.publish();
+            if !self.recv_armed && self.state == State::Running && self.bufs.available() > 0 {
+                self.counters.rearms += 1;
+                self.arm_recv()?;
+            }
+            self.shared.counters.publish(&self.counters);
+            if let State::Draining { deadline } = self.state {
+                if self.in_flight() == 0 && self.backlog.is_empty() {
+                    // Push out anything the last turn queued (the replies were counted as
+                    // queued, the kernel must see them).
+                    self.ring.submit()?;
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(
+                        worker = self.id,
+                        in_flight = self.in_flight(),
+                        "shutdown timed out with operations in flight"
+                    );
+                    break;
+                }
+            }
+        }
+        self.shared.counters.publish(&self.counters);
+        Ok(self.counters)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.sends.in_flight()
+            + usize::from(self.recv_armed)
+            + usize::from(self.wake_armed)
+            + self.cancels_in_flight
+    }
+
+    /// The completion table: one arm per operation kind.
+    fn dispatch(&mut self, c: Completion) -> io::Result<()> {
+        let Some(ud) = UserData::decode(c.user_data) else {
+            // We never submit kind 0 or an unknown kind: this is a bug somewhere, not input.
+            self.counters.stale_completions += 1;
+            tracing::error!(user_data = c.user_data, "completion with an unknown user_data");
+            return Ok(());
+        };
+        match ud.kind {
+            OpKind::Recv => self.on_recv(ud, c),
+            OpKind::Send => {
+                if !self.sends.complete(ud) {
+                    self.counters.stale_completions += 1;
+                } else if c.result < 0 {
+                    self.counters.send_errors += 1;
+                    if let Some(held_back) = self.send_log.check() {
+                        tracing::warn!(worker = self.id, error = %send_errno(c.result), held_back, "send failed");
+                    }
+                } else {
+                    self.counters.tx_datagrams += 1;
+                    self.counters.tx_bytes += c.result as u64;
+                }
+            }
+            OpKind::Wake => {
+                self.wake_armed = false;
+                if self.shared.shutdown.load(Ordering::Acquire) {
+                    self.begin_drain()?;
+                } else if self.state == State::Running {
+                    self.arm_wake()?;
+                }
+            }
+            OpKind::Cancel => {
+                self.cancels_in_flight = self.cancels_in_flight.saturating_sub(1);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_recv(&mut self, ud: UserData, c: Completion) {
+        if !has_more(c.flags) && ud.generation == self.recv_generation {
+            self.recv_armed = false;
+        }
+        if c.result >= 0 {
+            match buffer_id(c.flags) {
+                Some(bid) => {
+                    self.bufs.take(bid);
+                    // Never grows: each pending entry holds a distinct buffer.
+                    self.backlog.push_back(Pending {
+                        bid,
+                        len: c.result as usize,
+                    });
+                }
+                None => self.counters.malformed += 1,
+            }
+            return;
+        }
+        match -c.result {
+            // The ring ran dry: the multishot request ended. It is armed again at the end of
+            // the turn, once the handler has returned buffers.
+            libc::ENOBUFS => self.counters.enobufs += 1,
+            libc::ECANCELED if self.state != State::Running => {}
+            errno => {
+                self.counters.recv_errors += 1;
+                if let Some(held_back) = self.recv_log.check() {
+                    tracing::warn!(worker = self.id, error = %io::Error::from_raw_os_error(errno), held_back, "receive failed");
+                }
+            }
+        }
+    }
+
+    /// Hands pending datagrams to the handler while a reply slot is free. With every slot in
+    /// flight it stops: the buffers stay held, the kernel runs out of them and stops
+    /// delivering (ENOBUFS), and datagrams wait in the socket's queue instead of in memory
+    /// we would have to grow.
+    fn process_backlog(&mut self) {
+        while let Some(&pending) = self.backlog.front() {
+            if self.sends.free_slots() == 0 {
+                if !self.backpressured {
+                    self.backpressured = true;
+                    self.counters.backpressure += 1;
+                }
+                return;
+            }
+            self.backpressured = false;
+            self.backlog.pop_front();
+            self.handle(pending);
+            self.bufs.recycle(pending.bid);
+        }
+    }
+
+    fn handle(&mut self, pending: Pending) {
+        let buf = self.bufs.buffer(pending.bid, pending.len);
+        let out = match parse_recvmsg_out(buf, self.name_space, self.control_space) {
+            Ok(out) => out,
+            Err(_) => {
+                self.counters.malformed += 1;
+                return;
+            }
+        };
+        if out.is_truncated() {
+            self.counters.truncated += 1;
+            return;
+        }
+        let peer = match decode_sockaddr(out.name) {
+            Ok(peer) => peer,
+            Err(_) => {
+                self.counters.malformed += 1;
+                return;
+            }
+        };
+        let local = if self.socket.wants_pktinfo {
+            find_pktinfo(out.control)
+        } else {
+            None
+        };
+        self.counters.rx_datagrams += 1;
+        self.counters.rx_bytes += out.payload.len() as u64;
+        let datagram = Datagram {
+            peer,
+            local,
+            payload: out.payload,
+            worker: self.id,
+        };
+        let mut reply = Reply {
+            pool: &mut self.sends,
+            ring: &mut self.ring,
+            counters: &mut self.counters,
+            fd: self.fd,
+            socket_is_v6: self.socket.is_v6,
+            peer,
+            local,
+        };
+        self.handler.on_datagram(&datagram, &mut reply);
+    }
+
+    fn arm_recv(&mut self) -> io::Result<()> {
+        self.recv_generation = next_generation(self.recv_generation);
+        let ud = UserData::new(OpKind::Recv, self.recv_generation, 0);
+        let entry = opcode::RecvMsgMulti::new(types::Fd(self.fd), &**self.recv_msg, BUF_GROUP)
+            .build()
+            .user_data(ud.encode());
+        // SAFETY: `recv_msg` is boxed and lives as long as the ring (dropped after it); the
+        // kernel takes buffers only from our registered ring.
+        unsafe { self.ring.push(&entry) }?;
+        self.recv_armed = true;
+        Ok(())
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        let entry = opcode::Read::new(
+            types::Fd(self.shared.wake_fd.as_raw_fd()),
+            (&mut **self.wake_buf as *mut u64).cast(),
+            8,
+        )
+        .build()
+        .user_data(UserData::new(OpKind::Wake, 0, 0).encode());
+        // SAFETY: `wake_buf` is boxed and outlives the ring; the eventfd is kept open by
+        // `shared`, which the worker holds until it returns.
+        unsafe { self.ring.push(&entry) }?;
+        self.wake_armed = true;
+        Ok(())
+    }
+
+    fn begin_drain(&mut self) -> io::Result<()> {
+        if self.state != State::Running {
+            return Ok(());
+        }
+        self.state = State::Draining {
+            deadline: Instant::now() + self.shutdown_timeout,
+        };
+        if self.recv_armed {
+            let target = UserData::new(OpKind::Recv, self.recv_generation, 0).encode();
+            let entry = opcode::AsyncCancel::new(target)
+                .build()
+                .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
+            // SAFETY: a cancel request carries no pointers.
+            unsafe { self.ring.push(&entry) }?;
+            self.cancels_in_flight += 1;
+        }
+        Ok(())
+    }
+}
+
+impl<H: Handler> Drop for Worker<H> {
+    fn drop(&mut self) {
+        if self.in_flight() > 0 {
+            // The kernel may still write into this memory after the ring's file is closed
+            // (its teardown is asynchronous); leaking it is the only safe choice. This happens
+            // only when shutdown timed out or the loop failed.
+            tracing::warn!(
+                worker = self.id,
+                in_flight = self.in_flight(),
+                "leaking receive buffers and send slots still in use by the kernel"
+            );
+            return;
+        }
+        // SAFETY: nothing is in flight, so the kernel holds no pointer into this memory, and
+        // each field is dropped exactly once, here.
+        unsafe {
+            ManuallyDrop::drop(&mut self.bufs);
+            ManuallyDrop::drop(&mut self.sends);
+            ManuallyDrop::drop(&mut self.recv_msg);
+            ManuallyDrop::drop(&mut self.wake_buf);
+        }
+    }
+}
