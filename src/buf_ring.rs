@@ -132,7 +132,7 @@ impl BufRing {
         // which is 16-byte aligned; the kernel reads it with acquire semantics.
         let tail = unsafe {
             AtomicU16::from_ptr(
-                BufRingEntry::tail(self.ring.ptr.as_ptr().cast::<BufRingEntry>()) as *mut u16
+                BufRingEntry::tail(self.ring.ptr.as_ptr().cast::<BufRingEntry>()) as *mut u16,
             )
         };
         tail.store(self.tail, Ordering::Release);

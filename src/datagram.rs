@@ -72,7 +72,9 @@ pub fn parse_recvmsg_out(
     let payload_len = read_u32_ne(buf, 8) as usize;
     let flags = read_u32_ne(buf, 12);
     let name_start = RECVMSG_OUT_LEN;
-    let control_start = name_start.checked_add(name_space).ok_or(ParseError::Short)?;
+    let control_start = name_start
+        .checked_add(name_space)
+        .ok_or(ParseError::Short)?;
     let payload_start = control_start
         .checked_add(control_space)
         .ok_or(ParseError::Short)?;
@@ -164,7 +166,9 @@ pub fn find_pktinfo(control: &[u8]) -> Option<IpAddr> {
     for (level, kind, data) in cmsgs(control) {
         if level == libc::IPPROTO_IP && kind == libc::IP_PKTINFO && data.len() >= 12 {
             // struct in_pktinfo { int ipi_ifindex; in_addr ipi_spec_dst; in_addr ipi_addr; }
-            return Some(IpAddr::V4(Ipv4Addr::new(data[4], data[5], data[6], data[7])));
+            return Some(IpAddr::V4(Ipv4Addr::new(
+                data[4], data[5], data[6], data[7],
+            )));
         }
         if level == libc::IPPROTO_IPV6 && kind == libc::IPV6_PKTINFO && data.len() >= 20 {
             // struct in6_pktinfo { in6_addr ipi6_addr; unsigned ipi6_ifindex; }
@@ -347,7 +351,10 @@ mod tests {
 
     #[test]
     fn pktinfo_round_trips_both_families() {
-        for local in ["192.0.2.7".parse::<IpAddr>().unwrap(), "2001:db8::9".parse().unwrap()] {
+        for local in [
+            "192.0.2.7".parse::<IpAddr>().unwrap(),
+            "2001:db8::9".parse().unwrap(),
+        ] {
             let mut out = [0u8; CONTROL_LEN];
             let len = encode_pktinfo(local, &mut out);
             assert!(len <= CONTROL_LEN);

@@ -111,7 +111,9 @@ fn probe() -> Result<ExitCode> {
 fn serve(args: ServeArgs) -> Result<ExitCode> {
     let config = ServerConfig {
         bind: args.bind,
-        workers: args.workers.unwrap_or_else(udpring::config::default_workers),
+        workers: args
+            .workers
+            .unwrap_or_else(udpring::config::default_workers),
         pin_cpus: args.pin_cpus,
         max_datagram: args.max_datagram,
         buffers: args.buffers,

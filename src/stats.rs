@@ -137,7 +137,10 @@ mod tests {
         a.add(&a.clone());
         assert_eq!(a.rx_datagrams, 2);
         assert_eq!(a.backpressure, 4);
-        assert!(a.fields().iter().any(|&(n, v)| n == "backpressure" && v == 4));
+        assert!(a
+            .fields()
+            .iter()
+            .any(|&(n, v)| n == "backpressure" && v == 4));
         assert!(a.summary().to_string().contains("rx=2"));
     }
 }

@@ -262,7 +262,10 @@ impl<H: Handler> Worker<H> {
         let Some(ud) = UserData::decode(c.user_data) else {
             // We never submit kind 0 or an unknown kind: this is a bug somewhere, not input.
             self.counters.stale_completions += 1;
-            tracing::error!(user_data = c.user_data, "completion with an unknown user_data");
+            tracing::error!(
+                user_data = c.user_data,
+                "completion with an unknown user_data"
+            );
             return Ok(());
         };
         match ud.kind {

@@ -1,0 +1,30 @@
+# udpring: build, run, test, lint, probe, bench.
+CARGO ?= cargo
+BIND ?= 127.0.0.1:9000
+ARGS ?=
+
+.PHONY: build run test lint probe bench fmt clean
+
+build:
+	$(CARGO) build --release --bins --examples
+
+# Starts the echo server on a loopback address (override with BIND=... ARGS=...).
+run: build
+	./target/release/udpring serve --bind $(BIND) $(ARGS)
+
+test:
+	$(CARGO) test --all-targets
+	$(CARGO) test --doc
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+probe: build
+	./target/release/udpring probe
+
+fmt:
+	$(CARGO) fmt
+
+clean:
+	$(CARGO) clean

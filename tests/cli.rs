@@ -1,0 +1,240 @@
+//! Tests of the `udpring` binary: start-up errors, SIGTERM under load, and the real sockperf
+//! client against `--app sockperf`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn udpring() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_udpring"))
+}
+
+/// Starts `udpring serve ARGS` on port 0 and returns the child and the address it printed.
+fn spawn_server(args: &[&str]) -> (Child, SocketAddr) {
+    let mut child = udpring()
+        .arg("serve")
+        .args(["--bind", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("udpring starts");
+    let stdout = child.stdout.take().expect("stdout piped");
+    let mut lines = BufReader::new(stdout);
+    let mut line = String::new();
+    lines.read_line(&mut line).expect("listening line");
+    let addr = line
+        .trim()
+        .strip_prefix("udpring listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .expect("address");
+    // Keep draining stdout so the child never blocks on a full pipe.
+    child.stdout = None;
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut lines, &mut std::io::sink());
+    });
+    (child, addr)
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+#[test]
+fn sigterm_with_traffic_in_flight_exits_zero_within_a_second() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let (mut child, addr) = spawn_server(&["--workers", "2", "--stats-interval", "0"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let blasters: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+                sock.set_nonblocking(true).expect("nonblocking");
+                let mut buf = [0u8; 64];
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let _ = sock.send_to(&[1u8; 64], addr);
+                    while sock.recv_from(&mut buf).is_ok() {}
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let sent_at = Instant::now();
+    // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = wait_exit(&mut child, Duration::from_secs(5));
+    let took = sent_at.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for b in blasters {
+        b.join().expect("blaster");
+    }
+    let status = status.unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("udpring did not exit within 5 s of SIGTERM");
+    });
+    assert!(status.success(), "exit status {status:?}");
+    assert!(took < Duration::from_millis(1000), "shutdown took {took:?}");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("stderr");
+    let served: u64 = stderr
+        .split("final total rx=")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("final counters missing:\n{stderr}"));
+    assert!(served > 0, "traffic should have been served:\n{stderr}");
+}
+
+#[test]
+fn address_in_use_is_one_clear_line_and_exit_1() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    // A socket without SO_REUSEPORT holds the port.
+    let holder = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = holder.local_addr().expect("addr").to_string();
+    let out = udpring()
+        .args(["serve", "--bind", &addr, "--workers", "1"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr.lines().last().unwrap_or("");
+    assert!(line.starts_with("udpring: cannot bind"), "{stderr}");
+    assert!(line.contains("address in use"), "{stderr}");
+}
+
+#[test]
+fn bad_options_are_rejected_with_the_option_named() {
+    let out = udpring()
+        .args(["serve", "--buffers", "1000"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--buffers must be a power of two"));
+    let out = udpring()
+        .args(["serve", "--stats-interval", "soon"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid duration"));
+    let out = udpring().args(["serve", "--help"]).output().expect("runs");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--bind",
+        "--workers",
+        "--app",
+        "--max-datagram",
+        "--pin-cpus",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}
+
+#[test]
+fn probe_reports_every_feature() {
+    let out = udpring().arg("probe").output().expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("kernel: "), "{text}");
+    if kernel_supports_udpring() {
+        assert!(out.status.success());
+        assert!(text.contains("yes multishot IORING_OP_RECVMSG"), "{text}");
+        assert!(text.contains("since 6.0"), "{text}");
+    }
+}
+
+/// Runs a sockperf client mode against `udpring serve --app sockperf` and returns
+/// (sent, received) from its "[Total Run]" line.
+fn run_sockperf(mode: &str, extra: &[&str]) -> Option<(u64, u64)> {
+    if Command::new("sockperf").arg("--version").output().is_err() {
+        let reason = "sockperf is not installed (apt-get install sockperf)";
+        if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
+            panic!("CI=true: {reason}");
+        }
+        eprintln!("skipped: {reason}");
+        return None;
+    }
+    let (mut child, addr) = spawn_server(&["--workers", "1", "--app", "sockperf"]);
+    let out = Command::new("timeout")
+        .args(["20", "sockperf", mode, "-i", "127.0.0.1"])
+        .args(["-p", &addr.port().to_string(), "-t", "1"])
+        .args(extra)
+        .output()
+        .expect("sockperf runs");
+    // SAFETY: kill(2) on our own child's PID.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut child, Duration::from_secs(5));
+    assert!(
+        status.map(|s| s.success()).unwrap_or(false),
+        "server exit {status:?}"
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let line = text
+        .lines()
+        .find(|l| l.contains("[Total Run]"))
+        .unwrap_or_else(|| panic!("no [Total Run] line in sockperf output:\n{text}"));
+    let field = |name: &str| -> u64 {
+        line.split(name)
+            .nth(1)
+            .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+    };
+    Some((field("SentMessages="), field("ReceivedMessages=")))
+}
+
+#[test]
+fn sockperf_ping_pong_is_answered() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    if let Some((sent, received)) = run_sockperf("ping-pong", &[]) {
+        assert!(sent > 100, "sent {sent}");
+        assert!(received > 100, "received {received}");
+        // ping-pong waits for each answer; at most the last one can be outstanding.
+        assert!(sent - received <= 1, "sent {sent}, received {received}");
+    }
+}
+
+#[test]
+fn sockperf_under_load_is_answered() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    if let Some((sent, received)) = run_sockperf("under-load", &["--mps", "5000"]) {
+        assert!(sent > 1000, "sent {sent}");
+        // under-load asks for a reply to one message in each 100 by default.
+        assert!(
+            received * 100 + 200 >= sent,
+            "sent {sent}, received {received}"
+        );
+        assert!(received > 10, "received {received}");
+    }
+}

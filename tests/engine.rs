@@ -1,0 +1,347 @@
+//! Loopback tests of the engine through the library API.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use common::*;
+use udpring::{Datagram, Echo, Handler, Reply, ServerConfig, Sockperf};
+
+#[test]
+fn echo_round_trip_ipv4_and_ipv6_at_every_size() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    for bind in ["127.0.0.1:0", "[::1]:0"] {
+        let server = start(config(bind, 1), |_| Echo);
+        let to = target(server.local_addr());
+        let client = client_for(to);
+        for size in [0usize, 1, 1472, 65_507] {
+            let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let (reply, from) = round_trip(&client, to, &payload)
+                .unwrap_or_else(|| panic!("no echo of {size} bytes on {bind}"));
+            assert_eq!(reply, payload, "{size} bytes on {bind}");
+            assert_eq!(from, to);
+        }
+        let finals = server.shutdown().expect("clean shutdown");
+        let total: u64 = finals.iter().map(|c| c.tx_datagrams).sum();
+        assert_eq!(total, 4);
+    }
+}
+
+#[test]
+fn dual_stack_wildcard_serves_both_families_and_replies_from_the_asked_address() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let server = start(config("[::]:0", 1), |_| Echo);
+    let port = server.local_addr().port();
+    // 127.0.0.2 is a second local address on loopback: the reply must come from it, not
+    // from 127.0.0.1, or a multi-homed host's clients would drop it.
+    for dst in ["127.0.0.1", "127.0.0.2", "::1"] {
+        let to = format!(
+            "{}:{port}",
+            if dst.contains(':') {
+                format!("[{dst}]")
+            } else {
+                dst.to_string()
+            }
+        )
+        .parse()
+        .expect("address");
+        let client = client_for(to);
+        let (reply, from) = round_trip(&client, to, b"where from?").expect("reply");
+        assert_eq!(reply, b"where from?");
+        assert_eq!(
+            from, to,
+            "reply to a datagram sent to {to} came from {from}"
+        );
+    }
+    // An IPv4 wildcard socket does the same with IP_PKTINFO.
+    let server4 = start(config("0.0.0.0:0", 1), |_| Echo);
+    let to: std::net::SocketAddr = format!("127.0.0.3:{}", server4.local_addr().port())
+        .parse()
+        .expect("address");
+    let client = client_for(to);
+    let (_, from) = round_trip(&client, to, b"x").expect("reply");
+    assert_eq!(from, to);
+    server.shutdown().expect("shutdown");
+    server4.shutdown().expect("shutdown");
+}
+
+#[test]
+fn two_hundred_clients_each_get_exactly_their_own_replies() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let server = start(config("127.0.0.1:0", 2), |_| Echo);
+    let to = server.local_addr();
+    let clients: Vec<UdpSocket> = (0..200).map(|_| client_for(to)).collect();
+    const PER_CLIENT: u32 = 5;
+    for round in 0..PER_CLIENT {
+        for (id, c) in clients.iter().enumerate() {
+            let msg = format!("client {id} msg {round}");
+            c.send_to(msg.as_bytes(), to).expect("send");
+        }
+    }
+    let mut buf = [0u8; 256];
+    for (id, c) in clients.iter().enumerate() {
+        let mut got = Vec::new();
+        while got.len() < PER_CLIENT as usize {
+            let (n, from) = c
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("client {id} missing replies after {got:?}: {e}"));
+            assert_eq!(from, to);
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        got.sort();
+        let want: Vec<String> = (0..PER_CLIENT)
+            .map(|r| format!("client {id} msg {r}"))
+            .collect();
+        assert_eq!(got, want, "client {id}");
+        // Nothing extra.
+        c.set_read_timeout(Some(Duration::from_millis(5)))
+            .expect("timeout");
+        assert!(
+            c.recv_from(&mut buf).is_err(),
+            "client {id} got a stray reply"
+        );
+    }
+    let total = server.shutdown().expect("shutdown");
+    let rx: u64 = total.iter().map(|c| c.rx_datagrams).sum();
+    assert_eq!(rx, 200 * u64::from(PER_CLIENT));
+}
+
+#[test]
+fn many_source_ports_reach_every_worker() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let server = start(config("127.0.0.1:0", 2), |_| Echo);
+    let to = server.local_addr();
+    let clients: Vec<UdpSocket> = (0..256).map(|_| client_for(to)).collect();
+    for c in &clients {
+        c.send_to(b"hi", to).expect("send");
+    }
+    let mut buf = [0u8; 16];
+    for c in &clients {
+        c.recv_from(&mut buf).expect("reply");
+    }
+    let per_worker: Vec<u64> = server
+        .shutdown()
+        .expect("shutdown")
+        .iter()
+        .map(|c| c.rx_datagrams)
+        .collect();
+    assert_eq!(per_worker.iter().sum::<u64>(), 256);
+    assert!(
+        per_worker.iter().all(|&n| n > 0),
+        "SO_REUSEPORT should spread 256 source ports over both workers: {per_worker:?}"
+    );
+}
+
+#[test]
+fn buffer_ring_exhaustion_is_counted_and_service_resumes() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    // Four buffers and a discard handler that is slow enough for datagrams to pile up: the
+    // kernel runs out of buffers (ENOBUFS) long before the burst ends.
+    struct Slow;
+    impl Handler for Slow {
+        fn on_datagram(&mut self, d: &Datagram<'_>, reply: &mut Reply<'_>) {
+            if d.payload == b"ping" {
+                let _ = reply.send(b"pong");
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+    let server = start(
+        ServerConfig {
+            buffers: 4,
+            ..config("127.0.0.1:0", 1)
+        },
+        |_| Slow,
+    );
+    let to = server.local_addr();
+    let senders: Vec<UdpSocket> = (0..20).map(|_| client_for(to)).collect();
+    for _ in 0..100 {
+        for s in &senders {
+            s.send_to(&[0u8; 32], to).expect("send");
+        }
+    }
+    assert!(
+        eventually(|| server.total_counters().rx_datagrams == 2000),
+        "every datagram of the burst is eventually handled: {}",
+        server.total_counters().summary()
+    );
+    let c = server.total_counters();
+    assert!(
+        c.enobufs > 0,
+        "burst should exhaust 4 buffers: {}",
+        c.summary()
+    );
+    assert!(
+        c.rearms >= c.enobufs,
+        "each ENOBUFS is followed by a re-arm"
+    );
+    // Service resumes: fresh round trips work.
+    let client = client_for(to);
+    for _ in 0..10 {
+        let (reply, _) = round_trip(&client, to, b"ping").expect("service resumed");
+        assert_eq!(reply, b"pong");
+    }
+    server.shutdown().expect("shutdown");
+}
+
+#[test]
+fn oversized_datagrams_are_counted_as_truncated_and_not_echoed() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let server = start(
+        ServerConfig {
+            max_datagram: 100,
+            ..config("127.0.0.1:0", 1)
+        },
+        |_| Echo,
+    );
+    let to = server.local_addr();
+    let client = client_for(to);
+    client
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    assert!(
+        round_trip(&client, to, &[7u8; 101]).is_none(),
+        "101 bytes must not be echoed"
+    );
+    assert!(round_trip(&client, to, &[7u8; 5000]).is_none());
+    let (reply, _) = round_trip(&client, to, &[9u8; 100]).expect("100 bytes fit");
+    assert_eq!(reply.len(), 100);
+    let c = server.shutdown().expect("shutdown");
+    assert_eq!(c[0].truncated, 2);
+    assert_eq!(c[0].rx_datagrams, 1);
+    assert_eq!(c[0].tx_datagrams, 1);
+}
+
+#[test]
+fn full_send_pool_applies_backpressure_without_dropping() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let server = start(
+        ServerConfig {
+            send_slots: 2,
+            ..config("127.0.0.1:0", 1)
+        },
+        |_| Echo,
+    );
+    let to = server.local_addr();
+    let clients: Vec<UdpSocket> = (0..40).map(|_| client_for(to)).collect();
+    for round in 0..20u8 {
+        for c in &clients {
+            c.send_to(&[round; 64], to).expect("send");
+        }
+    }
+    let mut buf = [0u8; 128];
+    for (i, c) in clients.iter().enumerate() {
+        for _ in 0..20 {
+            c.recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("client {i} lost a reply: {e}"));
+        }
+    }
+    let c = server.shutdown().expect("shutdown");
+    assert_eq!(c[0].rx_datagrams, 800);
+    assert_eq!(c[0].tx_datagrams, 800);
+    assert_eq!(c[0].send_dropped, 0);
+    assert!(
+        c[0].backpressure > 0,
+        "two slots cannot absorb 800 replies: {}",
+        c[0].summary()
+    );
+}
+
+#[test]
+fn sockperf_handler_answers_pong_requests_and_counts_bad_input() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let server = start(config("127.0.0.1:0", 1), |_| Sockperf);
+    let to = server.local_addr();
+    let client = client_for(to);
+    client
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut msg = vec![0u8; 64];
+    udpring::sockperf::Header {
+        sequence: 42,
+        flags: 3,
+        length: 64,
+    }
+    .write(&mut msg);
+    let (reply, _) = round_trip(&client, to, &msg).expect("pong");
+    let h = udpring::sockperf::Header::parse(&reply).expect("header");
+    assert_eq!((h.sequence, h.flags, h.length), (42, 2, 64));
+    assert_eq!(reply.len(), 64);
+    // No PONG_REQUEST flag: counted as received, no reply.
+    msg[9] = 1;
+    assert!(round_trip(&client, to, &msg).is_none());
+    // Too short for a header: bad input, no reply, no panic.
+    assert!(round_trip(&client, to, b"short").is_none());
+    assert!(round_trip(&client, to, b"").is_none());
+    let c = server.shutdown().expect("shutdown");
+    assert_eq!(c[0].bad_input, 2);
+    assert_eq!(c[0].rx_datagrams, 4);
+    assert_eq!(c[0].tx_datagrams, 1);
+}
+
+#[test]
+fn empty_datagrams_are_echoed_and_multishot_is_rearmed() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let server = start(config("127.0.0.1:0", 1), |_| Echo);
+    let to = server.local_addr();
+    let client = client_for(to);
+    for _ in 0..5 {
+        let (reply, _) = round_trip(&client, to, b"").expect("empty echo");
+        assert!(reply.is_empty());
+        let (reply, _) = round_trip(&client, to, b"after").expect("echo after empty");
+        assert_eq!(reply, b"after");
+    }
+    server.shutdown().expect("shutdown");
+}
+
+#[test]
+fn handler_state_is_per_worker_and_sees_each_datagram_once() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    // Counts sequence numbers per peer and answers with how often it saw this one.
+    struct Dedup(HashMap<(std::net::SocketAddr, u32), u32>);
+    impl Handler for Dedup {
+        fn on_datagram(&mut self, d: &Datagram<'_>, reply: &mut Reply<'_>) {
+            let seq = u32::from_be_bytes(d.payload[..4].try_into().expect("4 bytes"));
+            let n = self.0.entry((d.peer, seq)).or_insert(0);
+            *n += 1;
+            let _ = reply.send(&n.to_be_bytes());
+        }
+    }
+    let server = start(config("127.0.0.1:0", 2), |_| Dedup(HashMap::new()));
+    let to = server.local_addr();
+    let client = client_for(to);
+    let deadline = Instant::now() + WAIT;
+    for seq in 0..500u32 {
+        let (reply, _) = round_trip(&client, to, &seq.to_be_bytes()).expect("reply");
+        assert_eq!(
+            reply,
+            1u32.to_be_bytes(),
+            "datagram {seq} seen more than once"
+        );
+        assert!(Instant::now() < deadline);
+    }
+    server.shutdown().expect("shutdown");
+}
