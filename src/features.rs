@@ -254,17 +254,41 @@ fn probe_recvmsg_multishot() -> bool {
         return false;
     }
     let mut seen = Vec::with_capacity(16);
+    let mut verdict = None;
     for _ in 0..10 {
         if ring
             .submit_and_wait(1, Some(Duration::from_millis(100)))
             .is_err()
         {
-            return false;
+            break;
         }
         ring.drain(&mut seen);
         if let Some(c) = seen.first() {
-            return c.result >= 0 && has_more(c.flags);
+            verdict = Some(c.result >= 0 && has_more(c.flags));
+            break;
         }
     }
-    false
+    // End the request and wait for its last completion before the ring goes: a request still
+    // live at teardown completes later as task work aimed at this thread, and that task-work
+    // notification interrupts the caller's next blocking call with EINTR.
+    if verdict == Some(true) {
+        let cancel = opcode::AsyncCancel::new(1).build().user_data(2);
+        // SAFETY: a cancel request carries no pointers.
+        if unsafe { ring.push(&cancel) }.is_ok() {
+            for _ in 0..10 {
+                seen.clear();
+                if ring
+                    .submit_and_wait(1, Some(Duration::from_millis(50)))
+                    .is_err()
+                {
+                    break;
+                }
+                ring.drain(&mut seen);
+                if seen.iter().any(|c| c.user_data == 1 && !has_more(c.flags)) {
+                    break;
+                }
+            }
+        }
+    }
+    verdict.unwrap_or(false)
 }

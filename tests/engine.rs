@@ -90,8 +90,7 @@ fn two_hundred_clients_each_get_exactly_their_own_replies() {
     for (id, c) in clients.iter().enumerate() {
         let mut got = Vec::new();
         while got.len() < PER_CLIENT as usize {
-            let (n, from) = c
-                .recv_from(&mut buf)
+            let (n, from) = recv_retrying(c, &mut buf)
                 .unwrap_or_else(|e| panic!("client {id} missing replies after {got:?}: {e}"));
             assert_eq!(from, to);
             got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
@@ -105,7 +104,7 @@ fn two_hundred_clients_each_get_exactly_their_own_replies() {
         c.set_read_timeout(Some(Duration::from_millis(5)))
             .expect("timeout");
         assert!(
-            c.recv_from(&mut buf).is_err(),
+            recv_retrying(c, &mut buf).is_err(),
             "client {id} got a stray reply"
         );
     }
@@ -127,7 +126,7 @@ fn many_source_ports_reach_every_worker() {
     }
     let mut buf = [0u8; 16];
     for c in &clients {
-        c.recv_from(&mut buf).expect("reply");
+        recv_retrying(c, &mut buf).expect("reply");
     }
     let per_worker: Vec<u64> = server
         .shutdown()
@@ -249,8 +248,7 @@ fn full_send_pool_applies_backpressure_without_dropping() {
     let mut buf = [0u8; 128];
     for (i, c) in clients.iter().enumerate() {
         for _ in 0..20 {
-            c.recv_from(&mut buf)
-                .unwrap_or_else(|e| panic!("client {i} lost a reply: {e}"));
+            recv_retrying(c, &mut buf).unwrap_or_else(|e| panic!("client {i} lost a reply: {e}"));
         }
     }
     let c = server.shutdown().expect("shutdown");

@@ -79,9 +79,19 @@ pub fn round_trip(
 ) -> Option<(Vec<u8>, SocketAddr)> {
     sock.send_to(payload, to).expect("send");
     let mut buf = vec![0u8; 70_000];
-    match sock.recv_from(&mut buf) {
-        Ok((n, from)) => Some((buf[..n].to_vec(), from)),
-        Err(_) => None,
+    recv_retrying(sock, &mut buf)
+        .ok()
+        .map(|(n, from)| (buf[..n].to_vec(), from))
+}
+
+/// `recv_from` that retries when a signal interrupts it (a socket with a read timeout
+/// returns EINTR instead of restarting).
+pub fn recv_retrying(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    loop {
+        match sock.recv_from(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
     }
 }
 
