@@ -24,6 +24,8 @@ pub struct ServerConfig {
     pub send_buffer_bytes: usize,
     /// How often to log a counter summary; `None` logs only at shutdown.
     pub stats_interval: Option<Duration>,
+    /// Send consecutive replies to the same peer as one UDP GSO train (`UDP_SEGMENT`).
+    pub gso: bool,
     /// How long shutdown may take to flush replies and drain in-flight operations.
     pub shutdown_timeout: Duration,
 }
@@ -45,6 +47,7 @@ impl Default for ServerConfig {
             recv_buffer_bytes: 4 << 20,
             send_buffer_bytes: 4 << 20,
             stats_interval: None,
+            gso: true,
             shutdown_timeout: Duration::from_millis(900),
         }
     }

@@ -205,25 +205,66 @@ pub fn cmsgs(control: &[u8]) -> impl Iterator<Item = (i32, i32, &[u8])> {
     })
 }
 
-/// Writes the packet-info control message that makes a reply leave from `local`, matching the
-/// form the datagram arrived with, into `out`; returns the bytes to put in `msg_controllen`.
-pub fn encode_pktinfo(local: IpAddr, out: &mut [u8; CONTROL_LEN]) -> usize {
-    out.fill(0);
-    let (level, kind, data_len) = match local {
-        IpAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_PKTINFO, 12usize),
-        IpAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, 20usize),
-    };
-    let len = CMSG_HDR_LEN + data_len;
-    out[..CMSG_ALIGN].copy_from_slice(&len.to_ne_bytes());
-    out[CMSG_ALIGN..CMSG_ALIGN + 4].copy_from_slice(&level.to_ne_bytes());
-    out[CMSG_ALIGN + 4..CMSG_ALIGN + 8].copy_from_slice(&kind.to_ne_bytes());
-    let data = &mut out[CMSG_HDR_LEN..CMSG_HDR_LEN + data_len];
-    match local {
-        // ifindex 0 lets routing pick the interface; ipi_spec_dst sets the source address.
-        IpAddr::V4(v4) => data[4..8].copy_from_slice(&v4.octets()),
-        IpAddr::V6(v6) => data[..16].copy_from_slice(&v6.octets()),
+/// `UDP_SEGMENT` (linux/udp.h): a `SOL_UDP` control message carrying the segment size of a
+/// GSO train (Linux 4.18).
+pub const UDP_SEGMENT: i32 = 103;
+/// Most segments the kernel accepts in one GSO train (`UDP_MAX_SEGMENTS`).
+pub const MAX_GSO_SEGMENTS: usize = 64;
+
+/// Appends one control message at `offset` in `out`; returns the offset after it, or `None`
+/// when it does not fit.
+pub fn encode_cmsg(
+    out: &mut [u8],
+    offset: usize,
+    level: i32,
+    kind: i32,
+    data: &[u8],
+) -> Option<usize> {
+    let len = CMSG_HDR_LEN + data.len();
+    let end = offset.checked_add(cmsg_align(len))?;
+    if end > out.len() {
+        return None;
     }
-    cmsg_align(len)
+    let msg = &mut out[offset..end];
+    msg.fill(0);
+    msg[..CMSG_ALIGN].copy_from_slice(&len.to_ne_bytes());
+    msg[CMSG_ALIGN..CMSG_ALIGN + 4].copy_from_slice(&level.to_ne_bytes());
+    msg[CMSG_ALIGN + 4..CMSG_ALIGN + 8].copy_from_slice(&kind.to_ne_bytes());
+    msg[CMSG_HDR_LEN..len].copy_from_slice(data);
+    Some(end)
+}
+
+/// Writes the packet-info control message that makes a reply leave from `local`, matching the
+/// form the datagram arrived with, at the start of `out`; returns the bytes used.
+pub fn encode_pktinfo(local: IpAddr, out: &mut [u8; CONTROL_LEN]) -> usize {
+    let written = match local {
+        // struct in_pktinfo: ifindex 0 lets routing pick the interface; ipi_spec_dst sets
+        // the source address.
+        IpAddr::V4(v4) => {
+            let mut data = [0u8; 12];
+            data[4..8].copy_from_slice(&v4.octets());
+            encode_cmsg(out, 0, libc::IPPROTO_IP, libc::IP_PKTINFO, &data)
+        }
+        // struct in6_pktinfo { in6_addr ipi6_addr; unsigned ipi6_ifindex; }
+        IpAddr::V6(v6) => {
+            let mut data = [0u8; 20];
+            data[..16].copy_from_slice(&v6.octets());
+            encode_cmsg(out, 0, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, &data)
+        }
+    };
+    // Both fit in CONTROL_LEN by construction (40 bytes at most).
+    written.unwrap_or(0)
+}
+
+/// Appends the `UDP_SEGMENT` message of a GSO train with `segment_len`-byte segments.
+pub fn encode_udp_segment(out: &mut [u8], offset: usize, segment_len: u16) -> Option<usize> {
+    encode_cmsg(
+        out,
+        offset,
+        libc::SOL_UDP,
+        UDP_SEGMENT,
+        &segment_len.to_ne_bytes(),
+    )
 }
 
 fn cmsg_align(len: usize) -> usize {
@@ -360,6 +401,20 @@ mod tests {
             assert!(len <= CONTROL_LEN);
             assert_eq!(find_pktinfo(&out[..len]), Some(local));
         }
+    }
+
+    #[test]
+    fn pktinfo_and_udp_segment_fit_together() {
+        let mut out = [0u8; CONTROL_LEN];
+        let used = encode_pktinfo("2001:db8::1".parse().unwrap(), &mut out);
+        let end = encode_udp_segment(&mut out, used, 1200).unwrap();
+        assert!(end <= CONTROL_LEN);
+        let msgs: Vec<_> = cmsgs(&out[..end]).collect();
+        assert_eq!(msgs.len(), 2);
+        assert_eq!(msgs[1].0, libc::SOL_UDP);
+        assert_eq!(msgs[1].1, UDP_SEGMENT);
+        assert_eq!(msgs[1].2, &1200u16.to_ne_bytes());
+        assert!(encode_udp_segment(&mut out, CONTROL_LEN - 8, 1).is_none());
     }
 
     #[test]

@@ -6,9 +6,7 @@
 //! turn.
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::RawFd;
 
-use crate::ring::Ring;
 use crate::send_pool::{SendError, SendPool};
 use crate::sockperf;
 use crate::stats::Counters;
@@ -38,10 +36,7 @@ pub trait Handler: 'static {
 /// nothing is lost silently.
 pub struct Reply<'a> {
     pub(crate) pool: &'a mut SendPool,
-    pub(crate) ring: &'a mut Ring,
     pub(crate) counters: &'a mut Counters,
-    pub(crate) fd: RawFd,
-    pub(crate) socket_is_v6: bool,
     pub(crate) peer: SocketAddr,
     pub(crate) local: Option<IpAddr>,
 }
@@ -77,14 +72,7 @@ impl Reply<'_> {
         peer: SocketAddr,
         fill: impl FnOnce(&mut [u8]) -> usize,
     ) -> Result<(), SendError> {
-        let result = self.pool.queue(
-            self.ring,
-            self.fd,
-            self.socket_is_v6,
-            peer,
-            self.local,
-            fill,
-        );
+        let result = self.pool.queue(peer, self.local, fill);
         if result.is_err() {
             self.counters.send_dropped += 1;
         }

@@ -66,6 +66,10 @@ struct ServeArgs {
     /// Socket send buffer (SO_SNDBUF) to ask for, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     send_buffer: usize,
+    /// Send each reply on its own instead of joining consecutive replies to the same peer
+    /// into UDP GSO trains.
+    #[arg(long)]
+    no_gso: bool,
     /// Log a counter summary this often (e.g. 10s, 500ms); 0 logs only at shutdown.
     #[arg(long, default_value = "10s", value_parser = udpring::parse_duration)]
     stats_interval: Duration,
@@ -121,6 +125,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         recv_buffer_bytes: args.recv_buffer,
         send_buffer_bytes: args.send_buffer,
         stats_interval: (!args.stats_interval.is_zero()).then_some(args.stats_interval),
+        gso: !args.no_gso,
         ..ServerConfig::default()
     };
     match args.app {

@@ -74,6 +74,8 @@ define_counters! {
     stale_completions,
     /// Calls into the kernel to submit and wait (`io_uring_enter`).
     enters,
+    /// Replies sent as UDP GSO trains of more than one datagram.
+    gso_trains,
 }
 
 impl Counters {
@@ -91,7 +93,7 @@ impl fmt::Display for Summary<'_> {
         write!(
             f,
             "rx={} rx_bytes={} tx={} tx_bytes={} enobufs={} truncated={} malformed={} bad_input={} \
-             send_errors={} send_dropped={} recv_errors={} rearms={} backpressure={} enters={}",
+             send_errors={} send_dropped={} recv_errors={} rearms={} backpressure={} enters={} gso_trains={}",
             c.rx_datagrams,
             c.rx_bytes,
             c.tx_datagrams,
@@ -105,7 +107,8 @@ impl fmt::Display for Summary<'_> {
             c.recv_errors,
             c.rearms,
             c.backpressure,
-            c.enters
+            c.enters,
+            c.gso_trains
         )
     }
 }

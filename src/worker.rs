@@ -160,7 +160,13 @@ impl<H: Handler> Worker<H> {
                 format!("cannot register the provided buffer ring ({e}): needs Linux 5.19+"),
             )
         })?;
-        let sends = SendPool::new(config.send_slots, config.max_datagram);
+        let sends = SendPool::new(
+            config.send_slots,
+            config.max_datagram,
+            socket.socket.as_raw_fd(),
+            socket.is_v6,
+            config.gso,
+        );
         // SAFETY: msghdr is plain data; all-zero is a valid empty header.
         let mut recv_msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         recv_msg.msg_namelen = name_space as u32;
@@ -223,6 +229,7 @@ impl<H: Handler> Worker<H> {
             }
             self.completions = completions;
             self.process_backlog();
+            self.flush_sends()?;
             self.bufs.publish();
             if !self.recv_armed && self.state == State::Running && self.bufs.available() > 0 {
                 self.counters.rearms += 1;
@@ -270,19 +277,32 @@ impl<H: Handler> Worker<H> {
         };
         match ud.kind {
             OpKind::Recv => self.on_recv(ud, c),
-            OpKind::Send => {
-                if !self.sends.complete(ud) {
-                    self.counters.stale_completions += 1;
-                } else if c.result < 0 {
-                    self.counters.send_errors += 1;
-                    if let Some(held_back) = self.send_log.check() {
+            OpKind::Send => match self.sends.complete(ud) {
+                None => self.counters.stale_completions += 1,
+                Some(done) if c.result < 0 => {
+                    let segments = u64::from(done.segments);
+                    self.counters.send_errors += segments;
+                    let errno = -c.result;
+                    // A kernel or device that cannot segment says EIO or EINVAL to a train:
+                    // stop building trains (one log line) and carry on with plain sends.
+                    if segments > 1
+                        && (errno == libc::EIO || errno == libc::EINVAL)
+                        && self.sends.gso()
+                    {
+                        self.sends.disable_gso();
+                        tracing::warn!(worker = self.id, error = %send_errno(c.result), "UDP GSO refused; sending datagrams one by one");
+                    } else if let Some(held_back) = self.send_log.check() {
                         tracing::warn!(worker = self.id, error = %send_errno(c.result), held_back, "send failed");
                     }
-                } else {
-                    self.counters.tx_datagrams += 1;
-                    self.counters.tx_bytes += c.result as u64;
                 }
-            }
+                Some(done) => {
+                    self.counters.tx_datagrams += u64::from(done.segments);
+                    self.counters.tx_bytes += c.result as u64;
+                    if done.segments > 1 {
+                        self.counters.gso_trains += 1;
+                    }
+                }
+            },
             OpKind::Wake => {
                 self.wake_armed = false;
                 if self.shared.shutdown.load(Ordering::Acquire) {
@@ -385,14 +405,24 @@ impl<H: Handler> Worker<H> {
         };
         let mut reply = Reply {
             pool: &mut self.sends,
-            ring: &mut self.ring,
             counters: &mut self.counters,
-            fd: self.fd,
-            socket_is_v6: self.socket.is_v6,
             peer,
             local,
         };
         self.handler.on_datagram(&datagram, &mut reply);
+    }
+
+    /// Pushes the turn's replies to the ring; they reach the kernel with the next wait.
+    fn flush_sends(&mut self) -> io::Result<()> {
+        if let Err(e) = self.sends.flush(&mut self.ring) {
+            // The submission queue could not take them (the completion queue is overflowing):
+            // the replies are dropped and counted; UDP peers retransmit.
+            self.counters.send_dropped += 1;
+            if let Some(held_back) = self.send_log.check() {
+                tracing::warn!(worker = self.id, error = %e, held_back, "replies dropped: submission failed");
+            }
+        }
+        Ok(())
     }
 
     fn arm_recv(&mut self) -> io::Result<()> {

@@ -343,3 +343,59 @@ fn handler_state_is_per_worker_and_sees_each_datagram_once() {
     }
     server.shutdown().expect("shutdown");
 }
+
+/// Replies three times per request, then once shorter: consecutive replies to one peer that
+/// the worker joins into a GSO train.
+struct Fanout;
+impl Handler for Fanout {
+    fn on_datagram(&mut self, d: &Datagram<'_>, reply: &mut Reply<'_>) {
+        for part in [b"-1", b"-2", b"-3"] {
+            let _ = reply.send_with(|buf| {
+                let n = d.payload.len();
+                buf[..n].copy_from_slice(d.payload);
+                buf[n..n + 2].copy_from_slice(part);
+                n + 2
+            });
+        }
+        let _ = reply.send(b"end");
+    }
+}
+
+#[test]
+fn gso_trains_arrive_as_separate_datagrams_in_order() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    for gso in [true, false] {
+        let server = start(
+            ServerConfig {
+                gso,
+                ..config("127.0.0.1:0", 1)
+            },
+            |_| Fanout,
+        );
+        let to = server.local_addr();
+        let client = client_for(to);
+        let mut buf = [0u8; 64];
+        for i in 0..20 {
+            let req = format!("req{i:02}");
+            client.send_to(req.as_bytes(), to).expect("send");
+            for want in [
+                format!("{req}-1"),
+                format!("{req}-2"),
+                format!("{req}-3"),
+                "end".to_string(),
+            ] {
+                let (n, _) = recv_retrying(&client, &mut buf).expect("reply");
+                assert_eq!(&buf[..n], want.as_bytes(), "gso={gso}");
+            }
+        }
+        let c = server.shutdown().expect("shutdown");
+        assert_eq!(c[0].tx_datagrams, 80);
+        if gso {
+            assert_eq!(c[0].gso_trains, 20, "{}", c[0].summary());
+        } else {
+            assert_eq!(c[0].gso_trains, 0);
+        }
+    }
+}
