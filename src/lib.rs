@@ -1,0 +1,3 @@
+//! udpring: high-throughput UDP services on Linux, built on io_uring.
+
+pub mod load;
