@@ -56,14 +56,8 @@ fn send_all(fd: RawFd, msgs: &mut [libc::mmsghdr]) {
     let mut full_waits = 0;
     while done < msgs.len() {
         // SAFETY: msgs[done..] are initialised headers pointing at live buffers/addresses.
-        let rc = unsafe {
-            libc::sendmmsg(
-                fd,
-                msgs[done..].as_mut_ptr(),
-                (msgs.len() - done) as u32,
-                0,
-            )
-        };
+        let rc =
+            unsafe { libc::sendmmsg(fd, msgs[done..].as_mut_ptr(), (msgs.len() - done) as u32, 0) };
         if rc > 0 {
             done += rc as usize;
             continue;

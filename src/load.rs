@@ -321,7 +321,10 @@ impl Timers {
 
     /// Earliest armed deadline.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.levels.iter().filter_map(|q| q.front().map(|t| t.0)).min()
+        self.levels
+            .iter()
+            .filter_map(|q| q.front().map(|t| t.0))
+            .min()
     }
 
     /// Drops all timers.
@@ -407,10 +410,11 @@ impl LoadReport {
     /// The report as one JSON object (no trailing newline).
     pub fn to_json(&self) -> String {
         let l = &self.latency;
-        let rate = self.rate.map_or_else(|| "null".to_string(), |r| fmt_f(r));
+        let rate = self.rate.map_or_else(|| "null".to_string(), fmt_f);
         let mut s = String::with_capacity(768);
         // Writing into a String cannot fail.
-        let _ = write!(
+        let _ =
+            write!(
             s,
             "{{\"target\":\"{}\",\"proto\":\"{}\",\"mode\":\"{}\",\"clients\":{},\"window\":{},\
              \"size\":{},\"rate\":{},\"elapsed_s\":{},\"sent\":{},\"answered\":{},\
@@ -504,7 +508,11 @@ impl std::fmt::Display for LoadReport {
         writeln!(
             f,
             "invariant   sent = answered + given up + outstanding: {}",
-            if self.invariant_ok() { "ok" } else { "VIOLATED" }
+            if self.invariant_ok() {
+                "ok"
+            } else {
+                "VIOLATED"
+            }
         )?;
         write!(
             f,
@@ -609,7 +617,11 @@ fn record(h: &mut Histogram<u64>, d: Duration) {
 }
 
 fn open_client(target: SocketAddr) -> io::Result<Socket> {
-    let sock = Socket::new(Domain::for_address(target), Type::DGRAM, Some(Protocol::UDP))?;
+    let sock = Socket::new(
+        Domain::for_address(target),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
     sock.set_nonblocking(true)?;
     // Best effort: the kernel clamps to net.core.{r,w}mem_max.
     let _ = sock.set_recv_buffer_size(4 << 20);
@@ -876,10 +888,7 @@ impl<'a> Gen<'a> {
                 self.issued_counted += n;
             }
             let fd = client.sock.as_raw_fd();
-            let took = match self.io.send_batch(fd, chunk.len()) {
-                Ok(k) => k,
-                Err(_) => 0,
-            };
+            let took = self.io.send_batch(fd, chunk.len()).unwrap_or_default();
             // Requests the kernel refused stay pending; the retransmit timer resends them.
             if counted {
                 self.c.send_errors += (chunk.len() - took) as u64;
@@ -937,9 +946,7 @@ impl<'a> Gen<'a> {
                 encode_request(self.args.proto, buf, seq, ci);
                 // SAFETY: `buf` is a valid readable buffer of `size` bytes for the call;
                 // `fd` is the client's open, connected socket.
-                let rc = unsafe {
-                    libc::send(fd, buf.as_ptr().cast(), size, libc::MSG_DONTWAIT)
-                };
+                let rc = unsafe { libc::send(fd, buf.as_ptr().cast(), size, libc::MSG_DONTWAIT) };
                 if counted {
                     self.c.retransmitted += 1;
                     if rc < 0 {
