@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import shlex
@@ -361,33 +362,53 @@ def esc(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def svg_bars(title: str, unit: str, groups: list[tuple[str, dict[str, float | None]]], servers: list[str]) -> str:
-    """Grouped vertical bar chart. groups = [(group label, {server: value})]."""
+def svg_bars(
+    title: str, unit: str, groups: list[tuple[str, dict[str, float | None]]], servers: list[str], log: bool = False
+) -> str:
+    """Grouped vertical bar chart. groups = [(group label, {server: value})]; `log` = log10 y axis."""
     w_bar, gap, pad_l, pad_r, pad_t, pad_b, h_plot = 34, 30, 90, 20, 60, 70, 320
     n = len(servers)
     group_w = n * w_bar + gap
     width = pad_l + len(groups) * group_w + pad_r
     width = max(width, 520)
     height = pad_t + h_plot + pad_b
-    vmax = max([v for _, g in groups for v in g.values() if v is not None] or [1.0])
-    # Nice axis maximum.
-    mag = 10 ** max(0, len(str(int(vmax))) - 1)
-    top = next((m * mag for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10) if m * mag >= vmax), vmax)
-    y = lambda v: pad_t + h_plot - (v / top) * h_plot  # noqa: E731
+    vals_all = [v for _, g in groups for v in g.values() if v is not None and v > 0]
+    vmax = max(vals_all or [1.0])
+    if log:
+        lo = 10 ** math.floor(math.log10(min(vals_all or [1.0])))
+        hi = 10 ** math.ceil(math.log10(vmax * 1.0001))
+        hi = max(hi, lo * 10)
+        span = math.log10(hi) - math.log10(lo)
+        ticks = [lo * 10**i for i in range(round(span) + 1)]
+
+        def y(v: float) -> float:
+            v = max(v, lo)
+            return pad_t + h_plot - (math.log10(v) - math.log10(lo)) / span * h_plot
+
+        base = lo
+    else:
+        # Nice axis maximum.
+        mag = 10 ** max(0, len(str(int(vmax))) - 1)
+        top = next((m * mag for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10) if m * mag >= vmax), vmax)
+        ticks = [top * i / 5 for i in range(6)]
+
+        def y(v: float) -> float:
+            return pad_t + h_plot - (v / top) * h_plot
+
+        base = 0.0
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'font-family="sans-serif" font-size="12">',
         f'<rect width="{width}" height="{height}" fill="white"/>',
         f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="15" font-weight="bold">{esc(title)}</text>',
     ]
-    for i in range(6):
-        v = top * i / 5
+    for v in ticks:
         yy = y(v)
         out.append(f'<line x1="{pad_l}" y1="{yy:.1f}" x2="{width - pad_r}" y2="{yy:.1f}" stroke="#ddd"/>')
         out.append(f'<text x="{pad_l - 6}" y="{yy + 4:.1f}" text-anchor="end">{v:,.0f}</text>')
     out.append(
         f'<text x="16" y="{pad_t + h_plot / 2}" transform="rotate(-90 16 {pad_t + h_plot / 2})" '
-        f'text-anchor="middle">{esc(unit)}</text>'
+        f'text-anchor="middle">{esc(unit)}{" (log scale)" if log else ""}</text>'
     )
     for gi, (label, vals) in enumerate(groups):
         x0 = pad_l + gap / 2 + gi * group_w
@@ -395,10 +416,10 @@ def svg_bars(title: str, unit: str, groups: list[tuple[str, dict[str, float | No
             v = vals.get(srv)
             x = x0 + si * w_bar
             if v is None:
-                out.append(f'<text x="{x + w_bar / 2}" y="{y(0) - 4}" text-anchor="middle" fill="#999">n/a</text>')
+                out.append(f'<text x="{x + w_bar / 2}" y="{y(base) - 4}" text-anchor="middle" fill="#999">n/a</text>')
                 continue
             out.append(
-                f'<rect x="{x + 2}" y="{y(v):.1f}" width="{w_bar - 4}" height="{y(0) - y(v):.1f}" '
+                f'<rect x="{x + 2}" y="{y(v):.1f}" width="{w_bar - 4}" height="{y(base) - y(v):.1f}" '
                 f'fill="{PALETTE.get(srv, "#444")}"><title>{esc(srv)}: {v:,.0f} {esc(unit)}</title></rect>'
             )
             short = f"{v / 1000:.0f}k" if v >= 10000 else f"{v:,.0f}"
@@ -406,7 +427,7 @@ def svg_bars(title: str, unit: str, groups: list[tuple[str, dict[str, float | No
         out.append(
             f'<text x="{x0 + n * w_bar / 2}" y="{pad_t + h_plot + 18}" text-anchor="middle">{esc(label)}</text>'
         )
-    out.append(f'<line x1="{pad_l}" y1="{y(0)}" x2="{width - pad_r}" y2="{y(0)}" stroke="black"/>')
+    out.append(f'<line x1="{pad_l}" y1="{y(base)}" x2="{width - pad_r}" y2="{y(base)}" stroke="black"/>')
     lx = pad_l
     for srv in servers:
         ly = height - 24
@@ -427,7 +448,7 @@ def charts(summary: dict, args) -> tuple[str, str]:
         lat.append((f"p99, {size} B", {s: get(s, f"lat-{size}", "p99_us") for s in servers}))
     return (
         svg_bars("Saturation throughput (64 clients × 8 in flight), higher is better", "answered/s", thr, servers),
-        svg_bars(f"Latency at {args.rate:,} req/s (open loop), lower is better", "µs", lat, servers),
+        svg_bars(f"Latency at {args.rate:,} req/s (open loop), lower is better", "µs", lat, servers, log=True),
     )
 
 
