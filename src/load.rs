@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::io;
+use std::io::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
@@ -551,11 +551,14 @@ fn check_args(args: &LoadArgs) -> io::Result<()> {
 /// (JSON with `--json`).
 pub fn run_cli(args: &LoadArgs) -> io::Result<()> {
     let report = run(args)?;
+    // Not println!: a closed stdout (e.g. a broken pipe) is an error, not a panic.
+    let mut out = io::stdout().lock();
     if args.json {
-        println!("{}", report.to_json());
+        writeln!(out, "{}", report.to_json())?;
     } else {
-        println!("{report}");
+        writeln!(out, "{report}")?;
     }
+    out.flush()?;
     if !report.invariant_ok() {
         return Err(io::Error::other(
             "accounting invariant violated: sent != answered + given up + outstanding",
