@@ -3,7 +3,7 @@ CARGO ?= cargo
 BIND ?= 127.0.0.1:9000
 ARGS ?=
 
-.PHONY: build run test lint probe bench fmt clean
+.PHONY: build run test lint probe bench bench-quick fmt clean
 
 build:
 	$(CARGO) build --release --bins --examples
@@ -28,3 +28,13 @@ fmt:
 
 clean:
 	$(CARGO) clean
+
+# The benchmark matrix (about 10 minutes): udpring against recvfrom, recvmmsg, tokio and
+# sockperf baselines, interleaved rounds, pinned with taskset. Results under target/bench/.
+bench:
+	$(CARGO) build --release --bins --examples
+	python3 scripts/bench.py
+
+bench-quick:
+	$(CARGO) build --release --bins --examples
+	python3 scripts/bench.py --quick

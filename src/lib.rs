@@ -40,6 +40,7 @@ pub mod config;
 pub mod datagram;
 pub mod features;
 pub mod handler;
+pub mod load;
 pub mod op;
 pub mod ring;
 pub mod send_pool;

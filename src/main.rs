@@ -1,4 +1,4 @@
-//! The `udpring` command line: `serve`, `probe`.
+//! The `udpring` command line: `serve`, `probe`, `load`.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -32,6 +32,8 @@ enum Command {
     Serve(ServeArgs),
     /// Print the kernel version and each io_uring feature udpring uses, yes or no.
     Probe,
+    /// UDP request/response load generator (closed loop, or open loop with --rate).
+    Load(udpring::load::LoadArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -87,6 +89,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Probe => probe(),
+        Command::Load(args) => udpring::load::run_cli(&args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(code) => code,
