@@ -29,6 +29,10 @@ use crate::stats::{Counters, SharedCounters};
 /// the ids do not collide).
 const BUF_GROUP: u16 = 0;
 
+/// A turn that drained at least this many completions counts as busy: the next wait may
+/// hold out for a batch (`--batch-wait`).
+const BUSY_TURN: usize = 8;
+
 /// What a worker shares with the thread that started it.
 pub struct WorkerShared {
     pub counters: SharedCounters,
@@ -123,6 +127,8 @@ pub struct Worker<H: Handler> {
     backpressured: bool,
     state: State,
     shutdown_timeout: Duration,
+    batch_wait: Option<Duration>,
+    batch_size: usize,
     recv_log: LogLimit,
     send_log: LogLimit,
 }
@@ -195,6 +201,8 @@ impl<H: Handler> Worker<H> {
             backpressured: false,
             state: State::Running,
             shutdown_timeout: config.shutdown_timeout,
+            batch_wait: config.batch_wait,
+            batch_size: config.batch_size,
             recv_log: LogLimit::new(),
             send_log: LogLimit::new(),
         })
@@ -214,13 +222,19 @@ impl<H: Handler> Worker<H> {
         self.arm_wake()?;
         self.arm_recv()?;
         loop {
-            let timeout = match self.state {
-                State::Running => None,
+            let (want, timeout) = match (self.state, self.batch_wait) {
+                (State::Running, None) => (1, None),
+                // Gather a batch only while batches are coming: at low load a timed wait
+                // would fire its timer for nothing on every turn.
+                (State::Running, Some(wait)) if self.completions.len() >= BUSY_TURN => {
+                    (self.batch_size, Some(wait))
+                }
+                (State::Running, Some(_)) => (1, None),
                 // While draining, wake up to notice the deadline even if nothing completes.
-                State::Draining { .. } => Some(Duration::from_millis(20)),
+                (State::Draining { .. }, _) => (1, Some(Duration::from_millis(20))),
             };
             self.counters.enters += 1;
-            self.ring.submit_and_wait(1, timeout)?;
+            self.ring.submit_and_wait(want, timeout)?;
             let mut completions = std::mem::take(&mut self.completions);
             completions.clear();
             self.ring.drain(&mut completions);
