@@ -3,7 +3,7 @@ CARGO ?= cargo
 BIND ?= 127.0.0.1:9000
 ARGS ?=
 
-.PHONY: build run test lint probe bench bench-quick fmt clean
+.PHONY: build run test lint probe bench bench-quick bench-micro fmt clean
 
 build:
 	$(CARGO) build --release --bins --examples
@@ -38,3 +38,7 @@ bench:
 bench-quick:
 	$(CARGO) build --release --bins --examples
 	python3 scripts/bench.py --quick
+
+# criterion micro-benchmarks of the user-space hot path (user_data, buffer ring, parse, dispatch).
+bench-micro:
+	$(CARGO) bench --bench hot_path

@@ -148,6 +148,46 @@ impl Handler for Sockperf {
     }
 }
 
+/// Drives a handler without sockets or a ring: hand it datagrams, collect its replies. For
+/// unit-testing handlers (sans-IO) and for benchmarking the dispatch path.
+pub struct Harness {
+    pool: SendPool,
+    counters: Counters,
+}
+
+impl Harness {
+    /// Replies up to `max_len` bytes, at most `slots` per datagram.
+    pub fn new(max_len: usize, slots: usize) -> Harness {
+        Harness {
+            pool: SendPool::new(slots, max_len, -1, false, false),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Calls the handler once; `on_reply` sees each reply it made, in order.
+    pub fn deliver<H: Handler>(
+        &mut self,
+        handler: &mut H,
+        datagram: &Datagram<'_>,
+        on_reply: impl FnMut(SocketAddr, &[u8]),
+    ) {
+        self.counters.rx_datagrams += 1;
+        let mut reply = Reply {
+            pool: &mut self.pool,
+            counters: &mut self.counters,
+            peer: datagram.peer,
+            local: datagram.local,
+        };
+        handler.on_datagram(datagram, &mut reply);
+        self.pool.take_queued(on_reply);
+    }
+
+    /// What the handler counted (`bad_input`, `send_dropped`, ...).
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+}
+
 /// The built-in handlers, by name on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum App {
@@ -157,4 +197,70 @@ pub enum App {
     Discard,
     /// Replies to `sockperf ping-pong` / `under-load` clients.
     Sockperf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn datagram(payload: &[u8]) -> Datagram<'_> {
+        Datagram {
+            peer: "192.0.2.1:4000".parse().unwrap(),
+            local: None,
+            payload,
+            worker: 0,
+        }
+    }
+
+    fn replies<H: Handler>(h: &mut H, harness: &mut Harness, payload: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        harness.deliver(h, &datagram(payload), |peer, bytes| {
+            assert_eq!(peer, "192.0.2.1:4000".parse().unwrap());
+            out.push(bytes.to_vec());
+        });
+        out
+    }
+
+    #[test]
+    fn echo_and_discard() {
+        let mut harness = Harness::new(1500, 4);
+        assert_eq!(
+            replies(&mut Echo, &mut harness, b"abc"),
+            vec![b"abc".to_vec()]
+        );
+        assert_eq!(
+            replies(&mut Echo, &mut harness, b""),
+            vec![Vec::<u8>::new()]
+        );
+        assert!(replies(&mut Discard, &mut harness, b"abc").is_empty());
+    }
+
+    #[test]
+    fn echo_of_an_overlong_datagram_is_dropped_and_counted() {
+        let mut harness = Harness::new(4, 4);
+        assert!(replies(&mut Echo, &mut harness, b"too long").is_empty());
+        assert_eq!(harness.counters().send_dropped, 1);
+    }
+
+    #[test]
+    fn sockperf_replies_only_to_pong_requests() {
+        let mut harness = Harness::new(1500, 4);
+        let mut msg = vec![0u8; 20];
+        sockperf::Header {
+            sequence: 9,
+            flags: sockperf::FLAG_CLIENT | sockperf::FLAG_PONG_REQUEST,
+            length: 20,
+        }
+        .write(&mut msg);
+        let out = replies(&mut Sockperf, &mut harness, &msg);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            sockperf::Header::parse(&out[0]).unwrap().flags,
+            sockperf::FLAG_PONG_REQUEST
+        );
+        msg[9] = sockperf::FLAG_CLIENT as u8;
+        assert!(replies(&mut Sockperf, &mut harness, &msg).is_empty());
+        assert!(replies(&mut Sockperf, &mut harness, b"tiny").is_empty());
+        assert_eq!(harness.counters().bad_input, 1);
+    }
 }

@@ -53,7 +53,7 @@ pub mod worker;
 
 pub use config::{parse_duration, ServerConfig};
 pub use features::Features;
-pub use handler::{App, Datagram, Discard, Echo, Handler, Reply, Sockperf};
+pub use handler::{App, Datagram, Discard, Echo, Handler, Harness, Reply, Sockperf};
 pub use send_pool::SendError;
 pub use server::Server;
 pub use stats::Counters;

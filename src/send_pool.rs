@@ -301,6 +301,20 @@ impl SendPool {
         next
     }
 
+    /// Hands every queued reply to `f` instead of the kernel and frees its slot (for driving
+    /// handlers without a socket: tests, benchmarks).
+    pub(crate) fn take_queued(&mut self, mut f: impl FnMut(SocketAddr, &[u8])) {
+        let queued = std::mem::take(&mut self.queued);
+        for &index in &queued {
+            let slot = &self.slots[index as usize];
+            let start = index as usize * self.slot_capacity;
+            f(slot.peer, &self.data[start..start + slot.iov.iov_len]);
+            self.release(index);
+        }
+        self.queued = queued;
+        self.queued.clear();
+    }
+
     fn release(&mut self, index: u32) {
         let slot = &mut self.slots[index as usize];
         slot.in_flight = false;
