@@ -3,6 +3,21 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// How peers are tracked (`--sessions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SessionMode {
+    /// Stateless: every datagram stands alone.
+    None,
+    /// Peers demultiplexed in user space on the worker's socket; no descriptor per client.
+    Shared,
+    /// The seed article's Linux model: a socket per client bound to the listener's address and
+    /// port and connected to the peer.
+    Connected,
+    /// The seed article's IOCP model: a socket per client on a new kernel-chosen port; the
+    /// first reply comes from it and the client continues there.
+    PortPerClient,
+}
+
 /// Everything a server needs to start. `Default` gives what `udpring serve` uses with no flags.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -32,6 +47,21 @@ pub struct ServerConfig {
     pub batch_wait: Option<Duration>,
     /// Completions to wait for when `batch_wait` is set.
     pub batch_size: usize,
+    /// How peers are tracked.
+    pub sessions: SessionMode,
+    /// A session with no datagram for this long is closed (and its socket).
+    pub idle_timeout: Duration,
+    /// Sessions in all workers together; new peers beyond it are refused (counted).
+    pub max_sessions: usize,
+    /// Sessions per worker.
+    pub max_sessions_per_worker: usize,
+    /// New sessions per second per worker.
+    pub max_new_sessions_per_sec: u32,
+    /// Sessions per source IP address.
+    pub max_sessions_per_source: u32,
+    /// Connected per-client sockets on the port, all workers together; beyond it new peers are
+    /// served in `shared` fashion (counted in `connected_cap`).
+    pub max_connected: usize,
     /// How long shutdown may take to flush replies and drain in-flight operations.
     pub shutdown_timeout: Duration,
 }
@@ -56,6 +86,13 @@ impl Default for ServerConfig {
             gso: true,
             batch_wait: None,
             batch_size: 32,
+            sessions: SessionMode::None,
+            idle_timeout: Duration::from_secs(30),
+            max_sessions: 100_000,
+            max_sessions_per_worker: usize::MAX,
+            max_new_sessions_per_sec: u32::MAX,
+            max_sessions_per_source: u32::MAX,
+            max_connected: 10_000,
             shutdown_timeout: Duration::from_millis(900),
         }
     }
@@ -93,7 +130,12 @@ impl ServerConfig {
                 self.send_slots
             ));
         }
-        if self.batch_size == 0 || self.batch_size > usize::from(self.buffers) {
+        if self.idle_timeout < Duration::from_millis(1) {
+            return Err("--idle-timeout must be at least 1ms".to_string());
+        }
+        if self.batch_wait.is_some()
+            && (self.batch_size == 0 || self.batch_size > usize::from(self.buffers))
+        {
             return Err(format!(
                 "--batch-size must be 1..=--buffers ({}), got {}",
                 self.buffers, self.batch_size

@@ -6,10 +6,15 @@
 //! turn.
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use crate::send_pool::{SendError, SendPool};
+use crate::send_pool::{Dest, SendError, SendPool};
+use crate::session::{CloseReason, SessionId};
 use crate::sockperf;
 use crate::stats::Counters;
+use crate::worker::{Letter, WorkerShared};
 
 /// One received datagram.
 #[derive(Debug, Clone, Copy)]
@@ -25,11 +30,131 @@ pub struct Datagram<'a> {
     pub worker: usize,
 }
 
-/// Serves datagrams on one worker. Create one per worker with the factory given to
-/// [`crate::Server::start`]; it lives on that worker's thread and so needs no synchronisation.
+/// Serves datagrams on one worker, statelessly. Create one per worker with the factory given
+/// to [`crate::Server::start`]; it lives on that worker's thread and so needs no
+/// synchronisation. Every `Handler` is also a [`SessionHandler`] whose state is `()`.
 pub trait Handler: 'static {
     /// Called once per received datagram, exactly once, in arrival order for that socket.
     fn on_datagram(&mut self, datagram: &Datagram<'_>, reply: &mut Reply<'_>);
+}
+
+/// What a session handler is told about a session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionInfo {
+    pub peer: SocketAddr,
+    /// The local address the session's first datagram arrived on (wildcard binds).
+    pub local: Option<IpAddr>,
+    pub worker: usize,
+    pub id: SessionId,
+    /// The session has its own socket (`connected` or `port-per-client` mode, when one could
+    /// be opened).
+    pub own_socket: bool,
+}
+
+/// Serves peers as sessions with per-session state of the handler's own type.
+///
+/// With `--sessions shared|connected|port-per-client`, `session_open` runs on a peer's
+/// first datagram, `session_datagram` for each datagram with that peer's state, and
+/// `session_close` when the
+/// session ends (idle, evicted, shutdown). With `--sessions none` there is one worker-wide
+/// session: opened at start (peer unspecified) and closed at shutdown.
+pub trait SessionHandler: 'static {
+    type State: 'static;
+    /// A new peer's first datagram arrived (it is passed to `session_datagram` next).
+    fn session_open(&mut self, session: &SessionInfo) -> Self::State;
+    /// One datagram of the session, exactly once.
+    fn session_datagram(
+        &mut self,
+        state: &mut Self::State,
+        datagram: &Datagram<'_>,
+        reply: &mut Reply<'_>,
+    );
+    /// The session ended; its socket (if any) is being closed.
+    fn session_close(&mut self, state: Self::State, session: &SessionInfo, reason: CloseReason) {
+        let _ = (state, session, reason);
+    }
+}
+
+impl<H: Handler> SessionHandler for H {
+    type State = ();
+
+    fn session_open(&mut self, _session: &SessionInfo) {}
+
+    #[inline]
+    fn session_datagram(&mut self, _: &mut (), datagram: &Datagram<'_>, reply: &mut Reply<'_>) {
+        self.on_datagram(datagram, reply)
+    }
+}
+
+/// Why a deferred reply was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeferredError {
+    /// The session has closed; nothing was sent.
+    SessionClosed,
+    /// The worker has stopped.
+    WorkerStopped,
+}
+
+impl std::fmt::Display for DeferredError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeferredError::SessionClosed => "the session is closed",
+            DeferredError::WorkerStopped => "the worker has stopped",
+        })
+    }
+}
+
+impl std::error::Error for DeferredError {}
+
+/// A cloneable, `Send` handle to a session, for replies made later or from another thread
+/// (the seed article's `PostQueuedCompletionStatus` + `IO_EX_SEND`). The owning worker is woken
+/// through its ring (an eventfd read it keeps armed) and sends from the session's socket; the
+/// caller never blocks on it.
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub(crate) worker: Arc<WorkerShared>,
+    pub(crate) id: SessionId,
+    pub(crate) closed: Arc<AtomicBool>,
+}
+
+impl SessionHandle {
+    /// Queues `bytes` for the session's peer. Fails at once if the session is known to be
+    /// closed; a session that closes while the reply is on its way drops it and counts it
+    /// (`deferred_dropped`).
+    pub fn send(&self, bytes: &[u8]) -> Result<(), DeferredError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(DeferredError::SessionClosed);
+        }
+        self.worker
+            .post(Letter::Deferred {
+                session: self.id,
+                payload: bytes.to_vec(),
+            })
+            .map_err(|_| DeferredError::WorkerStopped)
+    }
+
+    /// Whether the session has closed.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+impl std::fmt::Debug for SessionHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionHandle")
+            .field("id", &self.id)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+/// The session a datagram belongs to, as the reply path sees it.
+pub(crate) struct SessionCtx<'a> {
+    pub id: SessionId,
+    pub worker: &'a Arc<WorkerShared>,
+    /// Created on the first `session_handle()` call; set when the session closes.
+    pub closed: &'a mut Option<Arc<AtomicBool>>,
+    pub close_requested: bool,
 }
 
 /// The way a handler answers. Every reply is queued for the kernel or counted as dropped:
@@ -37,42 +162,47 @@ pub trait Handler: 'static {
 pub struct Reply<'a> {
     pub(crate) pool: &'a mut SendPool,
     pub(crate) counters: &'a mut Counters,
-    pub(crate) peer: SocketAddr,
-    pub(crate) local: Option<IpAddr>,
+    pub(crate) dest: Dest,
+    /// The worker's listening socket, for `send_to` other peers.
+    pub(crate) listener_fd: RawFd,
+    pub(crate) session: Option<SessionCtx<'a>>,
 }
 
 impl Reply<'_> {
-    /// Sends `bytes` back to the datagram's sender.
+    /// Sends `bytes` back to the datagram's sender (from the session's own socket, if it has
+    /// one).
     pub fn send(&mut self, bytes: &[u8]) -> Result<(), SendError> {
-        self.send_with(|buf| {
-            let n = bytes.len().min(buf.len());
-            buf[..n].copy_from_slice(&bytes[..n]);
-            bytes.len()
-        })
+        let dest = self.dest;
+        self.queue(dest, bytes)
     }
 
     /// Builds the reply in place: `fill` writes into the send buffer (`max_len()` bytes) and
     /// returns the reply's length. Saves a copy when the reply is computed, not copied.
     pub fn send_with(&mut self, fill: impl FnOnce(&mut [u8]) -> usize) -> Result<(), SendError> {
-        let peer = self.peer;
-        self.send_to_with(peer, fill)
+        let result = self.pool.queue(self.dest, fill);
+        if result.is_err() {
+            self.counters.send_dropped += 1;
+        }
+        result.map(|_| ())
     }
 
-    /// Sends `bytes` to another address from the same socket (for relays and fan-out).
+    /// Sends `bytes` to another address from the worker's listening socket (relays, fan-out).
     pub fn send_to(&mut self, peer: SocketAddr, bytes: &[u8]) -> Result<(), SendError> {
-        self.send_to_with(peer, |buf| {
+        let dest = Dest {
+            fd: self.listener_fd,
+            peer,
+            local: self.dest.local,
+            connected: false,
+        };
+        self.queue(dest, bytes)
+    }
+
+    fn queue(&mut self, dest: Dest, bytes: &[u8]) -> Result<(), SendError> {
+        let result = self.pool.queue(dest, |buf| {
             let n = bytes.len().min(buf.len());
             buf[..n].copy_from_slice(&bytes[..n]);
             bytes.len()
-        })
-    }
-
-    fn send_to_with(
-        &mut self,
-        peer: SocketAddr,
-        fill: impl FnOnce(&mut [u8]) -> usize,
-    ) -> Result<(), SendError> {
-        let result = self.pool.queue(peer, self.local, fill);
+        });
         if result.is_err() {
             self.counters.send_dropped += 1;
         }
@@ -93,6 +223,29 @@ impl Reply<'_> {
     /// Records that this datagram was bad input (counted as `bad_input`).
     pub fn count_bad_input(&mut self) {
         self.counters.bad_input += 1;
+    }
+
+    /// A handle for replying to this datagram's session later or from another thread. `None`
+    /// with `--sessions none`.
+    pub fn session_handle(&mut self) -> Option<SessionHandle> {
+        let ctx = self.session.as_mut()?;
+        let closed = ctx
+            .closed
+            .get_or_insert_with(|| Arc::new(AtomicBool::new(false)))
+            .clone();
+        Some(SessionHandle {
+            worker: ctx.worker.clone(),
+            id: ctx.id,
+            closed,
+        })
+    }
+
+    /// Closes this datagram's session once the handler returns (`session_close` with
+    /// [`CloseReason::Evicted`]). No effect with `--sessions none`.
+    pub fn close_session(&mut self) {
+        if let Some(ctx) = self.session.as_mut() {
+            ctx.close_requested = true;
+        }
     }
 }
 
@@ -159,7 +312,7 @@ impl Harness {
     /// Replies up to `max_len` bytes, at most `slots` per datagram.
     pub fn new(max_len: usize, slots: usize) -> Harness {
         Harness {
-            pool: SendPool::new(slots, max_len, -1, false, false),
+            pool: SendPool::new(slots, max_len, true, false),
             counters: Counters::default(),
         }
     }
@@ -175,8 +328,14 @@ impl Harness {
         let mut reply = Reply {
             pool: &mut self.pool,
             counters: &mut self.counters,
-            peer: datagram.peer,
-            local: datagram.local,
+            dest: Dest {
+                fd: -1,
+                peer: datagram.peer,
+                local: datagram.local,
+                connected: false,
+            },
+            listener_fd: -1,
+            session: None,
         };
         handler.on_datagram(datagram, &mut reply);
         self.pool.take_queued(on_reply);

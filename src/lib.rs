@@ -38,6 +38,7 @@
 pub mod buf_ring;
 pub mod config;
 pub mod datagram;
+pub mod directory;
 pub mod features;
 pub mod handler;
 pub mod load;
@@ -45,17 +46,23 @@ pub mod op;
 pub mod ring;
 pub mod send_pool;
 pub mod server;
+pub mod session;
+pub mod session_socket;
 pub mod socket;
 pub mod sockperf;
 pub mod stats;
 mod sys;
 pub mod worker;
 
-pub use config::{parse_duration, ServerConfig};
+pub use config::{parse_duration, ServerConfig, SessionMode};
 pub use features::Features;
-pub use handler::{App, Datagram, Discard, Echo, Handler, Harness, Reply, Sockperf};
+pub use handler::{
+    App, Datagram, DeferredError, Discard, Echo, Handler, Harness, Reply, SessionHandle,
+    SessionHandler, SessionInfo, Sockperf,
+};
 pub use send_pool::SendError;
 pub use server::Server;
+pub use session::{CloseReason, SessionId};
 pub use stats::Counters;
 
 /// The running kernel's release string (for logs and reports).

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use udpring::{App, Counters, Discard, Echo, Handler, Server, ServerConfig, Sockperf};
+use udpring::{
+    App, Counters, Discard, Echo, Server, ServerConfig, SessionHandler, SessionMode, Sockperf,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -80,6 +82,32 @@ struct ServeArgs {
     /// Completions to gather per wake-up when --batch-wait is set.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// How peers are tracked: none (stateless), shared (sessions demultiplexed on the worker's
+    /// socket, no descriptor per client), connected (a socket per client bound to this address
+    /// and port and connected to the peer: the seed article's Linux model), port-per-client (a
+    /// socket per client on a new port the client must switch to: its IOCP model).
+    #[arg(long, value_enum, default_value_t = SessionMode::None)]
+    sessions: SessionMode,
+    /// Close a session (and its socket) after this long without a datagram.
+    #[arg(long, default_value = "30s", value_parser = udpring::parse_duration)]
+    idle_timeout: Duration,
+    /// Sessions in all workers together; new peers beyond it are refused and counted.
+    #[arg(long, default_value_t = 100_000)]
+    max_sessions: usize,
+    /// Sessions per worker [default: no limit beyond --max-sessions].
+    #[arg(long)]
+    max_sessions_per_worker: Option<usize>,
+    /// New sessions per second per worker [default: no limit].
+    #[arg(long)]
+    max_new_sessions_per_sec: Option<u32>,
+    /// Sessions per source IP address [default: no limit].
+    #[arg(long)]
+    max_sessions_per_source: Option<u32>,
+    /// Connected per-client sockets on the port (--sessions connected); beyond it new peers
+    /// are served on the shared socket. Each one lengthens the kernel's lookup for datagrams
+    /// from unknown peers (kernel-notes/connected-sockets.md).
+    #[arg(long, default_value_t = 10_000)]
+    max_connected: usize,
     /// Log a counter summary this often (e.g. 10s, 500ms); 0 logs only at shutdown.
     #[arg(long, default_value = "10s", value_parser = udpring::parse_duration)]
     stats_interval: Duration,
@@ -141,6 +169,13 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         gso: !args.no_gso,
         batch_wait: (!args.batch_wait.is_zero()).then_some(args.batch_wait),
         batch_size: args.batch_size,
+        sessions: args.sessions,
+        idle_timeout: args.idle_timeout,
+        max_sessions: args.max_sessions,
+        max_sessions_per_worker: args.max_sessions_per_worker.unwrap_or(usize::MAX),
+        max_new_sessions_per_sec: args.max_new_sessions_per_sec.unwrap_or(u32::MAX),
+        max_sessions_per_source: args.max_sessions_per_source.unwrap_or(u32::MAX),
+        max_connected: args.max_connected,
         ..ServerConfig::default()
     };
     match args.app {
@@ -152,7 +187,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
 
 fn run<H, F>(config: ServerConfig, app: App, factory: F) -> Result<ExitCode>
 where
-    H: Handler,
+    H: SessionHandler,
     F: Fn(usize) -> H + Send + Sync + 'static,
 {
     // Block the shutdown signals before any worker exists so they inherit the mask and only
@@ -171,6 +206,7 @@ where
         addr = %server.local_addr(),
         workers = server.worker_count(),
         app = ?app,
+        sessions = ?config.sessions,
         ring = server.task_run_mode().describe(),
         rcvbuf = server.recv_buffer(),
         kernel = %server.features().kernel_release,

@@ -19,8 +19,12 @@ pub enum OpKind {
     Send = 2,
     /// `IORING_OP_READ` of the worker's wake-up eventfd (shutdown, cross-thread posts).
     Wake = 3,
-    /// `IORING_OP_ASYNC_CANCEL` issued during shutdown.
+    /// `IORING_OP_ASYNC_CANCEL` (shutdown, closing a session's socket).
     Cancel = 4,
+    /// Multishot `IORING_OP_RECVMSG` on a session's own socket; slot/generation = session.
+    SessionRecv = 5,
+    /// `IORING_OP_TIMEOUT` driving idle-session expiry.
+    Tick = 6,
 }
 
 impl OpKind {
@@ -30,6 +34,8 @@ impl OpKind {
             2 => Some(OpKind::Send),
             3 => Some(OpKind::Wake),
             4 => Some(OpKind::Cancel),
+            5 => Some(OpKind::SessionRecv),
+            6 => Some(OpKind::Tick),
             _ => None,
         }
     }
@@ -88,7 +94,14 @@ mod tests {
 
     #[test]
     fn round_trip_every_kind() {
-        for kind in [OpKind::Recv, OpKind::Send, OpKind::Wake, OpKind::Cancel] {
+        for kind in [
+            OpKind::Recv,
+            OpKind::Send,
+            OpKind::Wake,
+            OpKind::Cancel,
+            OpKind::SessionRecv,
+            OpKind::Tick,
+        ] {
             for (generation, slot) in [(0, 0), (1, 7), (GENERATION_MASK, u32::MAX), (12345, 99)] {
                 let ud = UserData::new(kind, generation, slot);
                 assert_eq!(UserData::decode(ud.encode()), Some(ud));

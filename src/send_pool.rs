@@ -43,6 +43,17 @@ impl std::fmt::Display for SendError {
 
 impl std::error::Error for SendError {}
 
+/// Where a reply goes: which socket, to whom, from which local address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dest {
+    pub fd: RawFd,
+    pub peer: SocketAddr,
+    /// Source address (packet-info) for a wildcard-bound socket.
+    pub local: Option<IpAddr>,
+    /// The socket is connected to `peer`: send without an address.
+    pub connected: bool,
+}
+
 #[repr(C)]
 struct SendSlot {
     msg: libc::msghdr,
@@ -51,8 +62,7 @@ struct SendSlot {
     control: [u8; CONTROL_LEN],
     /// Bytes of `control` the packet-info message uses (0 without one).
     pktinfo_len: usize,
-    peer: SocketAddr,
-    local: Option<IpAddr>,
+    dest: Dest,
     /// Datagrams this slot carries (more than one for a GSO train).
     segments: u16,
     /// Size of every segment but the last, for a train.
@@ -76,21 +86,15 @@ pub struct SendPool {
     free: Vec<u32>,
     /// Slots filled this turn, in order, not yet pushed to the ring.
     queued: Vec<u32>,
-    fd: RawFd,
     socket_is_v6: bool,
     gso: bool,
 }
 
 impl SendPool {
-    /// `count` slots of `slot_capacity` bytes each, sending on `fd`. The data area is one
-    /// zeroed allocation; pages the replies never touch are never made resident.
-    pub fn new(
-        count: usize,
-        slot_capacity: usize,
-        fd: RawFd,
-        socket_is_v6: bool,
-        gso: bool,
-    ) -> SendPool {
+    /// `count` slots of `slot_capacity` bytes each; unconnected destinations are encoded for
+    /// an IPv6 socket when `socket_is_v6`. The data area is one zeroed allocation; pages the
+    /// replies never touch are never made resident.
+    pub fn new(count: usize, slot_capacity: usize, socket_is_v6: bool, gso: bool) -> SendPool {
         let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
         let mut slots: Box<[SendSlot]> = (0..count)
             .map(|_| SendSlot {
@@ -101,8 +105,12 @@ impl SendPool {
                 name: [0; 28],
                 control: [0; CONTROL_LEN],
                 pktinfo_len: 0,
-                peer: unspecified,
-                local: None,
+                dest: Dest {
+                    fd: -1,
+                    peer: unspecified,
+                    local: None,
+                    connected: false,
+                },
                 segments: 1,
                 segment_len: 0,
                 generation: 0,
@@ -124,7 +132,6 @@ impl SendPool {
             // Pop from the end: hand out low slots first.
             free: (0..count as u32).rev().collect(),
             queued: Vec::with_capacity(count),
-            fd,
             socket_is_v6,
             gso,
         }
@@ -159,16 +166,15 @@ impl SendPool {
         self.gso = false;
     }
 
-    /// Queues a reply to `peer` (leaving from `local` when given) whose payload `fill` writes
-    /// into the slot's buffer, returning its length. The kernel sees it at the next `flush`.
+    /// Queues a reply to `dest` whose payload `fill` writes into the slot's buffer, returning
+    /// its length. The kernel sees it at the next `flush`.
     pub fn queue(
         &mut self,
-        peer: SocketAddr,
-        local: Option<IpAddr>,
+        dest: Dest,
         fill: impl FnOnce(&mut [u8]) -> usize,
     ) -> Result<usize, SendError> {
         let index = self.free.pop().ok_or(SendError::PoolExhausted)?;
-        match self.prepare(index, peer, local, fill) {
+        match self.prepare(index, dest, fill) {
             Ok(len) => {
                 self.queued.push(index);
                 Ok(len)
@@ -183,8 +189,7 @@ impl SendPool {
     fn prepare(
         &mut self,
         index: u32,
-        peer: SocketAddr,
-        local: Option<IpAddr>,
+        dest: Dest,
         fill: impl FnOnce(&mut [u8]) -> usize,
     ) -> Result<usize, SendError> {
         let start = index as usize * self.slot_capacity;
@@ -193,18 +198,20 @@ impl SendPool {
             return Err(SendError::TooLong);
         }
         let slot = &mut self.slots[index as usize];
-        if slot.peer != peer || slot.msg.msg_namelen == 0 {
-            slot.msg.msg_namelen = encode_sockaddr(peer, self.socket_is_v6, &mut slot.name)
+        if dest.connected {
+            // A connected socket sends to its peer; an address would only cost a route lookup.
+            slot.msg.msg_namelen = 0;
+        } else if slot.dest.peer != dest.peer || slot.dest.connected || slot.msg.msg_namelen == 0 {
+            slot.msg.msg_namelen = encode_sockaddr(dest.peer, self.socket_is_v6, &mut slot.name)
                 .ok_or(SendError::AddressFamily)?;
-            slot.peer = peer;
         }
-        if slot.local != local || (local.is_some() && slot.pktinfo_len == 0) {
-            slot.pktinfo_len = match local {
+        if slot.dest.local != dest.local || (dest.local.is_some() && slot.pktinfo_len == 0) {
+            slot.pktinfo_len = match dest.local {
                 Some(ip) => encode_pktinfo(ip, &mut slot.control),
                 None => 0,
             };
-            slot.local = local;
         }
+        slot.dest = dest;
         slot.iov.iov_len = len;
         slot.segments = 1;
         Ok(len)
@@ -221,8 +228,8 @@ impl SendPool {
             if self.gso {
                 i = self.extend_train(head, i);
             }
-            let fd = self.fd;
             let slot = &mut self.slots[head as usize];
+            let fd = slot.dest.fd;
             let mut control_len = slot.pktinfo_len;
             if slot.segments > 1 {
                 // CONTROL_LEN holds packet-info and UDP_SEGMENT together (tested in datagram).
@@ -265,9 +272,9 @@ impl SendPool {
     /// index of the first reply not taken.
     fn extend_train(&mut self, head: u32, mut next: usize) -> usize {
         let cap = self.slot_capacity.min(crate::config::MAX_UDP4_PAYLOAD);
-        let (peer, local, segment) = {
+        let (dest, segment) = {
             let h = &self.slots[head as usize];
-            (h.peer, h.local, h.iov.iov_len)
+            (h.dest, h.iov.iov_len)
         };
         if segment == 0 || segment > usize::from(u16::MAX) {
             return next;
@@ -278,8 +285,7 @@ impl SendPool {
             let index = self.queued[next];
             let s = &self.slots[index as usize];
             let len = s.iov.iov_len;
-            if s.peer != peer || s.local != local || len == 0 || len > segment || total + len > cap
-            {
+            if s.dest != dest || len == 0 || len > segment || total + len > cap {
                 break;
             }
             let from = index as usize * self.slot_capacity;
@@ -308,7 +314,7 @@ impl SendPool {
         for &index in &queued {
             let slot = &self.slots[index as usize];
             let start = index as usize * self.slot_capacity;
-            f(slot.peer, &self.data[start..start + slot.iov.iov_len]);
+            f(slot.dest.peer, &self.data[start..start + slot.iov.iov_len]);
             self.release(index);
         }
         self.queued = queued;
@@ -345,11 +351,20 @@ mod tests {
     use super::*;
 
     fn pool(count: usize, cap: usize) -> SendPool {
-        SendPool::new(count, cap, -1, false, true)
+        SendPool::new(count, cap, false, true)
+    }
+
+    fn dest(peer: &str) -> Dest {
+        Dest {
+            fd: 3,
+            peer: peer.parse().unwrap(),
+            local: None,
+            connected: false,
+        }
     }
 
     fn queue_bytes(p: &mut SendPool, peer: &str, bytes: &[u8]) -> Result<usize, SendError> {
-        p.queue(peer.parse().unwrap(), None, |b| {
+        p.queue(dest(peer), |b| {
             b[..bytes.len()].copy_from_slice(bytes);
             bytes.len()
         })
@@ -372,13 +387,10 @@ mod tests {
     fn queue_rejects_overlong_and_wrong_family_and_frees_the_slot() {
         let mut p = pool(1, 8);
         assert_eq!(
-            p.queue("[::1]:5".parse().unwrap(), None, |_| 0),
+            p.queue(dest("[::1]:5"), |_| 0),
             Err(SendError::AddressFamily)
         );
-        assert_eq!(
-            p.queue("127.0.0.1:5".parse().unwrap(), None, |_| 9),
-            Err(SendError::TooLong)
-        );
+        assert_eq!(p.queue(dest("127.0.0.1:5"), |_| 9), Err(SendError::TooLong));
         assert_eq!(p.free_slots(), 1);
         assert_eq!(queue_bytes(&mut p, "127.0.0.1:5", b"abc"), Ok(3));
         assert_eq!(p.free_slots(), 0);

@@ -8,13 +8,15 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::config::ServerConfig;
+use crate::config::SessionMode;
+use crate::directory::Directory;
 use crate::features::Features;
-use crate::handler::Handler;
+use crate::handler::SessionHandler;
 use crate::ring::TaskRunMode;
 use crate::socket::bind_worker_socket;
 use crate::stats::Counters;
 use crate::sys;
-use crate::worker::{Worker, WorkerShared};
+use crate::worker::{Fleet, Worker, WorkerShared};
 
 struct WorkerHandle {
     shared: Arc<WorkerShared>,
@@ -42,7 +44,7 @@ impl Server {
     /// (address in use, io_uring blocked, kernel too old) is returned before anything serves.
     pub fn start<H, F>(config: ServerConfig, factory: F) -> io::Result<Server>
     where
-        H: Handler,
+        H: SessionHandler,
         F: Fn(usize) -> H + Send + Sync + 'static,
     {
         config
@@ -68,6 +70,25 @@ impl Server {
                 config.send_buffer_bytes,
             )?);
         }
+        if config.sessions == SessionMode::Connected {
+            match features.kernel_version {
+                Some(v) if v >= (6, 13) => {}
+                _ => tracing::warn!(
+                    kernel = %features.kernel_release,
+                    "--sessions connected on a kernel without the UDP 4-tuple hash (Linux 6.13+): every datagram walks all connected sockets on the port; keep --max-connected low or use --sessions shared"
+                ),
+            }
+        }
+        let shared_parts: Vec<Arc<WorkerShared>> = (0..sockets.len())
+            .map(|_| WorkerShared::new().map(Arc::new))
+            .collect::<io::Result<_>>()?;
+        let fleet = Arc::new(Fleet {
+            workers: shared_parts.clone(),
+            directory: (config.sessions == SessionMode::Connected && sockets.len() > 1)
+                .then(Directory::default),
+            sessions_total: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            connected_total: std::sync::atomic::AtomicUsize::new(0),
+        });
         let cpus = if config.pin_cpus {
             Some(sys::allowed_cpus()?)
         } else {
@@ -78,13 +99,14 @@ impl Server {
         let mut workers = Vec::with_capacity(sockets.len());
         let mut ready = Vec::with_capacity(sockets.len());
         for (id, socket) in sockets.into_iter().enumerate() {
-            let shared = Arc::new(WorkerShared::new()?);
+            let shared = shared_parts[id].clone();
             let (tx, rx) = mpsc::channel::<io::Result<Ready>>();
             let cpu = cpus.as_ref().map(|c| c[id % c.len()]);
             let thread = {
                 let shared = shared.clone();
                 let config = config.clone();
                 let factory = factory.clone();
+                let fleet = fleet.clone();
                 std::thread::Builder::new()
                     .name(format!("udpring-w{id}"))
                     .spawn(move || {
@@ -93,7 +115,9 @@ impl Server {
                                 tracing::warn!(worker = id, cpu, error = %e, "cannot pin worker");
                             }
                         }
-                        let worker = match Worker::new(id, socket, &config, factory(id), shared) {
+                        let handler = factory(id);
+                        let worker = match Worker::new(id, socket, &config, handler, shared, fleet)
+                        {
                             Ok(w) => w,
                             Err(e) => {
                                 let msg = e.to_string();

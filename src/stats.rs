@@ -76,9 +76,52 @@ define_counters! {
     enters,
     /// Replies sent as UDP GSO trains of more than one datagram.
     gso_trains,
+    /// Sessions open now (a level, not a running total).
+    sessions_open,
+    /// Sessions opened.
+    sessions_opened,
+    /// Sessions closed after `--idle-timeout` without a datagram.
+    closed_idle,
+    /// Sessions closed by the handler or to make room.
+    closed_evicted,
+    /// Sessions closed at shutdown.
+    closed_shutdown,
+    /// New peers refused: this worker's session limit.
+    refused_worker_full,
+    /// New peers refused: the server's session limit.
+    refused_total_full,
+    /// New peers refused: new-session rate limit.
+    refused_rate,
+    /// New peers refused: per-source-address limit.
+    refused_source,
+    /// Datagrams read from a per-client socket whose source was another peer (the
+    /// bind/connect window); routed to the right session.
+    strays,
+    /// Datagrams handed to the worker that owns their peer's session.
+    forwarded,
+    /// Per-client sockets not opened because descriptors ran out (peer served without one).
+    fd_exhausted,
+    /// Per-client sockets not opened because `--max-connected` was reached.
+    connected_cap,
+    /// Per-client sockets that failed to open for another reason (peer served without one).
+    session_socket_errors,
+    /// Deferred replies (sent through a session handle from any thread) queued.
+    deferred_sent,
+    /// Deferred replies whose session had closed before the worker got them.
+    deferred_dropped,
 }
 
 impl Counters {
+    /// Sessions closed, all reasons.
+    pub fn sessions_closed(&self) -> u64 {
+        self.closed_idle + self.closed_evicted + self.closed_shutdown
+    }
+
+    /// New peers refused, all limits.
+    pub fn refused(&self) -> u64 {
+        self.refused_worker_full + self.refused_total_full + self.refused_rate + self.refused_source
+    }
+
     /// The one-line summary printed every `--stats-interval` and at shutdown.
     pub fn summary(&self) -> Summary<'_> {
         Summary(self)
@@ -109,7 +152,28 @@ impl fmt::Display for Summary<'_> {
             c.backpressure,
             c.enters,
             c.gso_trains
-        )
+        )?;
+        if c.sessions_opened > 0 || c.refused() > 0 {
+            write!(
+                f,
+                " sessions_open={} opened={} closed_idle={} closed_evicted={} closed_shutdown={} \
+                 refused={} strays={} forwarded={} fd_exhausted={} connected_cap={} \
+                 deferred_sent={} deferred_dropped={}",
+                c.sessions_open,
+                c.sessions_opened,
+                c.closed_idle,
+                c.closed_evicted,
+                c.closed_shutdown,
+                c.refused(),
+                c.strays,
+                c.forwarded,
+                c.fd_exhausted,
+                c.connected_cap,
+                c.deferred_sent,
+                c.deferred_dropped
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -1,29 +1,38 @@
 //! One worker: a thread that owns a SO_REUSEPORT socket, an io_uring, a provided-buffer ring
 //! and a pool of reply slots, and runs the completion loop: submit and wait, drain a batch of
 //! completions, one `match` on the operation kind, hand datagrams to the handler, recycle.
+//! Session routing (per-client sockets, idle expiry, deferred replies) is in `sessions.rs`.
 
-use std::collections::VecDeque;
+mod sessions;
+
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::mem::ManuallyDrop;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
+use parking_lot::Mutex;
 
 use crate::buf_ring::BufRing;
-use crate::config::ServerConfig;
+use crate::config::{ServerConfig, SessionMode};
 use crate::datagram::{
     decode_sockaddr, find_pktinfo, parse_recvmsg_out, CONTROL_LEN, RECVMSG_OUT_LEN,
     SOCKADDR_IN6_LEN, SOCKADDR_IN_LEN,
 };
-use crate::handler::{Datagram, Handler, Reply};
+use crate::directory::Directory;
+use crate::handler::{Datagram, Reply, SessionCtx, SessionHandler};
 use crate::op::{next_generation, OpKind, UserData};
 use crate::ring::{buffer_id, has_more, Completion, Ring};
-use crate::send_pool::{send_errno, SendPool};
+use crate::send_pool::{send_errno, Dest, SendPool};
+use crate::session::{Limits, Millis, SessionId, SessionTable};
 use crate::socket::BoundSocket;
 use crate::stats::{Counters, SharedCounters};
+
+use sessions::Live;
 
 /// The buffer group every worker's receive ring registers (each worker has its own ring, so
 /// the ids do not collide).
@@ -33,12 +42,29 @@ const BUF_GROUP: u16 = 0;
 /// hold out for a batch (`--batch-wait`).
 const BUSY_TURN: usize = 8;
 
-/// What a worker shares with the thread that started it.
+/// Work posted to a worker from another thread.
+pub enum Letter {
+    /// A reply made through a [`crate::handler::SessionHandle`].
+    Deferred {
+        session: SessionId,
+        payload: Vec<u8>,
+    },
+    /// A datagram another worker received for a peer this worker owns.
+    Forwarded {
+        peer: SocketAddr,
+        local: Option<IpAddr>,
+        payload: Vec<u8>,
+    },
+}
+
+/// What a worker shares with the other threads.
 pub struct WorkerShared {
     pub counters: SharedCounters,
     /// Written to wake the worker's ring from another thread.
     pub wake_fd: OwnedFd,
     pub shutdown: AtomicBool,
+    mailbox: Mutex<Vec<Letter>>,
+    stopped: AtomicBool,
 }
 
 impl WorkerShared {
@@ -47,6 +73,8 @@ impl WorkerShared {
             counters: SharedCounters::default(),
             wake_fd: crate::sys::eventfd()?,
             shutdown: AtomicBool::new(false),
+            mailbox: Mutex::new(Vec::new()),
+            stopped: AtomicBool::new(false),
         })
     }
 
@@ -56,6 +84,33 @@ impl WorkerShared {
         self.shutdown.store(true, Ordering::Release);
         crate::sys::eventfd_signal(&self.wake_fd)
     }
+
+    /// Hands `letter` to the worker and wakes it (once per batch of letters). `Err` when the
+    /// worker has stopped.
+    pub fn post(&self, letter: Letter) -> Result<(), Letter> {
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(letter);
+        }
+        let was_empty = {
+            let mut mailbox = self.mailbox.lock();
+            let was_empty = mailbox.is_empty();
+            mailbox.push(letter);
+            was_empty
+        };
+        // The worker empties the whole mailbox per wake-up, so only the first letter of a
+        // batch needs to write the eventfd.
+        if was_empty {
+            let _ = crate::sys::eventfd_signal(&self.wake_fd);
+        }
+        Ok(())
+    }
+}
+
+/// Where a pending datagram was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Listener,
+    Session(SessionId),
 }
 
 /// A received datagram waiting for the handler: it holds buffer `bid` until then.
@@ -63,6 +118,7 @@ impl WorkerShared {
 struct Pending {
     bid: u16,
     len: usize,
+    source: Source,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,20 +157,34 @@ impl LogLimit {
     }
 }
 
+/// Everything the workers of one server share.
+pub struct Fleet {
+    /// Every worker's shared part, by worker id (for forwarding between workers).
+    pub workers: Vec<Arc<WorkerShared>>,
+    /// Session owners, for `connected` mode with several workers.
+    pub directory: Option<Directory>,
+    /// Sessions open in all workers.
+    pub sessions_total: Arc<AtomicUsize>,
+    /// Connected per-client sockets open in all workers.
+    pub connected_total: AtomicUsize,
+}
+
 /// Field order matters: the ring is dropped first, so the kernel lets go of the buffers,
 /// message headers and send slots below before they are freed.
-pub struct Worker<H: Handler> {
+pub struct Worker<H: SessionHandler> {
     ring: Ring,
     // Memory the kernel points at. `Drop` frees it only when nothing is in flight.
     bufs: ManuallyDrop<BufRing>,
     sends: ManuallyDrop<SendPool>,
     recv_msg: ManuallyDrop<Box<libc::msghdr>>,
     wake_buf: ManuallyDrop<Box<u64>>,
+    tick_spec: ManuallyDrop<Box<types::Timespec>>,
     socket: BoundSocket,
     fd: RawFd,
     id: usize,
     handler: H,
     shared: Arc<WorkerShared>,
+    fleet: Arc<Fleet>,
     counters: Counters,
     backlog: VecDeque<Pending>,
     completions: Vec<Completion>,
@@ -123,7 +193,9 @@ pub struct Worker<H: Handler> {
     recv_armed: bool,
     recv_generation: u32,
     wake_armed: bool,
+    tick_armed: bool,
     cancels_in_flight: usize,
+    session_recvs_armed: usize,
     backpressured: bool,
     state: State,
     shutdown_timeout: Duration,
@@ -131,9 +203,24 @@ pub struct Worker<H: Handler> {
     batch_size: usize,
     recv_log: LogLimit,
     send_log: LogLimit,
+    socket_log: LogLimit,
+    // Sessions.
+    mode: SessionMode,
+    sessions: SessionTable<Live<H::State>>,
+    /// The one worker-wide state of `--sessions none`.
+    stateless: Option<H::State>,
+    /// Session sockets whose receive is being cancelled; closed on its final completion.
+    closing: HashMap<SessionId, OwnedFd>,
+    rearm: Vec<SessionId>,
+    expired: Vec<SessionId>,
+    mail: Vec<Letter>,
+    max_connected: usize,
+    session_recv_buffer: usize,
+    started: Instant,
+    now_ms: Millis,
 }
 
-impl<H: Handler> Worker<H> {
+impl<H: SessionHandler> Worker<H> {
     /// Builds the ring, buffers and pool for `socket`. Runs on the worker's own thread
     /// (SINGLE_ISSUER rings belong to the thread that creates them).
     pub fn new(
@@ -142,8 +229,15 @@ impl<H: Handler> Worker<H> {
         config: &ServerConfig,
         handler: H,
         shared: Arc<WorkerShared>,
+        fleet: Arc<Fleet>,
     ) -> io::Result<Worker<H>> {
-        let name_space = if socket.is_v6 {
+        // Per-client sockets may be IPv4 under an IPv6 listener: always leave room for the
+        // larger address when sessions have their own sockets.
+        let own_sockets = matches!(
+            config.sessions,
+            SessionMode::Connected | SessionMode::PortPerClient
+        );
+        let name_space = if socket.is_v6 || own_sockets {
             SOCKADDR_IN6_LEN
         } else {
             SOCKADDR_IN_LEN
@@ -152,8 +246,9 @@ impl<H: Handler> Worker<H> {
         let buf_len = RECVMSG_OUT_LEN + name_space + control_space + config.max_datagram;
         let buffers = usize::from(config.buffers);
         // Every buffer and every send slot can have a completion outstanding at once, plus
-        // the wake-up read, the cancel and slack: size the completion queue for all of them.
-        let cq_entries = (buffers + config.send_slots + 64).next_power_of_two() as u32;
+        // the wake-up read, the tick, cancels and slack: size the completion queue for all of
+        // them. Session sockets only add receives that share the same buffers.
+        let cq_entries = (buffers + config.send_slots + 256).next_power_of_two() as u32;
         let sq_entries = 512u32.min(cq_entries);
         let ring = Ring::new(sq_entries, cq_entries)
             .map_err(|e| io::Error::new(e.kind(), crate::ring::explain_setup_error(&e)))?;
@@ -169,7 +264,6 @@ impl<H: Handler> Worker<H> {
         let sends = SendPool::new(
             config.send_slots,
             config.max_datagram,
-            socket.socket.as_raw_fd(),
             socket.is_v6,
             config.gso,
         );
@@ -178,17 +272,27 @@ impl<H: Handler> Worker<H> {
         recv_msg.msg_namelen = name_space as u32;
         recv_msg.msg_controllen = control_space;
         let fd = socket.socket.as_raw_fd();
-        Ok(Worker {
+        let limits = Limits {
+            idle_timeout_ms: config.idle_timeout.as_millis().max(1) as Millis,
+            max_sessions_per_worker: config.max_sessions_per_worker,
+            max_sessions: config.max_sessions,
+            max_new_per_sec: config.max_new_sessions_per_sec,
+            max_per_source: config.max_sessions_per_source,
+        };
+        let sessions = SessionTable::new(limits, fleet.sessions_total.clone());
+        let mut worker = Worker {
             ring,
             bufs: ManuallyDrop::new(bufs),
             sends: ManuallyDrop::new(sends),
             recv_msg: ManuallyDrop::new(recv_msg),
             wake_buf: ManuallyDrop::new(Box::new(0)),
+            tick_spec: ManuallyDrop::new(Box::new(types::Timespec::new())),
             socket,
             fd,
             id,
             handler,
             shared,
+            fleet,
             counters: Counters::default(),
             backlog: VecDeque::with_capacity(buffers),
             completions: Vec::with_capacity(cq_entries as usize),
@@ -197,7 +301,9 @@ impl<H: Handler> Worker<H> {
             recv_armed: false,
             recv_generation: 0,
             wake_armed: false,
+            tick_armed: false,
             cancels_in_flight: 0,
+            session_recvs_armed: 0,
             backpressured: false,
             state: State::Running,
             shutdown_timeout: config.shutdown_timeout,
@@ -205,7 +311,24 @@ impl<H: Handler> Worker<H> {
             batch_size: config.batch_size,
             recv_log: LogLimit::new(),
             send_log: LogLimit::new(),
-        })
+            socket_log: LogLimit::new(),
+            mode: config.sessions,
+            sessions,
+            stateless: None,
+            closing: HashMap::new(),
+            rearm: Vec::new(),
+            expired: Vec::new(),
+            mail: Vec::new(),
+            max_connected: config.max_connected,
+            session_recv_buffer: config.recv_buffer_bytes.min(1 << 20),
+            started: Instant::now(),
+            now_ms: 0,
+        };
+        if worker.mode == SessionMode::None {
+            let info = worker.stateless_info();
+            worker.stateless = Some(worker.handler.session_open(&info));
+        }
+        Ok(worker)
     }
 
     pub fn task_run_mode(&self) -> crate::ring::TaskRunMode {
@@ -219,6 +342,15 @@ impl<H: Handler> Worker<H> {
     /// Runs until shutdown is requested and everything in flight has completed; returns the
     /// final counters.
     pub fn run(mut self) -> io::Result<Counters> {
+        let result = self.run_loop();
+        // From now on letters cannot be delivered: senders get an error instead.
+        self.shared.stopped.store(true, Ordering::Release);
+        self.counters.deferred_dropped += self.shared.mailbox.lock().drain(..).count() as u64;
+        self.shared.counters.publish(&self.counters);
+        result.map(|()| self.counters)
+    }
+
+    fn run_loop(&mut self) -> io::Result<()> {
         self.arm_wake()?;
         self.arm_recv()?;
         loop {
@@ -235,6 +367,8 @@ impl<H: Handler> Worker<H> {
             };
             self.counters.enters += 1;
             self.ring.submit_and_wait(want, timeout)?;
+            // One clock read per turn: session activity is stamped with it, no syscall.
+            self.now_ms = self.started.elapsed().as_millis() as Millis;
             let mut completions = std::mem::take(&mut self.completions);
             completions.clear();
             self.ring.drain(&mut completions);
@@ -245,17 +379,21 @@ impl<H: Handler> Worker<H> {
             self.process_backlog();
             self.flush_sends()?;
             self.bufs.publish();
-            if !self.recv_armed && self.state == State::Running && self.bufs.available() > 0 {
-                self.counters.rearms += 1;
-                self.arm_recv()?;
+            if self.state == State::Running {
+                if !self.recv_armed && self.bufs.available() > 0 {
+                    self.counters.rearms += 1;
+                    self.arm_recv()?;
+                }
+                self.rearm_sessions()?;
             }
+            self.counters.sessions_open = self.sessions.len() as u64;
             self.shared.counters.publish(&self.counters);
             if let State::Draining { deadline } = self.state {
                 if self.in_flight() == 0 && self.backlog.is_empty() {
                     // Push out anything the last turn queued (the replies were counted as
                     // queued, the kernel must see them).
                     self.ring.submit()?;
-                    break;
+                    return Ok(());
                 }
                 if Instant::now() >= deadline {
                     tracing::warn!(
@@ -263,19 +401,19 @@ impl<H: Handler> Worker<H> {
                         in_flight = self.in_flight(),
                         "shutdown timed out with operations in flight"
                     );
-                    break;
+                    return Ok(());
                 }
             }
         }
-        self.shared.counters.publish(&self.counters);
-        Ok(self.counters)
     }
 
     fn in_flight(&self) -> usize {
         self.sends.in_flight()
             + usize::from(self.recv_armed)
             + usize::from(self.wake_armed)
+            + usize::from(self.tick_armed)
             + self.cancels_in_flight
+            + self.session_recvs_armed
     }
 
     /// The completion table: one arm per operation kind.
@@ -291,39 +429,20 @@ impl<H: Handler> Worker<H> {
         };
         match ud.kind {
             OpKind::Recv => self.on_recv(ud, c),
-            OpKind::Send => match self.sends.complete(ud) {
-                None => self.counters.stale_completions += 1,
-                Some(done) if c.result < 0 => {
-                    let segments = u64::from(done.segments);
-                    self.counters.send_errors += segments;
-                    let errno = -c.result;
-                    // A kernel or device that cannot segment says EIO or EINVAL to a train:
-                    // stop building trains (one log line) and carry on with plain sends.
-                    if segments > 1
-                        && (errno == libc::EIO || errno == libc::EINVAL)
-                        && self.sends.gso()
-                    {
-                        self.sends.disable_gso();
-                        tracing::warn!(worker = self.id, error = %send_errno(c.result), "UDP GSO refused; sending datagrams one by one");
-                    } else if let Some(held_back) = self.send_log.check() {
-                        tracing::warn!(worker = self.id, error = %send_errno(c.result), held_back, "send failed");
-                    }
-                }
-                Some(done) => {
-                    self.counters.tx_datagrams += u64::from(done.segments);
-                    self.counters.tx_bytes += c.result as u64;
-                    if done.segments > 1 {
-                        self.counters.gso_trains += 1;
-                    }
-                }
-            },
+            OpKind::SessionRecv => self.on_session_recv(ud, c),
+            OpKind::Send => self.on_send(ud, c),
             OpKind::Wake => {
                 self.wake_armed = false;
+                self.read_mail();
                 if self.shared.shutdown.load(Ordering::Acquire) {
                     self.begin_drain()?;
                 } else if self.state == State::Running {
                     self.arm_wake()?;
                 }
+            }
+            OpKind::Tick => {
+                self.tick_armed = false;
+                self.expire_sessions()?;
             }
             OpKind::Cancel => {
                 self.cancels_in_flight = self.cancels_in_flight.saturating_sub(1);
@@ -332,10 +451,42 @@ impl<H: Handler> Worker<H> {
         Ok(())
     }
 
+    fn on_send(&mut self, ud: UserData, c: Completion) {
+        match self.sends.complete(ud) {
+            None => self.counters.stale_completions += 1,
+            Some(done) if c.result < 0 => {
+                let segments = u64::from(done.segments);
+                self.counters.send_errors += segments;
+                let errno = -c.result;
+                // A kernel or device that cannot segment says EIO or EINVAL to a train: stop
+                // building trains (one log line) and carry on with plain sends.
+                if segments > 1 && (errno == libc::EIO || errno == libc::EINVAL) && self.sends.gso()
+                {
+                    self.sends.disable_gso();
+                    tracing::warn!(worker = self.id, error = %send_errno(c.result), "UDP GSO refused; sending datagrams one by one");
+                } else if let Some(held_back) = self.send_log.check() {
+                    tracing::warn!(worker = self.id, error = %send_errno(c.result), held_back, "send failed");
+                }
+            }
+            Some(done) => {
+                self.counters.tx_datagrams += u64::from(done.segments);
+                self.counters.tx_bytes += c.result as u64;
+                if done.segments > 1 {
+                    self.counters.gso_trains += 1;
+                }
+            }
+        }
+    }
+
     fn on_recv(&mut self, ud: UserData, c: Completion) {
         if !has_more(c.flags) && ud.generation == self.recv_generation {
             self.recv_armed = false;
         }
+        self.take_received(c, Source::Listener);
+    }
+
+    /// Queues a receive completion's datagram for the handler, or counts its error.
+    fn take_received(&mut self, c: Completion, source: Source) {
         if c.result >= 0 {
             match buffer_id(c.flags) {
                 Some(bid) => {
@@ -344,6 +495,7 @@ impl<H: Handler> Worker<H> {
                     self.backlog.push_back(Pending {
                         bid,
                         len: c.result as usize,
+                        source,
                     });
                 }
                 None => self.counters.malformed += 1,
@@ -354,7 +506,7 @@ impl<H: Handler> Worker<H> {
             // The ring ran dry: the multishot request ended. It is armed again at the end of
             // the turn, once the handler has returned buffers.
             libc::ENOBUFS => self.counters.enobufs += 1,
-            libc::ECANCELED if self.state != State::Running => {}
+            libc::ECANCELED => {}
             errno => {
                 self.counters.recv_errors += 1;
                 if let Some(held_back) = self.recv_log.check() {
@@ -384,46 +536,130 @@ impl<H: Handler> Worker<H> {
         }
     }
 
+    /// Parses one received buffer and routes its datagram.
     fn handle(&mut self, pending: Pending) {
         let buf = self.bufs.buffer(pending.bid, pending.len);
-        let out = match parse_recvmsg_out(buf, self.name_space, self.control_space) {
-            Ok(out) => out,
-            Err(_) => {
-                self.counters.malformed += 1;
-                return;
-            }
-        };
-        if out.is_truncated() {
-            self.counters.truncated += 1;
-            return;
-        }
-        let peer = match decode_sockaddr(out.name) {
-            Ok(peer) => peer,
-            Err(_) => {
-                self.counters.malformed += 1;
-                return;
-            }
-        };
-        let local = if self.socket.wants_pktinfo {
-            find_pktinfo(out.control)
-        } else {
-            None
-        };
+        let (peer, local, payload_at, payload_len) =
+            match parse_recvmsg_out(buf, self.name_space, self.control_space) {
+                Ok(out) if out.is_truncated() => {
+                    self.counters.truncated += 1;
+                    return;
+                }
+                Ok(out) => {
+                    let Ok(peer) = decode_sockaddr(out.name) else {
+                        self.counters.malformed += 1;
+                        return;
+                    };
+                    let local = if self.socket.wants_pktinfo && pending.source == Source::Listener {
+                        find_pktinfo(out.control)
+                    } else {
+                        None
+                    };
+                    // Where the payload sits in the buffer, so the borrow can end here.
+                    let at = out.payload.as_ptr() as usize - buf.as_ptr() as usize;
+                    (peer, local, at, out.payload.len())
+                }
+                Err(_) => {
+                    self.counters.malformed += 1;
+                    return;
+                }
+            };
         self.counters.rx_datagrams += 1;
-        self.counters.rx_bytes += out.payload.len() as u64;
+        self.counters.rx_bytes += payload_len as u64;
+        let payload = Payload::Buffer {
+            bid: pending.bid,
+            len: pending.len,
+            at: payload_at,
+            payload_len,
+        };
+        match self.mode {
+            SessionMode::None => self.deliver_stateless(peer, local, payload),
+            _ => self.route(pending.source, peer, local, payload),
+        }
+    }
+
+    fn deliver_stateless(&mut self, peer: SocketAddr, local: Option<IpAddr>, payload: Payload) {
+        let Some(state) = self.stateless.as_mut() else {
+            return; // closed at shutdown
+        };
+        let payload = payload.bytes(&self.bufs);
         let datagram = Datagram {
             peer,
             local,
-            payload: out.payload,
+            payload,
             worker: self.id,
         };
         let mut reply = Reply {
             pool: &mut self.sends,
             counters: &mut self.counters,
+            dest: Dest {
+                fd: self.fd,
+                peer,
+                local,
+                connected: false,
+            },
+            listener_fd: self.fd,
+            session: None,
+        };
+        self.handler.session_datagram(state, &datagram, &mut reply);
+    }
+
+    /// Calls the handler for session `id` with `payload`; closes the session afterwards if the
+    /// handler asked to.
+    fn deliver_to_session(
+        &mut self,
+        id: SessionId,
+        peer: SocketAddr,
+        local: Option<IpAddr>,
+        payload: Payload,
+    ) {
+        let now = self.now_ms;
+        let Some(entry) = self.sessions.get_mut(id) else {
+            return;
+        };
+        entry.last_active = now;
+        let live = &mut entry.value;
+        let dest = match &live.sock {
+            Some(sock) => Dest {
+                fd: sock.fd.as_raw_fd(),
+                peer: entry.peer,
+                local: None,
+                connected: true,
+            },
+            None => Dest {
+                fd: self.fd,
+                peer: entry.peer,
+                local: local.or(live.local),
+                connected: false,
+            },
+        };
+        let payload = payload.bytes(&self.bufs);
+        let datagram = Datagram {
             peer,
             local,
+            payload,
+            worker: self.id,
         };
-        self.handler.on_datagram(&datagram, &mut reply);
+        let mut reply = Reply {
+            pool: &mut self.sends,
+            counters: &mut self.counters,
+            dest,
+            listener_fd: self.fd,
+            session: Some(SessionCtx {
+                id,
+                worker: &self.shared,
+                closed: &mut live.closed,
+                close_requested: false,
+            }),
+        };
+        let Some(state) = live.state.as_mut() else {
+            return;
+        };
+        self.handler.session_datagram(state, &datagram, &mut reply);
+        let close = reply.session.map(|s| s.close_requested).unwrap_or(false);
+        if close {
+            self.close_session(id, crate::session::CloseReason::Evicted);
+        }
     }
 
     /// Pushes the turn's replies to the ring; they reach the kernel with the next wait.
@@ -467,6 +703,17 @@ impl<H: Handler> Worker<H> {
         Ok(())
     }
 
+    /// Cancels the operation `target` names; its final completion still arrives.
+    fn cancel(&mut self, target: UserData) -> io::Result<()> {
+        let entry = opcode::AsyncCancel::new(target.encode())
+            .build()
+            .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
+        // SAFETY: a cancel request carries no pointers.
+        unsafe { self.ring.push(&entry) }?;
+        self.cancels_in_flight += 1;
+        Ok(())
+    }
+
     fn begin_drain(&mut self) -> io::Result<()> {
         if self.state != State::Running {
             return Ok(());
@@ -475,19 +722,47 @@ impl<H: Handler> Worker<H> {
             deadline: Instant::now() + self.shutdown_timeout,
         };
         if self.recv_armed {
-            let target = UserData::new(OpKind::Recv, self.recv_generation, 0).encode();
-            let entry = opcode::AsyncCancel::new(target)
-                .build()
-                .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
-            // SAFETY: a cancel request carries no pointers.
-            unsafe { self.ring.push(&entry) }?;
-            self.cancels_in_flight += 1;
+            self.cancel(UserData::new(OpKind::Recv, self.recv_generation, 0))?;
         }
-        Ok(())
+        if self.tick_armed {
+            self.cancel(UserData::new(OpKind::Tick, 0, 0))?;
+        }
+        self.close_all_sessions()
     }
 }
 
-impl<H: Handler> Drop for Worker<H> {
+/// A datagram's payload: in a receive buffer (the usual case) or in a letter forwarded from
+/// another worker.
+enum Payload {
+    Buffer {
+        bid: u16,
+        len: usize,
+        at: usize,
+        payload_len: usize,
+    },
+    Owned(Vec<u8>),
+}
+
+impl Payload {
+    fn bytes<'a>(&'a self, bufs: &'a BufRing) -> &'a [u8] {
+        match self {
+            Payload::Buffer {
+                bid,
+                len,
+                at,
+                payload_len,
+            } => &bufs.buffer(*bid, *len)[*at..*at + *payload_len],
+            Payload::Owned(v) => v,
+        }
+    }
+
+    /// A copy, for handing the datagram to another worker.
+    fn to_vec(&self, bufs: &BufRing) -> Vec<u8> {
+        self.bytes(bufs).to_vec()
+    }
+}
+
+impl<H: SessionHandler> Drop for Worker<H> {
     fn drop(&mut self) {
         if self.in_flight() > 0 {
             // The kernel may still write into this memory after the ring's file is closed
@@ -507,6 +782,7 @@ impl<H: Handler> Drop for Worker<H> {
             ManuallyDrop::drop(&mut self.sends);
             ManuallyDrop::drop(&mut self.recv_msg);
             ManuallyDrop::drop(&mut self.wake_buf);
+            ManuallyDrop::drop(&mut self.tick_spec);
         }
     }
 }

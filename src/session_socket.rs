@@ -1,0 +1,103 @@
+//! Per-client sockets for `--sessions connected` (the seed article's Linux model: bound to the
+//! listener's address and port, connected to the peer) and `--sessions port-per-client` (its
+//! IOCP model: a new kernel-chosen port, connected to the peer, which the client must switch
+//! to).
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Opens a UDP socket bound to `local` and connected to `peer`, with nothing in between.
+///
+/// For `connected` sessions `local` carries the listener's port and the socket gets
+/// SO_REUSEPORT but *not* SO_REUSEADDR: with both set, `bind()` walks every socket on the
+/// port (measured: 101 µs per set-up at 10,000 sessions instead of 5 µs). For
+/// `port-per-client` the port is 0 and the kernel picks one.
+///
+/// The socket is never connected to another peer afterwards: the kernel's 4-tuple index keeps
+/// the first peer even after a second `connect()` (kernel-reference, 6.18).
+pub fn open(local: SocketAddr, peer: SocketAddr, recv_buffer: usize) -> io::Result<OwnedFd> {
+    let socket = Socket::new(
+        Domain::for_address(local),
+        Type::DGRAM.nonblocking().cloexec(),
+        Some(Protocol::UDP),
+    )?;
+    if local.port() != 0 {
+        socket.set_reuse_port(true)?;
+    }
+    // Best effort: a bigger queue absorbs bursts for this peer.
+    let _ = socket.set_recv_buffer_size(recv_buffer);
+    socket.bind(&local.into())?;
+    socket.connect(&peer.into())?;
+    Ok(socket.into())
+}
+
+/// The local address for a per-client socket: the address the datagram arrived on (from
+/// packet-info) when the listener is bound to a wildcard, in the peer's family.
+pub fn local_for(
+    listener: SocketAddr,
+    arrived_on: Option<IpAddr>,
+    peer: SocketAddr,
+    port: u16,
+) -> Option<SocketAddr> {
+    let ip = if listener.ip().is_unspecified() {
+        arrived_on?
+    } else {
+        listener.ip()
+    };
+    // A dual-stack listener reports IPv4 peers as IPv4: use an IPv4 socket for them.
+    let ip = match (ip, peer) {
+        (IpAddr::V6(v6), SocketAddr::V4(_)) => IpAddr::V4(v6.to_ipv4_mapped()?),
+        (ip, _) => ip,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Whether an error means descriptors ran out (the server keeps serving, without a socket).
+pub fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_address_selection() {
+        let peer4: SocketAddr = "10.0.0.9:5000".parse().unwrap();
+        let peer6: SocketAddr = "[2001:db8::9]:5000".parse().unwrap();
+        let specific: SocketAddr = "10.0.0.1:53".parse().unwrap();
+        assert_eq!(
+            local_for(specific, None, peer4, 53),
+            Some("10.0.0.1:53".parse().unwrap())
+        );
+        let wild: SocketAddr = "[::]:53".parse().unwrap();
+        assert_eq!(local_for(wild, None, peer4, 53), None);
+        assert_eq!(
+            local_for(wild, Some("10.0.0.2".parse().unwrap()), peer4, 0),
+            Some("10.0.0.2:0".parse().unwrap())
+        );
+        assert_eq!(
+            local_for(wild, Some("2001:db8::1".parse().unwrap()), peer6, 53),
+            Some("[2001:db8::1]:53".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn bound_and_connected() {
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let fd = open(
+            "127.0.0.1:0".parse().unwrap(),
+            peer.local_addr().unwrap(),
+            1 << 16,
+        )
+        .unwrap();
+        let s = Socket::from(fd);
+        assert_eq!(
+            s.peer_addr().unwrap().as_socket(),
+            Some(peer.local_addr().unwrap())
+        );
+    }
+}
