@@ -8,7 +8,7 @@
 //! straight to its connected socket and never takes these locks.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
 
 use parking_lot::Mutex;
@@ -31,9 +31,7 @@ impl Default for Directory {
 
 impl Directory {
     fn shard(&self, peer: &SocketAddr) -> &Mutex<HashMap<SocketAddr, usize>> {
-        let mut h = self.hasher.build_hasher();
-        peer.hash(&mut h);
-        &self.shards[h.finish() as usize % SHARDS]
+        &self.shards[self.hasher.hash_one(peer) as usize % SHARDS]
     }
 
     /// Claims `peer` for `worker`. `Err(owner)` when another worker already owns it.
