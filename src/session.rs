@@ -126,6 +126,8 @@ pub struct SessionTable<V> {
     per_source: HashMap<IpAddr, u32>,
     limits: Limits,
     total: Arc<AtomicUsize>,
+    /// Places in `total` taken by `admit` and not yet used by `insert`.
+    reserved: usize,
     new_sessions: TokenBucket,
 }
 
@@ -141,6 +143,7 @@ impl<V> SessionTable<V> {
             new_sessions: TokenBucket::new(limits.max_new_per_sec),
             limits,
             total,
+            reserved: 0,
         }
     }
 
@@ -180,21 +183,32 @@ impl<V> SessionTable<V> {
         }
     }
 
-    /// Checks every limit for a new session from `peer`, consuming a rate token when it
-    /// passes. Call right before `insert`.
+    /// Checks every limit for a new session from `peer`, consuming a rate token and
+    /// reserving a place in the server-wide total when it passes (atomically, so two workers
+    /// cannot both take the last place). Call right before `insert`.
     pub fn admit(&mut self, peer: &SocketAddr, now: Millis) -> Result<(), Refusal> {
-        if self.slots.len() >= self.limits.max_sessions_per_worker {
+        if self.slots.len() + self.reserved >= self.limits.max_sessions_per_worker {
             return Err(Refusal::WorkerFull);
-        }
-        if self.total.load(Ordering::Relaxed) >= self.limits.max_sessions {
-            return Err(Refusal::TotalFull);
         }
         if self.per_source.get(&peer.ip()).copied().unwrap_or(0) >= self.limits.max_per_source {
             return Err(Refusal::SourceFull);
         }
+        let max = self.limits.max_sessions;
+        if self.total.load(Ordering::Relaxed) >= max {
+            return Err(Refusal::TotalFull);
+        }
         if !self.new_sessions.take(now) {
             return Err(Refusal::RateLimited);
         }
+        let reserved = self
+            .total
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            });
+        if reserved.is_err() {
+            return Err(Refusal::TotalFull);
+        }
+        self.reserved += 1;
         Ok(())
     }
 
@@ -219,7 +233,11 @@ impl<V> SessionTable<V> {
         };
         self.by_peer.insert(peer, id);
         *self.per_source.entry(peer.ip()).or_insert(0) += 1;
-        self.total.fetch_add(1, Ordering::Relaxed);
+        if self.reserved > 0 {
+            self.reserved -= 1;
+        } else {
+            self.total.fetch_add(1, Ordering::Relaxed);
+        }
         self.due.push(Reverse((
             now + self.limits.idle_timeout_ms,
             id.slot,
@@ -287,7 +305,8 @@ impl<V> SessionTable<V> {
 impl<V> Drop for SessionTable<V> {
     fn drop(&mut self) {
         // Keep the shared total honest if a worker goes away with sessions open.
-        self.total.fetch_sub(self.slots.len(), Ordering::Relaxed);
+        self.total
+            .fetch_sub(self.slots.len() + self.reserved, Ordering::Relaxed);
     }
 }
 
@@ -377,17 +396,21 @@ mod tests {
         let same_ip = |port| SocketAddr::from(([10, 9, 9, 9], port));
         t1.admit(&same_ip(1), 0).unwrap();
         let first = t1.insert(same_ip(1), 0, ());
+        t1.admit(&same_ip(2), 0).unwrap();
         t1.insert(same_ip(2), 0, ());
         assert_eq!(t1.admit(&same_ip(3), 0), Err(Refusal::SourceFull));
+        t1.admit(&peer(1), 0).unwrap();
         t1.insert(peer(1), 0, ());
         assert_eq!(t1.admit(&peer(2), 0), Err(Refusal::WorkerFull));
+        t2.admit(&peer(3), 0).unwrap();
         t2.insert(peer(3), 0, ());
         assert_eq!(total.load(Ordering::Relaxed), 4);
         assert_eq!(t2.admit(&peer(4), 0), Err(Refusal::TotalFull));
         t1.remove(first);
         assert_eq!(total.load(Ordering::Relaxed), 3);
         assert!(t2.admit(&peer(4), 0).is_ok());
-        assert!(t1.admit(&same_ip(3), 0).is_ok());
+        assert_eq!(t1.admit(&same_ip(3), 0), Err(Refusal::TotalFull));
+        assert_eq!(total.load(Ordering::Relaxed), 4, "t2 holds a reservation");
         drop(t2);
         assert_eq!(total.load(Ordering::Relaxed), 2);
     }

@@ -55,6 +55,30 @@ pub fn local_for(
     Some(SocketAddr::new(ip, port))
 }
 
+/// Reads what is still queued on a per-client socket that is about to close, so datagrams
+/// the kernel delivered to it are routed elsewhere instead of dying with it. The socket is
+/// non-blocking; reading stops at the first `EAGAIN` (or after `limit` datagrams).
+/// Returns the descriptor too: the caller decides when it may be closed.
+pub fn drain(
+    fd: OwnedFd,
+    max_datagram: usize,
+    limit: usize,
+) -> (OwnedFd, Vec<(SocketAddr, Vec<u8>)>) {
+    let socket = std::net::UdpSocket::from(fd);
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; max_datagram];
+    while out.len() < limit {
+        match socket.recv_from(&mut buf) {
+            Ok((n, peer)) => out.push((peer, buf[..n].to_vec())),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // EAGAIN: empty. ECONNREFUSED (an ICMP error queued on a connected socket) and
+            // anything else: nothing more to read that matters.
+            Err(_) => break,
+        }
+    }
+    (OwnedFd::from(socket), out)
+}
+
 /// Whether an error means descriptors ran out (the server keeps serving, without a socket).
 pub fn is_fd_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
@@ -83,6 +107,20 @@ mod tests {
             local_for(wild, Some("2001:db8::1".parse().unwrap()), peer6, 53),
             Some("[2001:db8::1]:53".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn drain_reads_what_is_queued() {
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        server.set_nonblocking(true).unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..3u8 {
+            client.send_to(&[i], server.local_addr().unwrap()).unwrap();
+        }
+        let (_fd, got) = drain(OwnedFd::from(server), 1500, 10);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[2].1, vec![2]);
+        assert_eq!(got[0].0, client.local_addr().unwrap());
     }
 
     #[test]

@@ -238,3 +238,51 @@ fn sockperf_under_load_is_answered() {
         assert!(received > 10, "received {received}");
     }
 }
+
+#[test]
+fn descriptor_exhaustion_in_connected_mode_keeps_serving() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    // 64 descriptors: the ring, eventfds and listener take a few; most of 100 clients cannot
+    // get a per-client socket and must be served on the shared socket instead.
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 64 && exec {} serve --bind 127.0.0.1:0 --workers 1 --sessions connected --stats-interval 0",
+            env!("CARGO_BIN_EXE_udpring")
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("listening line");
+    let addr: SocketAddr = line
+        .trim()
+        .strip_prefix("udpring listening on ")
+        .unwrap_or_else(|| panic!("unexpected {line:?}"))
+        .parse()
+        .expect("address");
+    let clients: Vec<UdpSocket> = (0..100).map(|_| client_for(addr)).collect();
+    for (i, c) in clients.iter().enumerate() {
+        let (reply, _) = round_trip(c, addr, format!("n{i}").as_bytes())
+            .unwrap_or_else(|| panic!("client {i} not served"));
+        assert_eq!(reply, format!("n{i}").as_bytes());
+    }
+    // SAFETY: kill(2) on our own child's PID.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut child, Duration::from_secs(5)).expect("exits");
+    assert!(status.success());
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).expect("stdout");
+    let exhausted: u64 = rest
+        .split("fd_exhausted=")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no fd_exhausted in {rest}"));
+    assert!(exhausted > 0, "{rest}");
+    assert!(rest.contains("opened=100"), "{rest}");
+}

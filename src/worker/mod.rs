@@ -213,6 +213,11 @@ pub struct Worker<H: SessionHandler> {
     closing: HashMap<SessionId, OwnedFd>,
     rearm: Vec<SessionId>,
     expired: Vec<SessionId>,
+    /// Session sockets closed this turn. Replies already queued may still name them: the
+    /// descriptors stay open until the next `io_uring_enter` has submitted those sends (the
+    /// kernel resolves a descriptor number when it issues the request), so a number reused by
+    /// a new socket never receives someone else's reply.
+    graveyard: Vec<OwnedFd>,
     mail: Vec<Letter>,
     max_connected: usize,
     session_recv_buffer: usize,
@@ -318,6 +323,7 @@ impl<H: SessionHandler> Worker<H> {
             closing: HashMap::new(),
             rearm: Vec::new(),
             expired: Vec::new(),
+            graveyard: Vec::new(),
             mail: Vec::new(),
             max_connected: config.max_connected,
             session_recv_buffer: config.recv_buffer_bytes.min(1 << 20),
@@ -367,6 +373,7 @@ impl<H: SessionHandler> Worker<H> {
             };
             self.counters.enters += 1;
             self.ring.submit_and_wait(want, timeout)?;
+            self.graveyard.clear();
             // One clock read per turn: session activity is stamped with it, no syscall.
             self.now_ms = self.started.elapsed().as_millis() as Millis;
             let mut completions = std::mem::take(&mut self.completions);
@@ -378,6 +385,11 @@ impl<H: SessionHandler> Worker<H> {
             self.completions = completions;
             self.process_backlog();
             self.flush_sends()?;
+            if !self.graveyard.is_empty() {
+                // Submit now so the sends naming these descriptors are issued, then close.
+                self.ring.submit()?;
+                self.graveyard.clear();
+            }
             self.bufs.publish();
             if self.state == State::Running {
                 if !self.recv_armed && self.bufs.available() > 0 {

@@ -264,19 +264,29 @@ impl<H: SessionHandler> Worker<H> {
             }
             if sock.recv_armed {
                 let target = UserData::new(OpKind::SessionRecv, id.generation, id.slot);
-                match self.cancel(target) {
-                    Ok(()) => {
-                        self.closing.insert(id, sock.fd);
-                    }
-                    Err(e) => {
-                        // Without a cancel the receive stays armed; keep the descriptor so
-                        // the kernel never reads into a reused socket number, and say so.
-                        tracing::error!(worker = self.id, error = %e, "cannot cancel a session receive");
-                        self.closing.insert(id, sock.fd);
-                    }
+                if let Err(e) = self.cancel(target) {
+                    // Without a cancel the receive stays armed; the descriptor stays open in
+                    // `closing` so the kernel never reads into a reused socket number.
+                    tracing::error!(worker = self.id, error = %e, "cannot cancel a session receive");
                 }
+                self.closing.insert(id, sock.fd);
+            } else {
+                self.retire_socket(sock.fd);
             }
-            // Not armed: dropping `sock.fd` closes it now.
+        }
+    }
+
+    /// Closes a session socket that no receive uses any more, first routing whatever is still
+    /// queued on it (a peer that kept sending while its session closed gets a new session
+    /// instead of silence). Between the last read and `close()` a datagram can still be lost;
+    /// the peer's retransmission then reaches the listener.
+    fn retire_socket(&mut self, fd: OwnedFd) {
+        let (fd, queued) = session_socket::drain(fd, self.sends.slot_capacity(), 1024);
+        self.graveyard.push(fd);
+        for (peer, payload) in queued {
+            self.counters.rx_datagrams += 1;
+            self.counters.rx_bytes += payload.len() as u64;
+            self.route(Source::Listener, peer, None, Payload::Owned(payload));
         }
     }
 
@@ -301,7 +311,7 @@ impl<H: SessionHandler> Worker<H> {
         if !has_more(c.flags) {
             self.session_recvs_armed = self.session_recvs_armed.saturating_sub(1);
             if let Some(fd) = self.closing.remove(&id) {
-                drop(fd);
+                self.retire_socket(fd);
             } else if let Some(entry) = self.sessions.get_mut(id) {
                 if let Some(sock) = entry.value.sock.as_mut() {
                     sock.recv_armed = false;

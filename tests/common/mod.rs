@@ -5,7 +5,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use udpring::{Features, Handler, Server, ServerConfig};
+use udpring::{Features, Server, ServerConfig, SessionHandler};
 
 /// Every wait in the tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -35,7 +35,7 @@ pub fn config(bind: &str, workers: usize) -> ServerConfig {
     }
 }
 
-pub fn start<H: Handler>(
+pub fn start<H: SessionHandler>(
     config: ServerConfig,
     factory: impl Fn(usize) -> H + Send + Sync + 'static,
 ) -> Server {

@@ -1,0 +1,406 @@
+//! Session modes end to end: replies per client, idle close with descriptors returning to
+//! their baseline, the connect race, deferred replies, and every admission limit.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use parking_lot::Mutex;
+use udpring::{
+    Datagram, DeferredError, Reply, ServerConfig, SessionHandle, SessionHandler, SessionInfo,
+    SessionMode,
+};
+
+/// Replies `"<payload>#<n>"`, n = this session's datagram count: a reply can only be right
+/// if every datagram of the peer reached the same session exactly once, in order.
+struct Counting {
+    mismatched: Arc<AtomicU64>,
+}
+
+impl SessionHandler for Counting {
+    type State = (SocketAddr, u64);
+
+    fn session_open(&mut self, info: &SessionInfo) -> Self::State {
+        (info.peer, 0)
+    }
+
+    fn session_datagram(
+        &mut self,
+        state: &mut Self::State,
+        d: &Datagram<'_>,
+        reply: &mut Reply<'_>,
+    ) {
+        if d.peer != state.0 {
+            self.mismatched.fetch_add(1, Ordering::Relaxed);
+        }
+        state.1 += 1;
+        let mut out = d.payload.to_vec();
+        out.extend_from_slice(format!("#{}", state.1).as_bytes());
+        let _ = reply.send(&out);
+    }
+}
+
+fn session_config(mode: SessionMode, workers: usize) -> ServerConfig {
+    ServerConfig {
+        sessions: mode,
+        buffers: 4096,
+        ..config("127.0.0.1:0", workers)
+    }
+}
+
+/// 1,000 clients, three rounds each; in port-per-client mode each client switches to the
+/// address its first reply came from.
+fn thousand_clients(mode: SessionMode) {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let mismatched = Arc::new(AtomicU64::new(0));
+    let m = mismatched.clone();
+    let server = start(session_config(mode, 2), move |_| Counting {
+        mismatched: m.clone(),
+    });
+    let main = server.local_addr();
+    let clients: Vec<UdpSocket> = (0..1000).map(|_| client_for(main)).collect();
+    let mut targets = vec![main; clients.len()];
+    let mut buf = [0u8; 128];
+    for round in 1..=3u64 {
+        for (i, c) in clients.iter().enumerate() {
+            c.send_to(format!("c{i}").as_bytes(), targets[i])
+                .expect("send");
+        }
+        for (i, c) in clients.iter().enumerate() {
+            let (n, from) = recv_retrying(c, &mut buf)
+                .unwrap_or_else(|e| panic!("{mode:?}: client {i} round {round}: {e}"));
+            assert_eq!(
+                std::str::from_utf8(&buf[..n]).expect("utf8"),
+                format!("c{i}#{round}"),
+                "{mode:?}: client {i}"
+            );
+            match mode {
+                SessionMode::PortPerClient => {
+                    assert_ne!(from.port(), main.port(), "reply must come from a new port");
+                    if round > 1 {
+                        assert_eq!(from, targets[i], "the session keeps its port");
+                    }
+                    targets[i] = from;
+                }
+                _ => assert_eq!(from, main, "{mode:?}: reply from the listening address"),
+            }
+        }
+    }
+    let c = server.shutdown().expect("shutdown");
+    let opened: u64 = c.iter().map(|c| c.sessions_opened).sum();
+    let closed: u64 = c.iter().map(|c| c.closed_shutdown).sum();
+    assert_eq!(opened, 1000, "{mode:?}");
+    assert_eq!(closed, 1000, "{mode:?}");
+    assert_eq!(mismatched.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn shared_mode_serves_a_thousand_clients() {
+    thousand_clients(SessionMode::Shared);
+}
+
+#[test]
+fn connected_mode_serves_a_thousand_clients() {
+    thousand_clients(SessionMode::Connected);
+}
+
+#[test]
+fn port_per_client_mode_serves_a_thousand_clients() {
+    thousand_clients(SessionMode::PortPerClient);
+}
+
+/// Many new clients, each blasting from its very first datagram, over two workers: every
+/// datagram the server received is handled exactly once, by its own peer's session.
+#[test]
+fn connect_race_loses_nothing_and_misroutes_nothing() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let seen: Arc<Mutex<HashMap<SocketAddr, Vec<u32>>>> = Arc::default();
+    let mismatched = Arc::new(AtomicU64::new(0));
+    struct Tally {
+        seen: Arc<Mutex<HashMap<SocketAddr, Vec<u32>>>>,
+        mismatched: Arc<AtomicU64>,
+    }
+    impl SessionHandler for Tally {
+        type State = SocketAddr;
+        fn session_open(&mut self, info: &SessionInfo) -> SocketAddr {
+            info.peer
+        }
+        fn session_datagram(&mut self, peer: &mut SocketAddr, d: &Datagram<'_>, _: &mut Reply<'_>) {
+            if d.peer != *peer {
+                self.mismatched.fetch_add(1, Ordering::Relaxed);
+            }
+            let seq = u32::from_be_bytes(d.payload[..4].try_into().expect("4 bytes"));
+            self.seen.lock().entry(d.peer).or_default().push(seq);
+        }
+    }
+    let (s2, m2) = (seen.clone(), mismatched.clone());
+    let server = start(session_config(SessionMode::Connected, 2), move |_| Tally {
+        seen: s2.clone(),
+        mismatched: m2.clone(),
+    });
+    let to = server.local_addr();
+    const CLIENTS: usize = 400;
+    const EACH: u32 = 25;
+    // Four threads blast at once, each client interleaved with the others (every client's
+    // datagram k before anyone's k+1), so first datagrams of new clients keep arriving while
+    // per-client sockets of earlier ones are between bind() and connect().
+    let blasters: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let clients: Vec<UdpSocket> = (0..CLIENTS / 4).map(|_| client_for(to)).collect();
+                for seq in 0..EACH {
+                    for c in &clients {
+                        c.send_to(&seq.to_be_bytes(), to).expect("send");
+                    }
+                }
+                clients
+            })
+        })
+        .collect();
+    let _clients: Vec<Vec<UdpSocket>> = blasters
+        .into_iter()
+        .map(|b| b.join().expect("blaster"))
+        .collect();
+    let sent = CLIENTS as u64 * u64::from(EACH);
+    let _ = eventually(|| server.total_counters().rx_datagrams >= sent);
+    std::thread::sleep(Duration::from_millis(100));
+    let counters = server.shutdown().expect("shutdown");
+    let mut total = udpring::Counters::default();
+    for c in &counters {
+        total.add(c);
+    }
+    let seen = seen.lock();
+    let handled: usize = seen.values().map(|v| v.len()).sum();
+    assert_eq!(mismatched.load(Ordering::Relaxed), 0, "misrouted datagrams");
+    for (peer, seqs) in seen.iter() {
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(
+            sorted.len(),
+            seqs.len(),
+            "{peer} had a datagram handled twice"
+        );
+    }
+    assert_eq!(
+        handled as u64,
+        total.rx_datagrams,
+        "every datagram received is handled exactly once: {}",
+        total.summary()
+    );
+    assert!(
+        handled as u64 * 100 >= sent * 99,
+        "loopback should deliver nearly all {sent}: handled {handled}, {}",
+        total.summary()
+    );
+    assert_eq!(total.sessions_opened, CLIENTS as u64, "{}", total.summary());
+    eprintln!(
+        "connect race: sent {sent}, handled {handled}, strays {}, forwarded {}",
+        total.strays, total.forwarded
+    );
+}
+
+/// Takes a session handle and answers from another thread 100 ms later.
+struct Later {
+    handles: Arc<Mutex<Vec<SessionHandle>>>,
+}
+
+impl SessionHandler for Later {
+    type State = ();
+    fn session_open(&mut self, _: &SessionInfo) {}
+    fn session_datagram(&mut self, _: &mut (), _: &Datagram<'_>, reply: &mut Reply<'_>) {
+        let handle = reply.session_handle().expect("sessions are on");
+        self.handles.lock().push(handle.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = handle.send(b"later");
+        });
+    }
+}
+
+#[test]
+fn deferred_reply_arrives_and_a_closed_session_refuses_cleanly() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    for mode in [
+        SessionMode::Shared,
+        SessionMode::Connected,
+        SessionMode::PortPerClient,
+    ] {
+        let handles: Arc<Mutex<Vec<SessionHandle>>> = Arc::default();
+        let h2 = handles.clone();
+        let server = start(
+            ServerConfig {
+                idle_timeout: Duration::from_millis(300),
+                ..session_config(mode, 2)
+            },
+            move |_| Later {
+                handles: h2.clone(),
+            },
+        );
+        let to = server.local_addr();
+        let client = client_for(to);
+        let sent_at = Instant::now();
+        client.send_to(b"ask", to).expect("send");
+        let mut buf = [0u8; 16];
+        let (n, _) = recv_retrying(&client, &mut buf).expect("deferred reply");
+        assert_eq!(&buf[..n], b"later", "{mode:?}");
+        assert!(sent_at.elapsed() >= Duration::from_millis(100));
+        // After the idle timeout the session is closed: the handle says so.
+        let handle = handles.lock()[0].clone();
+        assert!(
+            eventually(|| handle.is_closed()),
+            "{mode:?}: session closes"
+        );
+        assert_eq!(handle.send(b"too late"), Err(DeferredError::SessionClosed));
+        let c = server.shutdown().expect("shutdown");
+        let deferred: u64 = c.iter().map(|c| c.deferred_sent).sum();
+        assert_eq!(deferred, 1, "{mode:?}");
+        // Once the worker has stopped, sending fails too (not a hang, not a panic).
+        assert!(handle.send(b"x").is_err());
+    }
+}
+
+/// Sends one datagram from each of `n` new clients bound to `ip` and counts the replies.
+fn answered(to: SocketAddr, ip: &str, n: usize) -> usize {
+    let clients: Vec<UdpSocket> = (0..n)
+        .map(|_| {
+            let s = UdpSocket::bind(format!("{ip}:0")).expect("bind");
+            s.set_nonblocking(true).expect("nonblocking");
+            s
+        })
+        .collect();
+    for c in &clients {
+        c.send_to(b"x", to).expect("send");
+    }
+    // One bounded wait for everyone, then count who got an answer.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut buf = [0u8; 16];
+    clients
+        .iter()
+        .filter(|c| c.recv_from(&mut buf).is_ok())
+        .count()
+}
+
+#[test]
+fn admission_limits_are_enforced_and_counted() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let echo = || udpring::Echo;
+    // Per worker.
+    let server = start(
+        ServerConfig {
+            max_sessions_per_worker: 5,
+            ..session_config(SessionMode::Shared, 1)
+        },
+        move |_| echo(),
+    );
+    assert_eq!(answered(server.local_addr(), "127.0.0.1", 12), 5);
+    let c = server.shutdown().expect("shutdown");
+    assert_eq!(c[0].refused_worker_full, 7);
+    // Total across workers.
+    let server = start(
+        ServerConfig {
+            max_sessions: 6,
+            ..session_config(SessionMode::Shared, 2)
+        },
+        move |_| echo(),
+    );
+    assert_eq!(answered(server.local_addr(), "127.0.0.1", 15), 6);
+    let total: u64 = server
+        .shutdown()
+        .expect("shutdown")
+        .iter()
+        .map(|c| c.refused_total_full)
+        .sum();
+    assert_eq!(total, 9);
+    // Per source address: 127.0.0.2 is capped, 127.0.0.3 is not affected.
+    let server = start(
+        ServerConfig {
+            max_sessions_per_source: 3,
+            ..session_config(SessionMode::Shared, 1)
+        },
+        move |_| echo(),
+    );
+    assert_eq!(answered(server.local_addr(), "127.0.0.2", 8), 3);
+    assert_eq!(answered(server.local_addr(), "127.0.0.3", 2), 2);
+    let c = server.shutdown().expect("shutdown");
+    assert_eq!(c[0].refused_source, 5);
+    // New sessions per second.
+    let server = start(
+        ServerConfig {
+            max_new_sessions_per_sec: 10,
+            ..session_config(SessionMode::Shared, 1)
+        },
+        move |_| echo(),
+    );
+    let got = answered(server.local_addr(), "127.0.0.1", 40);
+    assert!((10..=12).contains(&got), "about one second's burst: {got}");
+    let c = server.shutdown().expect("shutdown");
+    assert_eq!(c[0].refused_rate as usize, 40 - got);
+    // Connected-socket cap: beyond it peers are still served, on the shared socket.
+    let server = start(
+        ServerConfig {
+            max_connected: 10,
+            ..session_config(SessionMode::Connected, 1)
+        },
+        move |_| echo(),
+    );
+    assert_eq!(answered(server.local_addr(), "127.0.0.1", 30), 30);
+    let c = server.shutdown().expect("shutdown");
+    assert_eq!(c[0].connected_cap, 20);
+    assert_eq!(c[0].sessions_opened, 30);
+}
+
+#[test]
+fn handler_can_close_its_session() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    struct Bye;
+    impl SessionHandler for Bye {
+        type State = u32;
+        fn session_open(&mut self, _: &SessionInfo) -> u32 {
+            0
+        }
+        fn session_datagram(&mut self, n: &mut u32, d: &Datagram<'_>, r: &mut Reply<'_>) {
+            *n += 1;
+            let _ = r.send(&n.to_be_bytes());
+            if d.payload == b"bye" {
+                r.close_session();
+            }
+        }
+    }
+    let server = start(session_config(SessionMode::Connected, 1), |_| Bye);
+    let to = server.local_addr();
+    let client = client_for(to);
+    assert_eq!(
+        round_trip(&client, to, b"a").expect("reply").0,
+        1u32.to_be_bytes()
+    );
+    assert_eq!(
+        round_trip(&client, to, b"bye").expect("reply").0,
+        2u32.to_be_bytes()
+    );
+    // A new session starts from zero.
+    let third = round_trip(&client, to, b"a");
+    if third.is_none() {
+        let c = server.total_counters();
+        panic!("no reply after close: {}", c.summary());
+    }
+    assert_eq!(third.expect("reply").0, 1u32.to_be_bytes());
+    let c = server.shutdown().expect("shutdown");
+    assert_eq!(c[0].closed_evicted, 1);
+    assert_eq!(c[0].sessions_opened, 2);
+}
