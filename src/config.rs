@@ -92,7 +92,7 @@ impl Default for ServerConfig {
             max_sessions_per_worker: usize::MAX,
             max_new_sessions_per_sec: u32::MAX,
             max_sessions_per_source: u32::MAX,
-            max_connected: 10_000,
+            max_connected: 1024,
             shutdown_timeout: Duration::from_millis(900),
         }
     }

@@ -106,7 +106,7 @@ struct ServeArgs {
     /// Connected per-client sockets on the port (--sessions connected); beyond it new peers
     /// are served on the shared socket. Each one lengthens the kernel's lookup for datagrams
     /// from unknown peers (kernel-notes/connected-sockets.md).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 1024)]
     max_connected: usize,
     /// Log a counter summary this often (e.g. 10s, 500ms); 0 logs only at shutdown.
     #[arg(long, default_value = "10s", value_parser = udpring::parse_duration)]
