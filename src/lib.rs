@@ -41,6 +41,7 @@ pub mod datagram;
 pub mod features;
 pub mod handler;
 pub mod load;
+pub mod metrics;
 pub mod op;
 pub mod ring;
 pub mod send_pool;
