@@ -34,11 +34,9 @@ fuzz_target!(|data: &[u8]| {
         assert!(start >= base && start + piece.len() <= end);
     }
 
-    if let Ok(addr) = decode_sockaddr(out.name) {
-        // A decoded address is never an IPv4-mapped IPv6 one: handlers see one form per peer.
-        if let std::net::SocketAddr::V6(v6) = addr {
-            assert!(v6.ip().to_ipv4_mapped().is_none());
-        }
+    // A decoded address is never an IPv4-mapped IPv6 one: handlers see one form per peer.
+    if let Ok(std::net::SocketAddr::V6(v6)) = decode_sockaddr(out.name) {
+        assert!(v6.ip().to_ipv4_mapped().is_none());
     }
     if let Some(std::net::IpAddr::V6(v6)) = find_pktinfo(out.control) {
         assert!(v6.to_ipv4_mapped().is_none());
