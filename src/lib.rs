@@ -42,6 +42,7 @@ pub mod directory;
 pub mod features;
 pub mod handler;
 pub mod load;
+pub mod metrics;
 pub mod op;
 pub mod ring;
 pub mod send_pool;
