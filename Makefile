@@ -3,7 +3,7 @@ CARGO ?= cargo
 BIND ?= 127.0.0.1:9000
 ARGS ?=
 
-.PHONY: build run test lint probe bench bench-quick bench-micro fmt clean
+.PHONY: build run test lint probe bench bench-quick bench-micro fmt clean fuzz
 
 build:
 	$(CARGO) build --release --bins --examples
@@ -42,3 +42,8 @@ bench-quick:
 # criterion micro-benchmarks of the user-space hot path (user_data, buffer ring, parse, dispatch).
 bench-micro:
 	$(CARGO) bench --bench hot_path
+
+# Fuzz every parser for SECONDS each (default 60); CI runs 10 s each.
+SECONDS ?= 60
+fuzz:
+	scripts/fuzz.sh $(SECONDS)

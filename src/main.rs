@@ -108,6 +108,10 @@ struct ServeArgs {
     /// from unknown peers (kernel-notes/connected-sockets.md).
     #[arg(long, default_value_t = 1024)]
     max_connected: usize,
+    /// Serve Prometheus metrics (text format 0.0.4) at http://ADDR:PORT/metrics. Bind it to
+    /// loopback or a trusted interface.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
     /// Log a counter summary this often (e.g. 10s, 500ms); 0 logs only at shutdown.
     #[arg(long, default_value = "10s", value_parser = udpring::parse_duration)]
     stats_interval: Duration,
@@ -179,13 +183,18 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         ..ServerConfig::default()
     };
     match args.app {
-        App::Echo => run(config, args.app, |_| Echo),
-        App::Discard => run(config, args.app, |_| Discard),
-        App::Sockperf => run(config, args.app, |_| Sockperf),
+        App::Echo => run(config, args.app, args.metrics, |_| Echo),
+        App::Discard => run(config, args.app, args.metrics, |_| Discard),
+        App::Sockperf => run(config, args.app, args.metrics, |_| Sockperf),
     }
 }
 
-fn run<H, F>(config: ServerConfig, app: App, factory: F) -> Result<ExitCode>
+fn run<H, F>(
+    config: ServerConfig,
+    app: App,
+    metrics: Option<SocketAddr>,
+    factory: F,
+) -> Result<ExitCode>
 where
     H: SessionHandler,
     F: Fn(usize) -> H + Send + Sync + 'static,
@@ -213,6 +222,14 @@ where
         "listening"
     );
     tracing::info!("kernel features in use: {}", features.join(", "));
+    // Off the datagram path: a scrape reads the counters the workers publish each loop turn.
+    let metrics = metrics
+        .map(|addr| udpring::metrics::serve(addr, server.counter_source()))
+        .transpose()
+        .context("cannot serve metrics")?;
+    if let Some(m) = &metrics {
+        tracing::info!("metrics on http://{}/metrics", m.local_addr());
+    }
     // Printed on stdout too, for scripts waiting for readiness.
     println!("udpring listening on {}", server.local_addr());
     let started = Instant::now();
@@ -222,6 +239,9 @@ where
     let signal = loop {
         if let Some(sig) = udpring::wait_shutdown_signal(tick)? {
             break sig;
+        }
+        if interval.is_none() {
+            continue;
         }
         let now = Instant::now();
         let total = server.total_counters();
@@ -242,6 +262,7 @@ where
         last_at = now;
     };
     tracing::info!(signal, "shutting down");
+    drop(metrics);
     let finals = server.shutdown()?;
     let mut total = Counters::default();
     for (i, c) in finals.iter().enumerate() {

@@ -58,7 +58,12 @@ impl Families {
         let names: Vec<&'static str> = Counters::default().fields().iter().map(|f| f.0).collect();
         for (column, field) in names.into_iter().enumerate() {
             let values: Vec<u64> = rows.iter().map(|row| row[column].1).collect();
-            self.counter(field, &counter_help(field), &values);
+            if crate::stats::GAUGES.contains(&field) {
+                let levels: Vec<i64> = values.iter().map(|&v| v as i64).collect();
+                self.gauge(field, &counter_help(field), &levels);
+            } else {
+                self.counter(field, &counter_help(field), &values);
+            }
         }
     }
 
@@ -113,39 +118,14 @@ fn skip(name: &str, error: &prometheus::Error) {
     tracing::warn!(family = name, error = %error, "metric family left out");
 }
 
-/// HELP text for a field of [`Counters`]; written for people reading a dashboard, after the
-/// field's doc comment in `stats.rs`.
+/// HELP text for a field of [`Counters`]: its doc comment in `stats.rs`.
 pub fn counter_help(field: &str) -> String {
-    let text = match field {
-        "rx_datagrams" => "Datagrams received and handed to the handler.",
-        "rx_bytes" => "Payload bytes received and handed to the handler.",
-        "tx_datagrams" => "Replies the kernel accepted for sending.",
-        "tx_bytes" => "Reply payload bytes the kernel accepted for sending.",
-        "enobufs" => {
-            "Times the multishot receive stopped because every provided buffer was in use \
-             (ENOBUFS); datagrams may have been dropped by the kernel meanwhile."
-        }
-        "truncated" => "Datagrams longer than --max-datagram, dropped.",
-        "malformed" => {
-            "Received buffers that could not be parsed or carried an unusable source address, \
-             dropped."
-        }
-        "bad_input" => {
-            "Datagrams the handler rejected as bad input (e.g. a short sockperf header)."
-        }
-        "send_errors" => "Replies the kernel refused (the send completed with an error).",
-        "send_dropped" => {
-            "Replies dropped before reaching the kernel: no free send slot, or too long."
-        }
-        "recv_errors" => "Receive errors other than ENOBUFS.",
-        "rearms" => "Times the multishot receive was armed again after it ended.",
-        "backpressure" => "Times a worker paused receiving because every send slot was busy.",
-        "stale_completions" => "Completions for an operation slot already reused, ignored.",
-        "enters" => "Calls into the kernel to submit and wait (io_uring_enter).",
-        "gso_trains" => "Replies sent as UDP GSO trains of more than one datagram.",
-        other => return format!("udpring worker counter {other}."),
-    };
-    text.to_string()
+    Counters::descriptions()
+        .into_iter()
+        .find(|(name, _)| *name == field)
+        .map(|(_, text)| text)
+        .filter(|text| !text.is_empty())
+        .unwrap_or_else(|| format!("udpring counter {field}."))
 }
 
 /// A running metrics endpoint. Dropping it (or [`MetricsServer::shutdown`]) stops it.
@@ -323,14 +303,16 @@ mod tests {
             "{body}"
         );
         for (field, _) in Counters::default().fields() {
+            let (name, kind) = if crate::stats::GAUGES.contains(&field) {
+                (format!("udpring_{field}"), "gauge")
+            } else {
+                (format!("udpring_{field}_total"), "counter")
+            };
             assert!(
-                body.contains(&format!("# TYPE udpring_{field}_total counter\n")),
+                body.contains(&format!("# TYPE {name} {kind}\n")),
                 "{field}: {body}"
             );
-            assert!(
-                body.contains(&format!("# HELP udpring_{field}_total ")),
-                "{field}: {body}"
-            );
+            assert!(body.contains(&format!("# HELP {name} ")), "{field}: {body}");
         }
         server.shutdown();
     }
@@ -351,16 +333,16 @@ mod tests {
     fn extra_gauges_sit_beside_the_counters() {
         let server = serve_with("127.0.0.1:0".parse().unwrap(), |f| {
             f.worker_counters(&[counters(3)]);
-            f.gauge("sessions_open", "Sessions open now.", &[4, -1]);
+            f.gauge("queue_depth", "An extra level from the caller.", &[4, -1]);
         })
         .expect("start");
         let (_, body) = get(server.local_addr(), "/metrics");
         assert!(
-            body.contains("# TYPE udpring_sessions_open gauge\n"),
+            body.contains("# TYPE udpring_queue_depth gauge\n"),
             "{body}"
         );
         assert!(
-            body.contains("udpring_sessions_open{worker=\"1\"} -1\n"),
+            body.contains("udpring_queue_depth{worker=\"1\"} -1\n"),
             "{body}"
         );
         assert!(
@@ -373,8 +355,8 @@ mod tests {
     fn every_counter_has_its_own_help() {
         for (field, _) in Counters::default().fields() {
             assert!(
-                !counter_help(field).starts_with("udpring worker counter"),
-                "write a HELP text for {field} in metrics.rs"
+                !counter_help(field).starts_with("udpring counter"),
+                "write a doc comment for {field} in stats.rs"
             );
         }
     }

@@ -194,6 +194,14 @@ impl Server {
             .collect()
     }
 
+    /// Reads each worker's published counters like [`Server::worker_counters`], without
+    /// borrowing the server, so a thread of its own (the metrics endpoint) can hold it.
+    pub fn counter_source(&self) -> impl Fn() -> Vec<Counters> + Send + Sync + 'static {
+        let shared: Vec<Arc<WorkerShared>> =
+            self.workers.iter().map(|w| w.shared.clone()).collect();
+        move || shared.iter().map(|s| s.counters.snapshot()).collect()
+    }
+
     /// The sum over workers.
     pub fn total_counters(&self) -> Counters {
         let mut total = Counters::default();

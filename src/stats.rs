@@ -6,11 +6,11 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! define_counters {
-    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+    ($( $(#[doc = $doc:literal])* $name:ident ),* $(,)?) => {
         /// A worker's counters (plain integers, owned by the worker thread).
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
         pub struct Counters {
-            $( $(#[$doc])* pub $name: u64, )*
+            $( $(#[doc = $doc])* pub $name: u64, )*
         }
 
         /// The published copy of a worker's counters, readable from any thread.
@@ -33,6 +33,15 @@ macro_rules! define_counters {
             /// `(name, value)` for every counter, in declaration order.
             pub fn fields(&self) -> Vec<(&'static str, u64)> {
                 vec![ $( (stringify!($name), self.$name), )* ]
+            }
+
+            /// `(name, description)` for every counter: its doc comment, one line. The
+            /// metrics endpoint uses it as HELP text, so the two cannot drift apart.
+            pub fn descriptions() -> Vec<(&'static str, String)> {
+                vec![ $( (
+                    stringify!($name),
+                    [$($doc),*].iter().map(|l: &&str| l.trim()).collect::<Vec<_>>().join(" "),
+                ), )* ]
             }
 
             /// Field-by-field sum.
@@ -110,6 +119,9 @@ define_counters! {
     /// Deferred replies whose session had closed before the worker got them.
     deferred_dropped,
 }
+
+/// Fields that are levels (gauges), not running totals.
+pub const GAUGES: &[&str] = &["sessions_open"];
 
 impl Counters {
     /// Sessions closed, all reasons.

@@ -60,21 +60,28 @@ pub fn block_shutdown_signals() -> io::Result<()> {
 }
 
 /// Waits up to `timeout` for SIGINT or SIGTERM; returns the signal number, or `None` on timeout.
+/// An interruption by another signal waits again for the time that is left.
 pub fn wait_shutdown_signal(timeout: std::time::Duration) -> io::Result<Option<i32>> {
     let set = shutdown_sigset();
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: `set` and `ts` are live locals; a null siginfo pointer is allowed.
-    let rc = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
-    if rc >= 0 {
-        return Ok(Some(rc));
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(None),
-        _ => Err(err),
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ts = libc::timespec {
+            tv_sec: left.as_secs() as libc::time_t,
+            tv_nsec: left.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `set` and `ts` are live locals; a null siginfo pointer is allowed.
+        let rc = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+        if rc >= 0 {
+            return Ok(Some(rc));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EAGAIN) => return Ok(None),
+            Some(libc::EINTR) if !left.is_zero() => continue,
+            Some(libc::EINTR) => return Ok(None),
+            _ => return Err(err),
+        }
     }
 }
 
