@@ -62,6 +62,13 @@ pub struct ServerConfig {
     /// Connected per-client sockets on the port, all workers together; beyond it new peers are
     /// served in `shared` fashion (counted in `connected_cap`).
     pub max_connected: usize,
+    /// Require a cookie (stateless address validation) before a new peer gets a session.
+    pub validate_peers: bool,
+    /// How often the cookie key changes; cookies live at most twice this long.
+    pub cookie_rotation: Duration,
+    /// Until a peer is validated, reply bytes are at most this many times the bytes received
+    /// from it (RFC 9000 section 8 uses 3). 0 turns the limit off.
+    pub amplification_factor: u32,
     /// How long shutdown may take to flush replies and drain in-flight operations.
     pub shutdown_timeout: Duration,
 }
@@ -93,6 +100,9 @@ impl Default for ServerConfig {
             max_new_sessions_per_sec: u32::MAX,
             max_sessions_per_source: u32::MAX,
             max_connected: 1024,
+            validate_peers: false,
+            cookie_rotation: Duration::from_secs(30),
+            amplification_factor: 3,
             shutdown_timeout: Duration::from_millis(900),
         }
     }
@@ -129,6 +139,14 @@ impl ServerConfig {
                 "--send-slots must be 1..=65536, got {}",
                 self.send_slots
             ));
+        }
+        if self.validate_peers && self.sessions == SessionMode::None {
+            return Err(
+                "--validate-peers needs --sessions shared|connected|port-per-client: it gates the creation of per-peer state".to_string(),
+            );
+        }
+        if self.cookie_rotation < Duration::from_secs(1) {
+            return Err("--cookie-rotation must be at least 1s".to_string());
         }
         if self.idle_timeout < Duration::from_millis(1) {
             return Err("--idle-timeout must be at least 1ms".to_string());

@@ -166,6 +166,8 @@ pub struct Reply<'a> {
     /// The worker's listening socket, for `send_to` other peers.
     pub(crate) listener_fd: RawFd,
     pub(crate) session: Option<SessionCtx<'a>>,
+    /// Bytes that may still be sent for an unvalidated peer (`None`: no limit).
+    pub(crate) budget: Option<&'a mut u64>,
 }
 
 impl Reply<'_> {
@@ -180,10 +182,7 @@ impl Reply<'_> {
     /// returns the reply's length. Saves a copy when the reply is computed, not copied.
     pub fn send_with(&mut self, fill: impl FnOnce(&mut [u8]) -> usize) -> Result<(), SendError> {
         let result = self.pool.queue(self.dest, fill);
-        if result.is_err() {
-            self.counters.send_dropped += 1;
-        }
-        result.map(|_| ())
+        self.settle(result)
     }
 
     /// Sends `bytes` to another address from the worker's listening socket (relays, fan-out).
@@ -203,10 +202,31 @@ impl Reply<'_> {
             buf[..n].copy_from_slice(&bytes[..n]);
             bytes.len()
         });
-        if result.is_err() {
-            self.counters.send_dropped += 1;
+        self.settle(result)
+    }
+
+    /// Counts a failed reply, or charges a queued one to the peer's anti-amplification budget
+    /// (withdrawing it when the budget is spent: whatever the handler asks, an unvalidated
+    /// peer never gets more than its budget).
+    fn settle(&mut self, result: Result<usize, SendError>) -> Result<(), SendError> {
+        match result {
+            Err(e) => {
+                self.counters.send_dropped += 1;
+                Err(e)
+            }
+            Ok(len) => match self.budget.as_deref_mut() {
+                Some(budget) if (len as u64) > *budget => {
+                    self.pool.cancel_last();
+                    self.counters.amplification_limited += 1;
+                    Err(SendError::AmplificationLimit)
+                }
+                Some(budget) => {
+                    *budget -= len as u64;
+                    Ok(())
+                }
+                None => Ok(()),
+            },
         }
-        result.map(|_| ())
     }
 
     /// Replies that can still be queued in this loop turn. The engine guarantees at least one
@@ -336,6 +356,7 @@ impl Harness {
             },
             listener_fd: -1,
             session: None,
+            budget: None,
         };
         handler.on_datagram(datagram, &mut reply);
         self.pool.take_queued(on_reply);

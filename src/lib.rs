@@ -37,6 +37,7 @@
 
 pub mod buf_ring;
 pub mod config;
+pub mod cookie;
 pub mod datagram;
 pub mod directory;
 pub mod features;

@@ -108,6 +108,19 @@ struct ServeArgs {
     /// from unknown peers (kernel-notes/connected-sockets.md).
     #[arg(long, default_value_t = 1024)]
     max_connected: usize,
+    /// Stateless address validation: a new peer is answered with a cookie (a keyed MAC of its
+    /// address and time) and gets a session only when it sends a datagram carrying it, so
+    /// spoofed-source floods cost no state. Needs --sessions other than none; clients must
+    /// speak the cookie exchange (kernel-notes/operations.md).
+    #[arg(long)]
+    validate_peers: bool,
+    /// How often the cookie key changes; a cookie lives at most twice this long.
+    #[arg(long, default_value = "30s", value_parser = udpring::parse_duration)]
+    cookie_rotation: Duration,
+    /// Until a peer is validated, reply bytes are at most this many times the bytes received
+    /// from it, whatever the handler asks (RFC 9000 section 8 uses 3). 0 turns it off.
+    #[arg(long, default_value_t = 3)]
+    amplification_factor: u32,
     /// Serve Prometheus metrics (text format 0.0.4) at http://ADDR:PORT/metrics. Bind it to
     /// loopback or a trusted interface.
     #[arg(long, value_name = "ADDR:PORT")]
@@ -180,6 +193,9 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         max_new_sessions_per_sec: args.max_new_sessions_per_sec.unwrap_or(u32::MAX),
         max_sessions_per_source: args.max_sessions_per_source.unwrap_or(u32::MAX),
         max_connected: args.max_connected,
+        validate_peers: args.validate_peers,
+        cookie_rotation: args.cookie_rotation,
+        amplification_factor: args.amplification_factor,
         ..ServerConfig::default()
     };
     match args.app {

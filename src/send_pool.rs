@@ -29,6 +29,8 @@ pub enum SendError {
     TooLong,
     /// An IPv6 destination on an IPv4 socket.
     AddressFamily,
+    /// The peer is not validated and the reply would exceed its anti-amplification budget.
+    AmplificationLimit,
 }
 
 impl std::fmt::Display for SendError {
@@ -37,6 +39,9 @@ impl std::fmt::Display for SendError {
             SendError::PoolExhausted => "no free send slot",
             SendError::TooLong => "reply longer than --max-datagram",
             SendError::AddressFamily => "destination address family does not match the socket",
+            SendError::AmplificationLimit => {
+                "peer not validated: reply exceeds the anti-amplification budget"
+            }
         })
     }
 }
@@ -305,6 +310,13 @@ impl SendPool {
         h.segments = count as u16;
         h.segment_len = segment as u16;
         next
+    }
+
+    /// Withdraws the reply queued last (not yet flushed), freeing its slot.
+    pub fn cancel_last(&mut self) {
+        if let Some(index) = self.queued.pop() {
+            self.release(index);
+        }
     }
 
     /// Hands every queued reply to `f` instead of the kernel and frees its slot (for driving

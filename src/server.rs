@@ -26,6 +26,8 @@ struct WorkerHandle {
 /// A running server.
 pub struct Server {
     workers: Vec<WorkerHandle>,
+    /// Duplicates of the workers' listening sockets, to read kernel drop counts.
+    listeners: Arc<Vec<socket2::Socket>>,
     local_addr: SocketAddr,
     features: Features,
     task_run: TaskRunMode,
@@ -70,6 +72,12 @@ impl Server {
                 config.send_buffer_bytes,
             )?);
         }
+        let listeners = Arc::new(
+            sockets
+                .iter()
+                .map(|s| s.socket.try_clone())
+                .collect::<io::Result<Vec<_>>>()?,
+        );
         if config.sessions == SessionMode::Connected {
             match features.kernel_version {
                 Some(v) if v >= (6, 13) => {}
@@ -88,6 +96,18 @@ impl Server {
                 .then(Directory::default),
             sessions_total: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             connected_total: std::sync::atomic::AtomicUsize::new(0),
+            cookies: if config.validate_peers {
+                let secs = config.cookie_rotation.as_secs().min(u64::from(u32::MAX)) as u32;
+                Some(crate::cookie::CookieJar::new(
+                    sys::random_key()?,
+                    secs,
+                    secs.saturating_mul(2),
+                ))
+            } else {
+                None
+            },
+            used_cookies: Default::default(),
+            started: std::time::Instant::now(),
         });
         let cpus = if config.pin_cpus {
             Some(sys::allowed_cpus()?)
@@ -140,6 +160,7 @@ impl Server {
         }
         let mut server = Server {
             workers,
+            listeners,
             local_addr,
             features,
             task_run: TaskRunMode::Plain,
@@ -188,10 +209,14 @@ impl Server {
 
     /// Each worker's counters as last published (at most one loop turn old).
     pub fn worker_counters(&self) -> Vec<Counters> {
-        self.workers
-            .iter()
-            .map(|w| w.shared.counters.snapshot())
-            .collect()
+        collect(
+            &self
+                .workers
+                .iter()
+                .map(|w| w.shared.clone())
+                .collect::<Vec<_>>(),
+            &self.listeners,
+        )
     }
 
     /// Reads each worker's published counters like [`Server::worker_counters`], without
@@ -199,7 +224,8 @@ impl Server {
     pub fn counter_source(&self) -> impl Fn() -> Vec<Counters> + Send + Sync + 'static {
         let shared: Vec<Arc<WorkerShared>> =
             self.workers.iter().map(|w| w.shared.clone()).collect();
-        move || shared.iter().map(|s| s.counters.snapshot()).collect()
+        let listeners = self.listeners.clone();
+        move || collect(&shared, &listeners)
     }
 
     /// The sum over workers.
@@ -230,7 +256,12 @@ impl Server {
                 continue;
             };
             match thread.join() {
-                Ok(Ok(c)) => finals.push(c),
+                Ok(Ok(mut c)) => {
+                    if let Some(socket) = self.listeners.get(finals.len()) {
+                        c.kernel_drops = crate::socket::kernel_drops(socket).unwrap_or(0);
+                    }
+                    finals.push(c)
+                }
                 Ok(Err(e)) => {
                     finals.push(w.shared.counters.snapshot());
                     first_error.get_or_insert(e);
@@ -246,6 +277,19 @@ impl Server {
             None => Ok(finals),
         }
     }
+}
+
+/// Each worker's published counters, with the kernel's drop count for its socket.
+fn collect(workers: &[Arc<WorkerShared>], listeners: &[socket2::Socket]) -> Vec<Counters> {
+    workers
+        .iter()
+        .zip(listeners)
+        .map(|(w, socket)| {
+            let mut c = w.counters.snapshot();
+            c.kernel_drops = crate::socket::kernel_drops(socket).unwrap_or(0);
+            c
+        })
+        .collect()
 }
 
 impl Drop for Server {

@@ -99,6 +99,26 @@ fn set_int(socket: &Socket, level: i32, name: i32, value: libc::c_int) -> io::Re
     Ok(())
 }
 
+/// Datagrams the kernel dropped on `socket` (receive queue full, memory pressure):
+/// `SK_MEMINFO_DROPS` of `SO_MEMINFO`, readable from any thread without disturbing the worker.
+pub fn kernel_drops(socket: &Socket) -> io::Result<u64> {
+    // SK_MEMINFO_VARS is 9 on current kernels; ask for a little more room.
+    let mut info = [0u32; 16];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    syscall!(getsockopt(
+        socket.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_MEMINFO,
+        info.as_mut_ptr().cast(),
+        &mut len
+    ))?;
+    const SK_MEMINFO_DROPS: usize = 8;
+    if (len as usize) < (SK_MEMINFO_DROPS + 1) * 4 {
+        return Err(io::Error::other("SO_MEMINFO too short"));
+    }
+    Ok(u64::from(info[SK_MEMINFO_DROPS]))
+}
+
 /// Rewrites a bind error into one line that names the cause and the fix.
 pub fn explain_bind_error(addr: SocketAddr, err: io::Error) -> io::Error {
     let msg = match err.raw_os_error() {

@@ -118,6 +118,22 @@ define_counters! {
     deferred_sent,
     /// Deferred replies whose session had closed before the worker got them.
     deferred_dropped,
+    /// Cookie (Retry) replies sent to unvalidated new peers.
+    retries_sent,
+    /// Valid cookies that opened a session.
+    cookies_accepted,
+    /// Cookies whose MAC did not match the sender (forged, altered, or another address's).
+    cookies_forged,
+    /// Cookies too old or from a retired key.
+    cookies_expired,
+    /// Cookies presented again after they had opened a session.
+    cookies_replayed,
+    /// Replies withheld because an unvalidated peer's budget (bytes received times the
+    /// amplification factor) was spent.
+    amplification_limited,
+    /// Datagrams the kernel dropped on the worker's listening socket (SO_MEMINFO drops),
+    /// read when counters are collected.
+    kernel_drops,
 }
 
 /// Fields that are levels (gauges), not running totals.
@@ -165,12 +181,20 @@ impl fmt::Display for Summary<'_> {
             c.enters,
             c.gso_trains
         )?;
-        if c.sessions_opened > 0 || c.refused() > 0 {
+        if c.amplification_limited > 0 || c.kernel_drops > 0 {
+            write!(
+                f,
+                " amplification_limited={} kernel_drops={}",
+                c.amplification_limited, c.kernel_drops
+            )?;
+        }
+        if c.sessions_opened > 0 || c.refused() > 0 || c.retries_sent > 0 {
             write!(
                 f,
                 " sessions_open={} opened={} closed_idle={} closed_evicted={} closed_shutdown={} \
                  refused={} strays={} forwarded={} fd_exhausted={} connected_cap={} \
-                 deferred_sent={} deferred_dropped={}",
+                 deferred_sent={} deferred_dropped={} retries_sent={} cookies_accepted={} \
+                 cookies_forged={} cookies_expired={} cookies_replayed={}",
                 c.sessions_open,
                 c.sessions_opened,
                 c.closed_idle,
@@ -182,7 +206,12 @@ impl fmt::Display for Summary<'_> {
                 c.fd_exhausted,
                 c.connected_cap,
                 c.deferred_sent,
-                c.deferred_dropped
+                c.deferred_dropped,
+                c.retries_sent,
+                c.cookies_accepted,
+                c.cookies_forged,
+                c.cookies_expired,
+                c.cookies_replayed
             )?;
         }
         Ok(())

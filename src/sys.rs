@@ -85,6 +85,25 @@ pub fn wait_shutdown_signal(timeout: std::time::Duration) -> io::Result<Option<i
     }
 }
 
+/// 16 random bytes from the kernel (getrandom(2)), for secrets such as the cookie key.
+pub fn random_key() -> io::Result<[u8; 16]> {
+    let mut key = [0u8; 16];
+    let mut filled = 0;
+    while filled < key.len() {
+        let n = syscall!(getrandom(
+            key[filled..].as_mut_ptr().cast(),
+            key.len() - filled,
+            0
+        ));
+        match n {
+            Ok(n) => filled += n as usize,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(key)
+}
+
 /// CPUs this process may run on, in ascending order.
 pub fn allowed_cpus() -> io::Result<Vec<usize>> {
     // SAFETY: cpu_set_t is plain data.

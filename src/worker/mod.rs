@@ -157,6 +157,25 @@ impl LogLimit {
     }
 }
 
+/// Cookies already used to open a session, by key epoch (older epochs are pruned: their
+/// cookies no longer validate anyway).
+#[derive(Default)]
+pub struct UsedCookies {
+    tags: HashMap<[u8; 16], u32>,
+    pruned_epoch: u32,
+}
+
+impl UsedCookies {
+    /// Records `tag`; `false` when it was already there (a replay).
+    pub fn first_use(&mut self, tag: [u8; 16], epoch: u32) -> bool {
+        if epoch > self.pruned_epoch + 1 {
+            self.tags.retain(|_, e| *e + 1 >= epoch);
+            self.pruned_epoch = epoch.saturating_sub(1);
+        }
+        self.tags.insert(tag, epoch).is_none()
+    }
+}
+
 /// Everything the workers of one server share.
 pub struct Fleet {
     /// Every worker's shared part, by worker id (for forwarding between workers).
@@ -167,6 +186,11 @@ pub struct Fleet {
     pub sessions_total: Arc<AtomicUsize>,
     /// Connected per-client sockets open in all workers.
     pub connected_total: AtomicUsize,
+    /// `--validate-peers`: mints and checks cookies (the same keys in every worker).
+    pub cookies: Option<crate::cookie::CookieJar>,
+    pub used_cookies: Mutex<UsedCookies>,
+    /// The common clock origin (cookie timestamps must agree between workers).
+    pub started: Instant,
 }
 
 /// Field order matters: the ring is dropped first, so the kernel lets go of the buffers,
@@ -220,6 +244,7 @@ pub struct Worker<H: SessionHandler> {
     graveyard: Vec<OwnedFd>,
     mail: Vec<Letter>,
     max_connected: usize,
+    amplification_factor: u64,
     session_recv_buffer: usize,
     started: Instant,
     now_ms: Millis,
@@ -326,10 +351,12 @@ impl<H: SessionHandler> Worker<H> {
             graveyard: Vec::new(),
             mail: Vec::new(),
             max_connected: config.max_connected,
+            amplification_factor: u64::from(config.amplification_factor),
             session_recv_buffer: config.recv_buffer_bytes.min(1 << 20),
             started: Instant::now(),
             now_ms: 0,
         };
+        worker.started = worker.fleet.started;
         if worker.mode == SessionMode::None {
             let info = worker.stateless_info();
             worker.stateless = Some(worker.handler.session_open(&info));
@@ -595,6 +622,8 @@ impl<H: SessionHandler> Worker<H> {
             return; // closed at shutdown
         };
         let payload = payload.bytes(&self.bufs);
+        // No per-peer state here: the anti-amplification budget is per datagram.
+        let mut budget = self.amplification_factor * payload.len() as u64;
         let datagram = Datagram {
             peer,
             local,
@@ -612,6 +641,7 @@ impl<H: SessionHandler> Worker<H> {
             },
             listener_fd: self.fd,
             session: None,
+            budget: (self.amplification_factor > 0).then_some(&mut budget),
         };
         self.handler.session_datagram(state, &datagram, &mut reply);
     }
@@ -646,6 +676,12 @@ impl<H: SessionHandler> Worker<H> {
             },
         };
         let payload = payload.bytes(&self.bufs);
+        let limited = !live.validated && self.amplification_factor > 0;
+        if limited {
+            live.budget = live
+                .budget
+                .saturating_add(self.amplification_factor * payload.len() as u64);
+        }
         let datagram = Datagram {
             peer,
             local,
@@ -663,6 +699,11 @@ impl<H: SessionHandler> Worker<H> {
                 closed: &mut live.closed,
                 close_requested: false,
             }),
+            budget: if limited {
+                Some(&mut live.budget)
+            } else {
+                None
+            },
         };
         let Some(state) = live.state.as_mut() else {
             return;
@@ -765,6 +806,22 @@ impl Payload {
                 payload_len,
             } => &bufs.buffer(*bid, *len)[*at..*at + *payload_len],
             Payload::Owned(v) => v,
+        }
+    }
+
+    /// Drops the first `n` bytes (a cookie prefix).
+    fn strip(&mut self, n: usize) {
+        match self {
+            Payload::Buffer {
+                at, payload_len, ..
+            } => {
+                let n = n.min(*payload_len);
+                *at += n;
+                *payload_len -= n;
+            }
+            Payload::Owned(v) => {
+                v.drain(..n.min(v.len()));
+            }
         }
     }
 

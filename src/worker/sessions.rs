@@ -12,6 +12,7 @@ use io_uring::{opcode, types};
 
 use super::{Letter, Payload, Source, State, Worker, BUF_GROUP};
 use crate::config::SessionMode;
+use crate::cookie::{self, CookieError, CookieJar};
 use crate::handler::{SessionHandler, SessionInfo};
 use crate::op::{OpKind, UserData};
 use crate::ring::{has_more, Completion};
@@ -36,6 +37,18 @@ pub(super) struct Live<S> {
     pub closed: Option<Arc<AtomicBool>>,
     /// The local address the session's first datagram arrived on.
     pub local: Option<IpAddr>,
+    /// The peer proved its address with a cookie: no anti-amplification limit.
+    pub validated: bool,
+    /// Bytes that may still be sent to an unvalidated peer.
+    pub budget: u64,
+}
+
+/// What the cookie gate decided for a datagram from a peer without a session.
+enum Gate {
+    /// No validation asked, or a valid cookie (stripped from the payload).
+    Pass { validated: bool },
+    /// Answered with a Retry, or dropped and counted.
+    Stop,
 }
 
 /// Where a datagram goes.
@@ -67,22 +80,25 @@ impl<H: SessionHandler> Worker<H> {
         source: Source,
         peer: SocketAddr,
         local: Option<IpAddr>,
-        payload: Payload,
+        mut payload: Payload,
     ) {
         let target = match source {
             Source::Session(id) => match self.sessions.get(id) {
                 // Established: the kernel picked this session's socket by its 4-tuple.
-                Some(e) if e.peer == peer => Target::Session(id),
+                Some(e) if e.peer == peer => {
+                    self.strip_cookie(peer, &mut payload);
+                    Target::Session(id)
+                }
                 // Read from a per-client socket but sent by someone else (the bind/connect
                 // window) or by a peer whose session has just closed: route it as if it had
                 // reached the listener. Nothing is dropped, nothing reaches the wrong session.
                 Some(_) => {
                     self.counters.strays += 1;
-                    self.route_new(peer, local)
+                    self.route_new(peer, local, &mut payload)
                 }
-                None => self.route_new(peer, local),
+                None => self.route_new(peer, local, &mut payload),
             },
-            Source::Listener => self.route_new(peer, local),
+            Source::Listener => self.route_new(peer, local, &mut payload),
         };
         match target {
             Target::Session(id) => self.deliver_to_session(id, peer, local, payload),
@@ -105,8 +121,14 @@ impl<H: SessionHandler> Worker<H> {
 
     /// The session for a datagram that did not arrive on its peer's own socket: an existing
     /// one, another worker's, or a new one.
-    fn route_new(&mut self, peer: SocketAddr, local: Option<IpAddr>) -> Target {
+    fn route_new(
+        &mut self,
+        peer: SocketAddr,
+        local: Option<IpAddr>,
+        payload: &mut Payload,
+    ) -> Target {
         if let Some(id) = self.sessions.lookup(&peer) {
+            self.strip_cookie(peer, payload);
             return Target::Session(id);
         }
         if let Some(directory) = &self.fleet.directory {
@@ -114,7 +136,11 @@ impl<H: SessionHandler> Worker<H> {
                 return Target::Forward(owner);
             }
         }
-        match self.open_session(peer, local) {
+        let opened = match self.cookie_gate(peer, local, payload) {
+            Gate::Pass { validated } => self.open_session(peer, local, validated),
+            Gate::Stop => None,
+        };
+        match opened {
             Some(id) => Target::Session(id),
             None => {
                 if let Some(directory) = &self.fleet.directory {
@@ -125,9 +151,114 @@ impl<H: SessionHandler> Worker<H> {
         }
     }
 
+    /// With `--validate-peers`, a peer without a session must show a valid cookie before any
+    /// state exists for it; otherwise it gets a Retry carrying one (within the
+    /// anti-amplification limit) and nothing else.
+    fn cookie_gate(
+        &mut self,
+        peer: SocketAddr,
+        local: Option<IpAddr>,
+        payload: &mut Payload,
+    ) -> Gate {
+        let Some(jar) = self.fleet.cookies.as_ref() else {
+            return Gate::Pass { validated: false };
+        };
+        let now_secs = (self.now_ms / 1000) as u32;
+        let bytes = payload.bytes(&self.bufs);
+        let received = bytes.len();
+        let verdict = cookie::split_cookie(bytes).map(|(c, _)| (*c, jar.check(&peer, c, now_secs)));
+        match verdict {
+            None => {
+                self.send_retry(peer, local, received, now_secs);
+                Gate::Stop
+            }
+            Some((_, Err(CookieError::Forged))) => {
+                self.counters.cookies_forged += 1;
+                Gate::Stop
+            }
+            Some((_, Err(_))) => {
+                self.counters.cookies_expired += 1;
+                self.send_retry(peer, local, received, now_secs);
+                Gate::Stop
+            }
+            Some((c, Ok(()))) => {
+                let epoch = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+                if !self
+                    .fleet
+                    .used_cookies
+                    .lock()
+                    .first_use(CookieJar::tag(&c), epoch)
+                {
+                    self.counters.cookies_replayed += 1;
+                    self.send_retry(peer, local, received, now_secs);
+                    return Gate::Stop;
+                }
+                self.counters.cookies_accepted += 1;
+                payload.strip(cookie::PREFIX_LEN);
+                Gate::Pass { validated: true }
+            }
+        }
+    }
+
+    /// Removes a valid cookie prefix from a datagram of an existing session (clients repeat
+    /// it until they get a real answer).
+    fn strip_cookie(&self, peer: SocketAddr, payload: &mut Payload) {
+        let Some(jar) = self.fleet.cookies.as_ref() else {
+            return;
+        };
+        let now_secs = (self.now_ms / 1000) as u32;
+        let valid = cookie::split_cookie(payload.bytes(&self.bufs))
+            .map(|(c, _)| jar.check(&peer, c, now_secs).is_ok())
+            .unwrap_or(false);
+        if valid {
+            payload.strip(cookie::PREFIX_LEN);
+        }
+    }
+
+    /// Sends a Retry from the listening socket, if the datagram that asked for it was large
+    /// enough that the Retry stays within the anti-amplification factor.
+    fn send_retry(
+        &mut self,
+        peer: SocketAddr,
+        local: Option<IpAddr>,
+        received: usize,
+        now_secs: u32,
+    ) {
+        let Some(jar) = self.fleet.cookies.as_ref() else {
+            return;
+        };
+        if self.amplification_factor > 0
+            && cookie::PREFIX_LEN as u64 > self.amplification_factor * received as u64
+        {
+            self.counters.amplification_limited += 1;
+            return;
+        }
+        let message = cookie::retry_message(&jar.mint(&peer, now_secs));
+        let dest = Dest {
+            fd: self.fd,
+            peer,
+            local,
+            connected: false,
+        };
+        let queued = self.sends.queue(dest, |buf| {
+            let n = message.len().min(buf.len());
+            buf[..n].copy_from_slice(&message[..n]);
+            message.len()
+        });
+        match queued {
+            Ok(_) => self.counters.retries_sent += 1,
+            Err(_) => self.counters.send_dropped += 1,
+        }
+    }
+
     /// Admits and opens a session for `peer`, with its own socket in the modes that have one
     /// (falling back to none, counted, when descriptors or `--max-connected` run out).
-    fn open_session(&mut self, peer: SocketAddr, local: Option<IpAddr>) -> Option<SessionId> {
+    fn open_session(
+        &mut self,
+        peer: SocketAddr,
+        local: Option<IpAddr>,
+        validated: bool,
+    ) -> Option<SessionId> {
         if self.state != State::Running {
             return None;
         }
@@ -151,6 +282,8 @@ impl<H: SessionHandler> Worker<H> {
                 sock,
                 closed: None,
                 local,
+                validated,
+                budget: 0,
             },
         );
         let info = SessionInfo {
@@ -410,12 +543,12 @@ impl<H: SessionHandler> Worker<H> {
                     if self.mode == SessionMode::None {
                         continue;
                     }
-                    match self.route_new(peer, local) {
-                        Target::Session(id) => {
-                            self.deliver_to_session(id, peer, local, Payload::Owned(payload))
-                        }
+                    let mut payload = Payload::Owned(payload);
+                    match self.route_new(peer, local, &mut payload) {
+                        Target::Session(id) => self.deliver_to_session(id, peer, local, payload),
                         // Owned elsewhere now (the session closed and moved): one more hop.
                         Target::Forward(owner) => {
+                            let payload = payload.to_vec(&self.bufs);
                             let _ = self.fleet.workers[owner].post(Letter::Forwarded {
                                 peer,
                                 local,
@@ -431,10 +564,18 @@ impl<H: SessionHandler> Worker<H> {
     }
 
     fn send_deferred(&mut self, id: SessionId, payload: &[u8]) {
-        let Some(entry) = self.sessions.get(id) else {
+        let factor = self.amplification_factor;
+        let Some(entry) = self.sessions.get_mut(id) else {
             self.counters.deferred_dropped += 1;
             return;
         };
+        if !entry.value.validated && factor > 0 {
+            if payload.len() as u64 > entry.value.budget {
+                self.counters.amplification_limited += 1;
+                return;
+            }
+            entry.value.budget -= payload.len() as u64;
+        }
         let dest = match &entry.value.sock {
             Some(sock) => Dest {
                 fd: sock.fd.as_raw_fd(),

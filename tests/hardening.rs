@@ -1,0 +1,282 @@
+//! Floods, spoofing and amplification: stateless address validation (`--validate-peers`),
+//! the anti-amplification budget, and a new-peer flood beside established clients.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use udpring::cookie::{parse_retry, with_cookie};
+use udpring::{Datagram, Echo, Handler, Reply, ServerConfig, SessionMode};
+
+fn validating(mode: SessionMode) -> ServerConfig {
+    ServerConfig {
+        sessions: mode,
+        validate_peers: true,
+        ..config("127.0.0.1:0", 1)
+    }
+}
+
+/// The client side of the cookie exchange: returns the cookie from a Retry.
+fn get_cookie(client: &UdpSocket, to: SocketAddr) -> [u8; 24] {
+    let (retry, from) = round_trip(client, to, b"hello, server").expect("a Retry");
+    assert_eq!(from, to);
+    parse_retry(&retry).expect("the answer is a Retry")
+}
+
+#[test]
+fn validated_peers_get_sessions_and_unvalidated_ones_only_a_retry() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    for mode in [SessionMode::Shared, SessionMode::Connected] {
+        let server = start(validating(mode), |_| Echo);
+        let to = server.local_addr();
+        let client = client_for(to);
+        let cookie = get_cookie(&client, to);
+        assert_eq!(
+            server.total_counters().sessions_opened,
+            0,
+            "no state before the cookie"
+        );
+        // The first datagram with the cookie opens the session; the handler sees the payload
+        // without the prefix.
+        let (reply, _) =
+            round_trip(&client, to, &with_cookie(&cookie, b"real request")).expect("echo");
+        assert_eq!(reply, b"real request", "{mode:?}");
+        // A retransmission still carrying the cookie goes to the same session, stripped.
+        let (reply, _) = round_trip(&client, to, &with_cookie(&cookie, b"again")).expect("echo");
+        assert_eq!(reply, b"again");
+        // Later datagrams need no cookie.
+        let (reply, _) = round_trip(&client, to, b"plain").expect("echo");
+        assert_eq!(reply, b"plain");
+        let c = server.shutdown().expect("shutdown");
+        assert_eq!(c[0].retries_sent, 1);
+        assert_eq!(c[0].cookies_accepted, 1);
+        assert_eq!(c[0].sessions_opened, 1);
+    }
+}
+
+#[test]
+fn forged_expired_replayed_and_tiny_requests_are_counted() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let server = start(
+        ServerConfig {
+            cookie_rotation: Duration::from_secs(1),
+            idle_timeout: Duration::from_millis(100),
+            ..validating(SessionMode::Shared)
+        },
+        |_| Echo,
+    );
+    let to = server.local_addr();
+    let a = client_for(to);
+    let b = client_for(to);
+    b.set_read_timeout(Some(Duration::from_millis(150)))
+        .expect("timeout");
+    let cookie = get_cookie(&a, to);
+    // B presents A's cookie: bound to A's address, so forged for B. No answer at all.
+    assert!(round_trip(&b, to, &with_cookie(&cookie, b"steal")).is_none());
+    // Flipped bits.
+    let mut bad = cookie;
+    bad[20] ^= 0x40;
+    assert!(round_trip(&b, to, &with_cookie(&bad, b"forge")).is_none());
+    // Too short to earn a 32-byte Retry under the 3x limit: silence.
+    assert!(round_trip(&b, to, b"hi").is_none());
+    // A uses its cookie: session. After it closes (idle), the same cookie is a replay: Retry.
+    round_trip(&a, to, &with_cookie(&cookie, b"first")).expect("echo");
+    assert!(eventually(|| server.total_counters().closed_idle == 1));
+    let (retry, _) = round_trip(&a, to, &with_cookie(&cookie, b"replay")).expect("Retry");
+    assert!(parse_retry(&retry).is_some(), "a replay gets a fresh Retry");
+    // Expired: two rotations later the first cookie cannot be checked any more.
+    std::thread::sleep(Duration::from_millis(2100));
+    let (retry, _) = round_trip(&a, to, &with_cookie(&cookie, b"stale")).expect("Retry");
+    assert!(parse_retry(&retry).is_some());
+    let c = server.shutdown().expect("shutdown");
+    assert_eq!(c[0].cookies_forged, 2, "{}", c[0].summary());
+    assert_eq!(c[0].cookies_replayed, 1, "{}", c[0].summary());
+    assert_eq!(c[0].cookies_expired, 1, "{}", c[0].summary());
+    assert_eq!(c[0].amplification_limited, 1, "{}", c[0].summary());
+    assert_eq!(c[0].sessions_opened, 1);
+}
+
+#[test]
+fn spoofed_source_flood_costs_no_state_with_validation() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let server = start(validating(SessionMode::Connected), |_| Echo);
+    let to = server.local_addr();
+    // 3,000 distinct source addresses, each sending one datagram and never answering.
+    for i in 0..3000u32 {
+        let ip = format!("127.3.{}.{}", i / 250, i % 250 + 1);
+        let s = UdpSocket::bind(format!("{ip}:0")).expect("bind");
+        s.send_to(b"spoofed first datagram", to).expect("send");
+    }
+    assert!(eventually(|| server.total_counters().retries_sent == 3000));
+    let c = server.total_counters();
+    assert_eq!(c.sessions_opened, 0, "{}", c.summary());
+    assert_eq!(c.sessions_open, 0);
+    server.shutdown().expect("shutdown");
+}
+
+/// Answers every datagram with ten times its size.
+struct Amplifier;
+impl Handler for Amplifier {
+    fn on_datagram(&mut self, d: &Datagram<'_>, reply: &mut Reply<'_>) {
+        let big = vec![0xAAu8; d.payload.len() * 10];
+        let _ = reply.send(&big);
+        // Within 3x: allowed.
+        let _ = reply.send(d.payload);
+    }
+}
+
+#[test]
+fn unvalidated_peers_never_get_more_than_three_times_what_they_sent() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    for mode in [SessionMode::None, SessionMode::Shared] {
+        let server = start(
+            ServerConfig {
+                sessions: mode,
+                ..config("127.0.0.1:0", 1)
+            },
+            |_| Amplifier,
+        );
+        let to = server.local_addr();
+        let client = client_for(to);
+        let (reply, _) = round_trip(&client, to, &[1u8; 100]).expect("the small reply");
+        assert_eq!(reply.len(), 100, "{mode:?}: the 10x reply is withheld");
+        let c = server.shutdown().expect("shutdown");
+        assert_eq!(c[0].amplification_limited, 1, "{mode:?}");
+        assert_eq!(c[0].tx_bytes, 100);
+    }
+    // A validated peer is not limited.
+    let server = start(validating(SessionMode::Shared), |_| Amplifier);
+    let to = server.local_addr();
+    let client = client_for(to);
+    let cookie = get_cookie(&client, to);
+    client
+        .send_to(&with_cookie(&cookie, &[1u8; 100]), to)
+        .expect("send");
+    let mut buf = [0u8; 2000];
+    let (n, _) = recv_retrying(&client, &mut buf).expect("big reply");
+    assert_eq!(n, 1000);
+    let c = server.shutdown().expect("shutdown");
+    assert_eq!(c[0].amplification_limited, 0);
+    // Turning the limit off (factor 0) lets an unvalidated peer have it too.
+    let server = start(
+        ServerConfig {
+            amplification_factor: 0,
+            ..config("127.0.0.1:0", 1)
+        },
+        |_| Amplifier,
+    );
+    let to = server.local_addr();
+    let client = client_for(to);
+    assert_eq!(
+        round_trip(&client, to, &[1u8; 10]).expect("reply").0.len(),
+        100
+    );
+    server.shutdown().expect("shutdown");
+}
+
+fn p99(samples: &mut [Duration]) -> Duration {
+    samples.sort_unstable();
+    samples
+        .get(samples.len() * 99 / 100)
+        .copied()
+        .unwrap_or_default()
+}
+
+/// A flood of 10,000 new source addresses within about a second, beside eight established
+/// clients measuring round trips: limits hold, nothing crashes, established clients keep
+/// being served. Prints their p99 without and during the flood.
+#[test]
+fn new_peer_flood_beside_established_clients() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let server = start(
+        ServerConfig {
+            sessions: SessionMode::Shared,
+            max_sessions: 2000,
+            max_new_sessions_per_sec: 5000,
+            ..config("127.0.0.1:0", 2)
+        },
+        |_| Echo,
+    );
+    let to = server.local_addr();
+    let flooding = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let established: Vec<_> = (0..8)
+        .map(|_| {
+            let (flooding, stop) = (flooding.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let sock = client_for(to);
+                let (mut quiet, mut loud, mut lost) = (Vec::new(), Vec::new(), 0u32);
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let during = flooding.load(Ordering::Relaxed);
+                    let t = Instant::now();
+                    match round_trip(&sock, to, b"established") {
+                        Some(_) if during => loud.push(t.elapsed()),
+                        Some(_) => quiet.push(t.elapsed()),
+                        None => lost += 1,
+                    }
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                (quiet, loud, lost)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    flooding.store(true, Ordering::Relaxed);
+    let flood_started = Instant::now();
+    for i in 0..10_000u32 {
+        let ip = format!("127.4.{}.{}", i / 250, i % 250 + 1);
+        let s = UdpSocket::bind(format!("{ip}:0")).expect("bind");
+        let _ = s.send_to(b"new peer", to);
+    }
+    let flood_took = flood_started.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    flooding.store(false, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    let (mut quiet, mut loud, mut lost) = (Vec::new(), Vec::new(), 0);
+    for e in established {
+        let (q, l, n) = e.join().expect("client thread");
+        quiet.extend(q);
+        loud.extend(l);
+        lost += n;
+    }
+    let c = server.total_counters();
+    eprintln!(
+        "flood: 10000 new peers in {flood_took:?}; established p99 without flood {:?} ({} samples), during flood {:?} ({} samples), lost {lost}; {}",
+        p99(&mut quiet),
+        quiet.len(),
+        p99(&mut loud),
+        loud.len(),
+        c.summary()
+    );
+    assert!(
+        c.sessions_open <= 2000 + 8,
+        "session limit holds: {}",
+        c.summary()
+    );
+    assert!(c.refused() > 0, "the limits refused part of the flood");
+    let total = quiet.len() + loud.len();
+    assert!(
+        !loud.is_empty(),
+        "established clients were served during the flood"
+    );
+    assert!(
+        lost as usize * 100 <= total,
+        "established clients kept being served: lost {lost} of {total}"
+    );
+    server.shutdown().expect("shutdown");
+}
