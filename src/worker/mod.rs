@@ -400,7 +400,7 @@ impl<H: SessionHandler> Worker<H> {
             };
             self.counters.enters += 1;
             self.ring.submit_and_wait(want, timeout)?;
-            self.graveyard.clear();
+            self.bury();
             // One clock read per turn: session activity is stamped with it, no syscall.
             self.now_ms = self.started.elapsed().as_millis() as Millis;
             let mut completions = std::mem::take(&mut self.completions);
@@ -415,7 +415,10 @@ impl<H: SessionHandler> Worker<H> {
             if !self.graveyard.is_empty() {
                 // Submit now so the sends naming these descriptors are issued, then close.
                 self.ring.submit()?;
-                self.graveyard.clear();
+                self.bury();
+                // What the last reads found may have been answered: queue those too.
+                self.process_backlog();
+                self.flush_sends()?;
             }
             self.bufs.publish();
             if self.state == State::Running {

@@ -409,18 +409,34 @@ impl<H: SessionHandler> Worker<H> {
         }
     }
 
-    /// Closes a session socket that no receive uses any more, first routing whatever is still
-    /// queued on it (a peer that kept sending while its session closed gets a new session
-    /// instead of silence). Between the last read and `close()` a datagram can still be lost;
-    /// the peer's retransmission then reaches the listener.
+    /// Takes a session socket that no receive uses any more out of service: routes whatever
+    /// is queued on it now (a peer that kept sending while its session closed gets a new
+    /// session instead of silence) and parks it until the sends that name it are issued.
     fn retire_socket(&mut self, fd: OwnedFd) {
-        let (fd, queued) = session_socket::drain(fd, self.sends.slot_capacity(), 1024);
+        let fd = self.reroute_queued(fd);
         self.graveyard.push(fd);
+    }
+
+    /// Closes the parked sockets, reading each one last time right before `close()`. Only a
+    /// datagram that arrives in the microsecond between that read and `close()` is lost; the
+    /// peer's retransmission then reaches the listener.
+    pub(super) fn bury(&mut self) {
+        if self.graveyard.is_empty() {
+            return;
+        }
+        for fd in std::mem::take(&mut self.graveyard) {
+            drop(self.reroute_queued(fd));
+        }
+    }
+
+    fn reroute_queued(&mut self, fd: OwnedFd) -> OwnedFd {
+        let (fd, queued) = session_socket::drain(fd, self.sends.slot_capacity(), 1024);
         for (peer, payload) in queued {
             self.counters.rx_datagrams += 1;
             self.counters.rx_bytes += payload.len() as u64;
             self.route(Source::Listener, peer, None, Payload::Owned(payload));
         }
+        fd
     }
 
     pub(super) fn close_all_sessions(&mut self) -> io::Result<()> {
