@@ -307,6 +307,12 @@ impl Handler for Sockperf {
                 return;
             }
         };
+        // sockperf sets the length field to the datagram's size; a header that says
+        // otherwise is not from sockperf (or was cut or padded on the way): bad input.
+        if header.length as usize != payload.len() {
+            reply.count_bad_input();
+            return;
+        }
         if !header.wants_reply() {
             return;
         }
@@ -442,5 +448,10 @@ mod tests {
         assert!(replies(&mut Sockperf, &mut harness, &msg).is_empty());
         assert!(replies(&mut Sockperf, &mut harness, b"tiny").is_empty());
         assert_eq!(harness.counters().bad_input, 1);
+        // A length field that lies about the datagram's size: counted, not answered.
+        msg[9] = (sockperf::FLAG_CLIENT | sockperf::FLAG_PONG_REQUEST) as u8;
+        msg[13] = 99;
+        assert!(replies(&mut Sockperf, &mut harness, &msg).is_empty());
+        assert_eq!(harness.counters().bad_input, 2);
     }
 }

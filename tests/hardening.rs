@@ -280,3 +280,90 @@ fn new_peer_flood_beside_established_clients() {
     );
     server.shutdown().expect("shutdown");
 }
+
+/// xorshift64*: deterministic garbage without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[test]
+fn garbage_of_every_size_is_counted_and_never_stops_the_server() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    for mode in [
+        SessionMode::None,
+        SessionMode::Shared,
+        SessionMode::Connected,
+        SessionMode::PortPerClient,
+    ] {
+        for app in [udpring::App::Echo, udpring::App::Sockperf] {
+            let config = ServerConfig {
+                sessions: mode,
+                max_datagram: 1500,
+                validate_peers: mode == SessionMode::Shared,
+                ..config("127.0.0.1:0", 2)
+            };
+            let server = match app {
+                udpring::App::Sockperf => start(config, |_| udpring::Sockperf),
+                _ => start(config, |_| Echo),
+            };
+            let to = server.local_addr();
+            let senders: Vec<UdpSocket> = (0..20).map(|_| client_for(to)).collect();
+            let mut sent = 0u64;
+            for i in 0..400 {
+                let len = match i % 10 {
+                    0 => 0,
+                    1 => 1501 + (rng.next() % 3000) as usize, // truncated
+                    2 => 14,                                  // a bare sockperf-sized header
+                    _ => (rng.next() % 1500) as usize,
+                };
+                let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                senders[i % senders.len()]
+                    .send_to(&bytes, to)
+                    .expect("send");
+                sent += 1;
+            }
+            // A 65,507-byte datagram too.
+            let big = vec![0x5Au8; 65_507];
+            senders[0].send_to(&big, to).expect("send");
+            sent += 1;
+            let accounted = || {
+                let c = server.total_counters();
+                c.rx_datagrams + c.truncated + c.malformed
+            };
+            assert!(
+                eventually(|| accounted() == sent),
+                "{mode:?}/{app:?}: every datagram counted once: sent {sent}, {}",
+                server.total_counters().summary()
+            );
+            // Still serving a well-formed request from a fresh client.
+            let client = client_for(to);
+            let mut msg = vec![0u8; 64];
+            udpring::sockperf::Header {
+                sequence: 1,
+                flags: 3,
+                length: 64,
+            }
+            .write(&mut msg);
+            let msg = if mode == SessionMode::Shared {
+                let (retry, _) = round_trip(&client, to, &msg).expect("Retry");
+                with_cookie(&parse_retry(&retry).expect("Retry"), &msg)
+            } else {
+                msg
+            };
+            let (reply, _) = round_trip(&client, to, &msg).expect("still serving");
+            assert_eq!(reply.len(), 64, "{mode:?}/{app:?}");
+            let c = server.shutdown().expect("clean shutdown");
+            let truncated: u64 = c.iter().map(|c| c.truncated).sum();
+            assert!(truncated >= 41, "{mode:?}/{app:?}");
+        }
+    }
+}

@@ -65,6 +65,11 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                 assert_eq!(counters.bad_input, 1);
                 None
             }
+            // A length field that is not the datagram's size is bad input: no reply.
+            Ok(h) if h.length as usize != payload.len() => {
+                assert_eq!(counters.bad_input, 1);
+                None
+            }
             Ok(h) if !h.wants_reply() => None,
             Ok(_) => {
                 let mut r = payload.to_vec();
@@ -76,7 +81,10 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     } else {
         Some(payload.to_vec())
     };
-    if !sockperf || payload.len() >= HEADER_LEN {
+    let header_ok = Header::parse(payload)
+        .map(|h| h.length as usize == payload.len())
+        .unwrap_or(false);
+    if !sockperf || header_ok {
         assert_eq!(counters.bad_input, 0);
     }
     match intended {
