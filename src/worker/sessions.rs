@@ -4,7 +4,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -41,6 +41,27 @@ pub(super) struct Live<S> {
     pub validated: bool,
     /// Bytes that may still be sent to an unvalidated peer.
     pub budget: u64,
+}
+
+impl<S> Live<S> {
+    /// Where replies to this session go: its own socket (connected: no address), or the
+    /// worker's socket with the peer's address and the local address it asked on.
+    pub(super) fn dest(&self, peer: SocketAddr, listener_fd: RawFd, local: Option<IpAddr>) -> Dest {
+        match &self.sock {
+            Some(sock) => Dest {
+                fd: sock.fd.as_raw_fd(),
+                peer,
+                local: None,
+                connected: true,
+            },
+            None => Dest {
+                fd: listener_fd,
+                peer,
+                local: local.or(self.local),
+                connected: false,
+            },
+        }
+    }
 }
 
 /// What the cookie gate decided for a datagram from a peer without a session.
@@ -592,20 +613,7 @@ impl<H: SessionHandler> Worker<H> {
             }
             entry.value.budget -= payload.len() as u64;
         }
-        let dest = match &entry.value.sock {
-            Some(sock) => Dest {
-                fd: sock.fd.as_raw_fd(),
-                peer: entry.peer,
-                local: None,
-                connected: true,
-            },
-            None => Dest {
-                fd: self.fd,
-                peer: entry.peer,
-                local: entry.value.local,
-                connected: false,
-            },
-        };
+        let dest = entry.value.dest(entry.peer, self.fd, None);
         let queued = self.sends.queue(dest, |buf| {
             let n = payload.len().min(buf.len());
             buf[..n].copy_from_slice(&payload[..n]);
