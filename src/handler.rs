@@ -335,7 +335,8 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// Replies up to `max_len` bytes, at most `slots` per datagram.
+    /// Replies up to `max_len` bytes, at most `slots` per datagram, as from a dual-stack IPv6
+    /// socket (peers of both families can be answered).
     pub fn new(max_len: usize, slots: usize) -> Harness {
         Harness {
             pool: SendPool::new(slots, max_len, true, false),
