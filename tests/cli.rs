@@ -286,3 +286,44 @@ fn descriptor_exhaustion_in_connected_mode_keeps_serving() {
     assert!(exhausted > 0, "{rest}");
     assert!(rest.contains("opened=100"), "{rest}");
 }
+
+#[test]
+fn pin_cpus_pins_each_worker_to_its_own_cpu() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if cpus < 2 {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    }
+    let (mut child, _addr) =
+        spawn_server(&["--workers", "2", "--pin-cpus", "--stats-interval", "0"]);
+    let mut allowed = Vec::new();
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", child.id())).expect("tasks");
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if name.trim().starts_with("udpring-w") {
+            let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default();
+            allowed.push(cpus);
+        }
+    }
+    // SAFETY: kill(2) on our own child's PID.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    wait_exit(&mut child, Duration::from_secs(5)).expect("exits");
+    allowed.sort();
+    assert_eq!(allowed.len(), 2, "two worker threads: {allowed:?}");
+    assert!(
+        allowed.iter().all(|a| !a.contains(',') && !a.contains('-')),
+        "each worker on a single CPU: {allowed:?}"
+    );
+    assert_ne!(allowed[0], allowed[1], "on different CPUs");
+}
