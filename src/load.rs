@@ -130,6 +130,23 @@ pub struct LoadArgs {
     /// Run this long before measuring; requests sent during warm-up are not counted.
     #[arg(long, default_value = "0s", value_name = "DUR", value_parser = parse_duration)]
     pub warmup: Duration,
+
+    /// Upper bound on the retransmission timeout: the doubling stops here [default: none].
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub max_timeout: Option<Duration>,
+
+    /// After sending stops, keep retransmitting until every request is answered or given up
+    /// (so `outstanding` is 0 and sent = answered + given up). Without it, requests still
+    /// unanswered one --timeout after sending stops are reported as outstanding.
+    #[arg(long)]
+    pub settle: bool,
+
+    /// Servers that answer from another port (udpring --sessions port-per-client): use
+    /// unconnected sockets, accept replies from any port of the target's address, and send
+    /// each client's new requests to the address its latest reply came from. Resends go to
+    /// --target (the session's port may have closed meanwhile).
+    #[arg(long)]
+    pub follow_reply_port: bool,
 }
 
 /// Parses `10s`, `500ms`, `250us`, `2m`, `1.5s`, or a bare number of seconds.
@@ -207,6 +224,19 @@ pub fn backoff(base: Duration, resends: u32) -> Duration {
         Some(factor) => base.checked_mul(factor).unwrap_or(Duration::MAX),
         None => Duration::MAX,
     }
+}
+
+/// [`backoff`], capped at `cap` when one is given (`--max-timeout`).
+pub fn capped_backoff(base: Duration, resends: u32, cap: Option<Duration>) -> Duration {
+    let t = backoff(base, resends);
+    cap.map_or(t, |c| t.min(c.max(base)))
+}
+
+/// Longest a request can stay pending before it is given up: the sum of its timeouts.
+pub fn give_up_after(base: Duration, retries: u32, cap: Option<Duration>) -> Duration {
+    (0..=retries).fold(Duration::ZERO, |acc, r| {
+        acc.saturating_add(capped_backoff(base, r, cap))
+    })
 }
 
 /// One request of a client, in flight or settled.
@@ -580,10 +610,88 @@ fn cpu_times() -> (f64, f64) {
     (tv(ru.ru_utime), tv(ru.ru_stime))
 }
 
-/// One client: a connected socket and its requests.
+/// One client: its socket (connected, unless --follow-reply-port) and its requests.
 struct Client {
     sock: Socket,
     out: Outstanding,
+    /// --follow-reply-port: where this client's requests go (the target until a reply
+    /// arrives from another port of the target's address).
+    dest: Option<RawAddr>,
+}
+
+/// A socket address in the kernel's format, for `sendmmsg`/`sendto` on unconnected sockets.
+#[derive(Clone, Copy)]
+struct RawAddr {
+    addr: SocketAddr,
+    storage: libc::sockaddr_storage,
+    len: libc::socklen_t,
+}
+
+impl RawAddr {
+    fn new(addr: SocketAddr) -> Self {
+        // SAFETY: an all-zero sockaddr_storage is a valid value of this plain C struct.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match addr {
+            SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(a.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+                unsafe {
+                    std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin)
+                };
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: a.flowinfo(),
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: a.scope_id(),
+                };
+                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+                unsafe {
+                    std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6)
+                };
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        RawAddr {
+            addr,
+            storage,
+            len: len as libc::socklen_t,
+        }
+    }
+}
+
+/// Parses a source address filled in by `recvmmsg`.
+fn parse_sockaddr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let len = len as usize;
+    match i32::from(storage.ss_family) {
+        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says sockaddr_in and the kernel wrote at least its size.
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
+            let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Some(SocketAddr::new(ip.into(), u16::from_be(sin.sin_port)))
+        }
+        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: the family says sockaddr_in6 and the kernel wrote at least its size.
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::new(ip.into(), u16::from_be(sin6.sin6_port)))
+        }
+        _ => None,
+    }
 }
 
 /// Counters for requests first sent after the warm-up.
@@ -619,7 +727,7 @@ fn record(h: &mut Histogram<u64>, d: Duration) {
     let _ = h.record(us);
 }
 
-fn open_client(target: SocketAddr) -> io::Result<Socket> {
+fn open_client(target: SocketAddr, connect: bool) -> io::Result<Socket> {
     let sock = Socket::new(
         Domain::for_address(target),
         Type::DGRAM,
@@ -636,7 +744,9 @@ fn open_client(target: SocketAddr) -> io::Result<Socket> {
         IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
     sock.bind(&local.into())?;
-    sock.connect(&target.into())?;
+    if connect {
+        sock.connect(&target.into())?;
+    }
     Ok(sock)
 }
 
@@ -653,6 +763,8 @@ struct Io {
     recv_len: usize,
     iov: Vec<libc::iovec>,
     msgs: Vec<libc::mmsghdr>,
+    /// Source addresses of received datagrams (--follow-reply-port).
+    names: Vec<libc::sockaddr_storage>,
 }
 
 impl Io {
@@ -668,6 +780,8 @@ impl Io {
             iov: vec![unsafe { std::mem::zeroed() }; BATCH],
             // SAFETY: as above.
             msgs: vec![unsafe { std::mem::zeroed() }; BATCH],
+            // SAFETY: an all-zero sockaddr_storage is a valid value.
+            names: vec![unsafe { std::mem::zeroed() }; BATCH],
         }
     }
 
@@ -687,9 +801,10 @@ impl Io {
         }
     }
 
-    /// Sends the first `n` (<= BATCH) encoded requests of `send_buf` on the connected `fd`.
-    /// Returns how many the kernel took; the first error is returned only if nothing was sent.
-    fn send_batch(&mut self, fd: RawFd, n: usize) -> io::Result<usize> {
+    /// Sends the first `n` (<= BATCH) encoded requests of `send_buf` on `fd`: to `dest`, or
+    /// on the connected socket's peer when `dest` is `None`. Returns how many the kernel
+    /// took; the first error is returned only if nothing was sent.
+    fn send_batch(&mut self, fd: RawFd, n: usize, dest: Option<&RawAddr>) -> io::Result<usize> {
         let n = n.min(BATCH);
         Self::prepare(
             &mut self.iov[..n],
@@ -697,11 +812,21 @@ impl Io {
             &mut self.send_buf,
             self.size,
         );
+        if let Some(d) = dest {
+            for m in &mut self.msgs[..n] {
+                // The kernel only reads msg_name on send; `d` outlives the call.
+                m.msg_hdr.msg_name = (&d.storage as *const libc::sockaddr_storage)
+                    .cast_mut()
+                    .cast();
+                m.msg_hdr.msg_namelen = d.len;
+            }
+        }
         let mut done = 0;
         while done < n {
             let left = u32::try_from(n - done).unwrap_or(u32::MAX);
             // SAFETY: msgs[done..n] are initialised mmsghdrs whose iovecs point into
-            // `send_buf`, which outlives the call; msg_name is null (connected socket).
+            // `send_buf`, which outlives the call; msg_name is null (connected socket) or
+            // points at `dest`, which outlives the call.
             let rc = unsafe {
                 libc::sendmmsg(fd, self.msgs[done..].as_mut_ptr(), left, libc::MSG_DONTWAIT)
             };
@@ -721,16 +846,25 @@ impl Io {
     }
 
     /// One `recvmmsg` of up to BATCH datagrams; returns how many arrived (0 on EAGAIN).
-    fn recv_batch(&mut self, fd: RawFd) -> io::Result<usize> {
+    /// With `names`, each datagram's source address is kept (see [`Io::source`]).
+    fn recv_batch(&mut self, fd: RawFd, names: bool) -> io::Result<usize> {
         Self::prepare(
             &mut self.iov,
             &mut self.msgs,
             &mut self.recv_buf,
             self.recv_len,
         );
+        if names {
+            for (m, name) in self.msgs.iter_mut().zip(self.names.iter_mut()) {
+                m.msg_hdr.msg_name = (name as *mut libc::sockaddr_storage).cast();
+                m.msg_hdr.msg_namelen =
+                    std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            }
+        }
         loop {
             // SAFETY: msgs[..BATCH] are initialised mmsghdrs whose iovecs point into
-            // `recv_buf` (BATCH chunks of recv_len bytes), which outlives the call.
+            // `recv_buf` (BATCH chunks of recv_len bytes) and whose msg_name is null or
+            // points into `names` (room for a sockaddr_storage each); both outlive the call.
             let rc = unsafe {
                 libc::recvmmsg(
                     fd,
@@ -750,6 +884,11 @@ impl Io {
                 _ => return Err(e),
             }
         }
+    }
+
+    /// Source address of received datagram `i` of the last `recv_batch(.., true)`.
+    fn source(&self, i: usize) -> Option<SocketAddr> {
+        parse_sockaddr(&self.names[i], self.msgs[i].msg_hdr.msg_namelen)
     }
 
     /// Payload of received datagram `i` of the last `recv_batch`.
@@ -854,6 +993,8 @@ struct Gen<'a> {
     last_answer: Option<Instant>,
     /// Closed loop: clients whose window must be refilled.
     refill: Vec<u32>,
+    /// `--target` in the kernel's format (resends under --follow-reply-port).
+    target_raw: RawAddr,
     refill_flag: Vec<bool>,
 }
 
@@ -891,7 +1032,10 @@ impl<'a> Gen<'a> {
                 self.issued_counted += n;
             }
             let fd = client.sock.as_raw_fd();
-            let took = self.io.send_batch(fd, chunk.len()).unwrap_or_default();
+            let took = self
+                .io
+                .send_batch(fd, chunk.len(), client.dest.as_ref())
+                .unwrap_or_default();
             // Requests the kernel refused stay pending; the retransmit timer resends them.
             if counted {
                 self.c.send_errors += (chunk.len() - took) as u64;
@@ -941,15 +1085,32 @@ impl<'a> Gen<'a> {
                 let fd = client.sock.as_raw_fd();
                 self.timers.push(
                     level + 1,
-                    now + backoff(self.args.timeout, level + 1),
+                    now + capped_backoff(self.args.timeout, level + 1, self.args.max_timeout),
                     ci,
                     seq,
                 );
                 let buf = &mut self.io.send_buf[..size];
                 encode_request(self.args.proto, buf, seq, ci);
+                // --follow-reply-port: resends go to the target itself, which always reaches
+                // the server: the session's port may have closed on idle while every datagram
+                // of this client was lost (the server then answers from a new port).
+                let (name, namelen) = match client.dest.as_ref().map(|_| &self.target_raw) {
+                    Some(d) => ((&d.storage as *const libc::sockaddr_storage).cast(), d.len),
+                    None => (std::ptr::null(), 0),
+                };
                 // SAFETY: `buf` is a valid readable buffer of `size` bytes for the call;
-                // `fd` is the client's open, connected socket.
-                let rc = unsafe { libc::send(fd, buf.as_ptr().cast(), size, libc::MSG_DONTWAIT) };
+                // `fd` is the client's open socket, connected when `name` is null, and
+                // `name` otherwise points at `namelen` bytes of the client's destination.
+                let rc = unsafe {
+                    libc::sendto(
+                        fd,
+                        buf.as_ptr().cast(),
+                        size,
+                        libc::MSG_DONTWAIT,
+                        name,
+                        namelen,
+                    )
+                };
                 if counted {
                     self.c.retransmitted += 1;
                     if rc < 0 {
@@ -976,7 +1137,8 @@ impl<'a> Gen<'a> {
         // Bounded per wake-up for fairness; level-triggered epoll brings us back.
         for _ in 0..16 {
             let fd = self.clients[ci as usize].sock.as_raw_fd();
-            let n = match self.io.recv_batch(fd) {
+            let follow = self.args.follow_reply_port;
+            let n = match self.io.recv_batch(fd, follow) {
                 Ok(n) => n,
                 Err(_) => {
                     // E.g. ECONNREFUSED from an ICMP port unreachable: count, keep going.
@@ -991,8 +1153,20 @@ impl<'a> Gen<'a> {
             }
             let now = Instant::now();
             for i in 0..n {
-                let seq = decode_reply(self.args.proto, self.io.received(i), ci);
-                let settled = seq.and_then(|s| self.clients[ci as usize].out.settle(s));
+                // An unconnected socket hears from anyone: only the target's address counts.
+                let from = if follow { self.io.source(i) } else { None };
+                let seq = if follow && from.map(|a| a.ip()) != Some(self.args.target.ip()) {
+                    None
+                } else {
+                    decode_reply(self.args.proto, self.io.received(i), ci)
+                };
+                let client = &mut self.clients[ci as usize];
+                let settled = seq.and_then(|s| client.out.settle(s));
+                if let (Some(_), Some(from), Some(dest)) = (settled, from, client.dest.as_mut()) {
+                    if dest.addr != from {
+                        *dest = RawAddr::new(from);
+                    }
+                }
                 match settled {
                     Some(slot) => {
                         answered_any = true;
@@ -1059,11 +1233,12 @@ pub fn run(args: &LoadArgs) -> io::Result<LoadReport> {
     let mut epoll = Epoll::new(n_clients as usize)?;
     let mut clients = Vec::with_capacity(n_clients as usize);
     for ci in 0..n_clients {
-        let sock = open_client(args.target)?;
+        let sock = open_client(args.target, !args.follow_reply_port)?;
         epoll.add(sock.as_raw_fd(), u64::from(ci))?;
         clients.push(Client {
             sock,
             out: Outstanding::new(1),
+            dest: args.follow_reply_port.then(|| RawAddr::new(args.target)),
         });
     }
     let mut g = Gen {
@@ -1080,6 +1255,7 @@ pub fn run(args: &LoadArgs) -> io::Result<LoadReport> {
         last_answer: None,
         refill: Vec::new(),
         refill_flag: vec![false; n_clients as usize],
+        target_raw: RawAddr::new(args.target),
     };
 
     let closed_loop = args.rate.is_none();
@@ -1121,12 +1297,24 @@ pub fn run(args: &LoadArgs) -> io::Result<LoadReport> {
             if done {
                 sending = false;
                 send_stop = now;
-                drain_deadline = now + args.timeout;
-                g.timers.clear();
+                if args.settle {
+                    // Every pending request is answered or given up by then (plus slack
+                    // for the last resend's reply in flight).
+                    drain_deadline = now
+                        + give_up_after(args.timeout, args.retries, args.max_timeout)
+                        + args.timeout;
+                } else {
+                    drain_deadline = now + args.timeout;
+                    g.timers.clear();
+                }
             }
         }
         if !sending && (g.outstanding() == 0 || now >= drain_deadline) {
             break;
+        }
+        if !sending && args.settle {
+            // Resends and give-ups continue; no new requests (so nothing to refill).
+            g.fire_timers(now, false);
         }
 
         if sending {
@@ -1183,6 +1371,11 @@ pub fn run(args: &LoadArgs) -> io::Result<LoadReport> {
             }
         } else {
             wake = wake.min(drain_deadline);
+            if args.settle {
+                if let Some(t) = g.timers.next_deadline() {
+                    wake = wake.min(t);
+                }
+            }
         }
         let timeout = if !g.refill.is_empty() {
             Duration::ZERO
@@ -1384,6 +1577,155 @@ mod tests {
         assert!(j.contains("\"invariant_ok\":true"));
     }
 
+    #[test]
+    fn capped_backoff_and_give_up_time() {
+        let ms = Duration::from_millis;
+        assert_eq!(capped_backoff(ms(50), 3, None), ms(400));
+        assert_eq!(capped_backoff(ms(50), 3, Some(ms(200))), ms(200));
+        assert_eq!(
+            capped_backoff(ms(50), 0, Some(ms(10))),
+            ms(50),
+            "never below base"
+        );
+        // 50 + 100 + 200 + 200
+        assert_eq!(give_up_after(ms(50), 3, Some(ms(200))), ms(550));
+        assert_eq!(give_up_after(ms(50), 2, None), ms(350));
+    }
+
+    #[test]
+    fn raw_addr_round_trip() {
+        for a in ["10.77.0.1:9000", "[::1]:7", "127.0.0.1:65535"] {
+            let addr: SocketAddr = a.parse().expect("valid literal");
+            let r = RawAddr::new(addr);
+            assert_eq!(parse_sockaddr(&r.storage, r.len), Some(addr));
+        }
+        let r = RawAddr::new("127.0.0.1:1".parse().expect("valid literal"));
+        assert_eq!(parse_sockaddr(&r.storage, 4), None, "short address");
+    }
+
+    /// An echo thread on loopback (a main and another socket), stopped when the returned
+    /// flag is set. `answer` gets each request, its source and whether it came to the main
+    /// socket, and returns the socket to reply from (0 main, 1 other; `None` drops it).
+    fn echo_thread<F>(
+        mut answer: F,
+    ) -> (
+        SocketAddr,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<()>,
+    )
+    where
+        F: FnMut(&[u8], SocketAddr, bool) -> Option<usize> + Send + 'static,
+    {
+        let main = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind loopback");
+        let other = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind loopback");
+        main.set_nonblocking(true).expect("non-blocking");
+        other.set_nonblocking(true).expect("non-blocking");
+        let target = main.local_addr().expect("bound socket has an address");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let h = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut idle = true;
+                for (on_main, s) in [(true, &main), (false, &other)] {
+                    if let Ok((n, from)) = s.recv_from(&mut buf) {
+                        idle = false;
+                        match answer(&buf[..n], from, on_main) {
+                            Some(0) => drop(main.send_to(&buf[..n], from)),
+                            Some(_) => drop(other.send_to(&buf[..n], from)),
+                            None => {}
+                        }
+                    }
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }
+        });
+        (target, stop, h)
+    }
+
+    fn test_args(target: SocketAddr) -> LoadArgs {
+        LoadArgs {
+            target,
+            clients: 4,
+            window: 2,
+            size: 32,
+            duration: Duration::from_millis(300),
+            requests: None,
+            rate: None,
+            proto: Proto::Echo,
+            timeout: Duration::from_millis(20),
+            retries: 6,
+            json: true,
+            quiet: true,
+            warmup: Duration::ZERO,
+            max_timeout: Some(Duration::from_millis(40)),
+            settle: false,
+            follow_reply_port: false,
+        }
+    }
+
+    /// --settle: the first copy of every request is dropped, yet every request is answered
+    /// and none is left outstanding.
+    #[test]
+    fn settle_answers_every_request_despite_loss() {
+        let mut seen = std::collections::HashSet::new();
+        let (target, stop, h) = echo_thread(move |req, from, _| {
+            let key = (req[..12].to_vec(), from);
+            seen.insert(key).then_some(()).map_or(Some(0), |()| None)
+        });
+        let args = LoadArgs {
+            requests: Some(200),
+            settle: true,
+            ..test_args(target)
+        };
+        let r = run(&args).expect("load run");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        h.join().expect("echo thread");
+        assert_eq!(r.sent, 200, "{r}");
+        assert_eq!(r.answered, 200, "{r}");
+        assert_eq!((r.given_up, r.outstanding), (0, 0), "{r}");
+        assert!(r.retransmitted >= 200, "{r}");
+    }
+
+    /// --follow-reply-port: the server answers the first request of a client from its main
+    /// port's sibling and expects everything after it there (like port-per-client).
+    #[test]
+    fn follow_reply_port_switches_to_the_reply_source() {
+        let mut switched = std::collections::HashSet::new();
+        let mut wrong = 0u64;
+        let wrong_seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let w2 = wrong_seen.clone();
+        // Requests on the main port from a peer already answered from the other port are
+        // counted as wrong (but still answered, from the other port).
+        let (target, stop, h) = echo_thread(move |_req, from, on_main| {
+            if on_main && !switched.insert(from) {
+                wrong += 1;
+                w2.store(wrong, std::sync::atomic::Ordering::Relaxed);
+            }
+            Some(1)
+        });
+        let args = LoadArgs {
+            requests: Some(400),
+            settle: true,
+            follow_reply_port: true,
+            window: 1,
+            ..test_args(target)
+        };
+        let r = run(&args).expect("load run");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        h.join().expect("echo thread");
+        assert_eq!((r.answered, r.given_up, r.outstanding), (400, 0, 0), "{r}");
+        // With window 1 each client sends a new request to the main port only once; resends
+        // (none expected on an idle loopback) also go there.
+        let wrong = wrong_seen.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            wrong <= r.retransmitted,
+            "{wrong} requests to the main port; {r}"
+        );
+    }
+
     /// End to end against an in-process echo thread on loopback (bounded: 300 ms).
     #[test]
     fn closed_loop_against_echo_thread() {
@@ -1416,6 +1758,9 @@ mod tests {
             json: true,
             quiet: true,
             warmup: Duration::ZERO,
+            max_timeout: None,
+            settle: false,
+            follow_reply_port: false,
         };
         let r = run(&args).expect("load run");
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
