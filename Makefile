@@ -3,7 +3,7 @@ CARGO ?= cargo
 BIND ?= 127.0.0.1:9000
 ARGS ?=
 
-.PHONY: build run test lint probe bench bench-quick bench-micro fmt clean fuzz
+.PHONY: build run test lint probe bench bench-quick bench-micro fmt clean fuzz soak
 
 build:
 	$(CARGO) build --release --bins --examples
@@ -47,3 +47,9 @@ bench-micro:
 SECONDS ?= 60
 fuzz:
 	scripts/fuzz.sh $(SECONDS)
+
+# Soak under client churn in every session mode (bounded: SOAK_S seconds, default 600).
+SOAK_S ?= 600
+soak:
+	$(CARGO) build --release --bins
+	python3 scripts/soak.py $(SOAK_S)

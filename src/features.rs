@@ -250,12 +250,14 @@ fn probe_recvmsg_multishot() -> bool {
     if unsafe { ring.push(&entry) }.is_err() {
         return false;
     }
-    if tx.send_to(b"probe", rx_addr).is_err() {
-        return false;
-    }
     let mut seen = Vec::with_capacity(16);
     let mut verdict = None;
-    for _ in 0..10 {
+    // Resend each round: a packet filter on loopback may drop a probe, and a lost probe must
+    // not read as a kernel without the feature.
+    for _ in 0..20 {
+        if tx.send_to(b"probe", rx_addr).is_err() {
+            return false;
+        }
         if ring
             .submit_and_wait(1, Some(Duration::from_millis(100)))
             .is_err()
