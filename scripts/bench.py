@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -76,12 +77,12 @@ def probe(port: int, proc: subprocess.Popen, deadline_s: float = 5.0) -> str | N
     end = time.monotonic() + deadline_s
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(0.1)
-        s.connect(("127.0.0.1", port))
+        # Unconnected: a port-per-client server answers from a new port.
         while time.monotonic() < end:
             if proc.poll() is not None:
                 return f"exited with status {proc.returncode} before answering"
             try:
-                s.send(msg)
+                s.sendto(msg, ("127.0.0.1", port))
                 reply = s.recv(2048)
                 if len(reply) >= 8 and reply[:8] == msg[:8]:
                     return None
@@ -256,6 +257,125 @@ def run_all(args) -> tuple[dict, dict, list[str]]:
                 stop(proc)
                 logf.close()
     return results, failures, commands
+
+
+SESSION_MODES = ("none", "shared", "connected", "port-per-client")
+
+
+def session_point(args, pin: bool, mode: str, clients: int) -> dict:
+    """One udpring server in `mode`, one generator run with `clients` clients; fresh server per
+    point so every run starts with an empty session table."""
+    port = free_port()
+    server_cmd = taskset(
+        0,
+        [
+            args.udpring, "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1",
+            "--app", "sockperf", "--stats-interval", "0", "--sessions", mode,
+            "--idle-timeout", "60s", "--max-sessions", "100000", "--max-connected", "20000",
+        ],
+        pin,
+    )
+    window = "64" if clients == 1 else "1"
+    gen = [
+        args.load_bin, "load", "--target", f"127.0.0.1:{port}", "--proto", "sockperf", "--size", "64",
+        "--clients", str(clients), "--window", window, "--duration", f"{args.session_secs}s",
+        "--warmup", f"{args.warmup}s", "--json", "--quiet",
+    ]
+    if mode == "port-per-client":
+        gen.append("--follow-reply-port")
+    gen_cmd = taskset(1, gen, pin)
+    proc = subprocess.Popen(server_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        why = probe(port, proc)
+        if why:
+            return {"error": why, "server_cmd": shlex.join(server_cmd), "gen_cmd": shlex.join(gen_cmd)}
+        g = subprocess.Popen(gen_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(args.warmup)
+        t0 = proc_cpu_ticks(proc.pid)
+        try:
+            out, err = g.communicate(timeout=args.warmup + args.session_secs + 30)
+        except subprocess.TimeoutExpired:
+            os.kill(g.pid, signal.SIGKILL)
+            g.communicate()
+            return {"error": "generator timed out"}
+        t1 = proc_cpu_ticks(proc.pid)
+        line = out.strip().splitlines()[-1] if out.strip() else ""
+        try:
+            rep = json.loads(line)
+        except json.JSONDecodeError:
+            return {"error": f"generator failed (rc {g.returncode}): {err.strip()[-300:]}"}
+        res = {
+            "throughput": rep["throughput"],
+            "p50_us": rep["p50_us"],
+            "p99_us": rep["p99_us"],
+            "loss_pct": rep["loss_pct"],
+            "gen_cpu_pct": rep["cpu_pct"],
+            "server_cmd": shlex.join(server_cmd),
+            "gen_cmd": shlex.join(gen_cmd),
+        }
+        if t0 is not None and t1 is not None and rep["answered"] > 0:
+            res["server_ns"] = (t1 - t0) / CLK_TCK * 1e9 / rep["answered"]
+        return res
+    finally:
+        stop(proc)
+
+
+def run_sessions(args) -> dict:
+    """results[mode][clients] -> list of per-round dicts, rounds interleaved over modes."""
+    pin = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    results: dict = {m: {} for m in args.session_modes}
+    for rnd in range(1, args.rounds_sessions + 1):
+        for clients in args.session_clients:
+            for mode in args.session_modes:
+                r = session_point(args, pin, mode, clients)
+                results[mode].setdefault(str(clients), []).append(r)
+                if "error" in r:
+                    log(f"sessions round {rnd} {mode:15} {clients:>6} clients ERROR {r['error']}")
+                else:
+                    log(
+                        f"sessions round {rnd} {mode:15} {clients:>6} clients {r['throughput']:>10.0f}/s "
+                        f"p99 {r['p99_us']:>7} µs srv {r.get('server_ns', float('nan')):>7.0f} ns gen {r['gen_cpu_pct']:.0f}%"
+                    )
+    return results
+
+
+def sessions_markdown(results: dict, args) -> str:
+    lines = [
+        f"**Session modes** (udpring, 1 worker, 64-byte sockperf requests, closed loop: 1 client × 64 "
+        f"in flight, else N clients × 1 in flight; fresh server per point; median of "
+        f"{args.rounds_sessions} rounds, {args.session_secs:g} s each; ratio to `--sessions none` at the same N)",
+        "",
+        "| mode | clients | answered/s | vs none | server CPU ns/answer | vs none | p99 µs | loss % | generator CPU % |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for clients in args.session_clients:
+        base = results.get("none", {}).get(str(clients), [])
+        base_thr = median(base, "throughput")
+        base_ns = median(base, "server_ns")
+        for mode in args.session_modes:
+            rows = results.get(mode, {}).get(str(clients), [])
+            if not [r for r in rows if "error" not in r]:
+                err = next((r["error"] for r in rows if "error" in r), "no data")
+                lines.append(f"| {mode} | {clients:,} | failed: {err} | | | | | | |")
+                continue
+            thr, ns = median(rows, "throughput"), median(rows, "server_ns")
+            lines.append(
+                f"| {mode} | {clients:,} | {fmt(thr)} | {ratio(thr, base_thr)} | {fmt(ns)} | {ratio(ns, base_ns)} | "
+                f"{fmt(median(rows, 'p99_us'))} | {fmt(median(rows, 'loss_pct'), 3)} | {fmt(median(rows, 'gen_cpu_pct'))} |"
+            )
+    cmds = sorted({r["server_cmd"] for m in results.values() for rows in m.values() for r in rows if "server_cmd" in r})
+    gens = sorted({r["gen_cmd"] for m in results.values() for rows in m.values() for r in rows if "gen_cmd" in r})
+    lines += ["", "Session-matrix commands (PORT differs per run):", "", "```"]
+    lines += [re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", c) for c in sorted(set(cmds + gens))]
+    lines += ["```", ""]
+    # Deduplicate after the port substitution.
+    out, seen = [], set()
+    for l in lines:
+        if l.startswith(("taskset", "/")) and l in seen:
+            continue
+        seen.add(l)
+        out.append(l)
+    return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------- reporting
@@ -481,17 +601,24 @@ def main() -> int:
     ap.add_argument("--servers", default=",".join(ALL_SERVERS), help="comma-separated subset of %(default)s")
     ap.add_argument("--sizes", default="64,1200", help="payload sizes in bytes (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default %(default)s)")
-    ap.add_argument("--sat-secs", type=float, default=5.0, help="seconds per saturation point")
-    ap.add_argument("--lat-secs", type=float, default=5.0, help="seconds per latency point")
+    ap.add_argument("--sat-secs", type=float, default=4.0, help="seconds per saturation point")
+    ap.add_argument("--lat-secs", type=float, default=4.0, help="seconds per latency point")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per point (not counted)")
     ap.add_argument("--rate", type=int, default=20000, help="open-loop rate for the latency points")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, 1 s points, 0.3 s warm-up")
+    ap.add_argument("--session-modes", default=",".join(SESSION_MODES), help="session modes for the session matrix (empty: skip it)")
+    ap.add_argument("--session-clients", default="1,1000,10000", help="client counts for the session matrix")
+    ap.add_argument("--session-secs", type=float, default=3.0, help="seconds per session-matrix point")
+    ap.add_argument("--rounds-sessions", type=int, default=2, help="rounds of the session matrix")
     ap.add_argument("--out", default=str(tdir / "bench"), help="output directory (default %(default)s)")
     ap.add_argument("--notes", default=str(REPO / "kernel-notes" / "benchmarks.md"), help="notes file to append to")
     ap.add_argument("--no-notes", action="store_true", help="do not append to the notes file")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.sat_secs, args.lat_secs, args.warmup = 1, 1.0, 1.0, 0.3
+        args.rounds_sessions, args.session_secs = 1, 1.0
+    args.session_modes = [m.strip() for m in args.session_modes.split(",") if m.strip()]
+    args.session_clients = [int(c) for c in args.session_clients.split(",") if c.strip()]
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     args.sizes = [int(s) for s in args.sizes.split(",")]
     if args.rounds < 1:
@@ -515,11 +642,15 @@ def main() -> int:
     started = _dt.datetime.now()
     n_pts = len(args.sizes) * 2
     est = args.rounds * len(args.servers) * (len(args.sizes) * (args.sat_secs + args.lat_secs + 2 * args.warmup))
+    est += args.rounds_sessions * len(args.session_modes) * len(args.session_clients) * (args.session_secs + args.warmup + 1)
     log(f"bench: {len(args.servers)} servers × {n_pts} points × {args.rounds} rounds, ~{est / 60:.1f} min")
 
     results, failures, commands = run_all(args)
+    session_results = run_sessions(args) if args.session_modes and "udpring" not in failures else {}
     summary = summarize(results, args)
     table = markdown(summary, failures, args)
+    if session_results:
+        table += "\n" + sessions_markdown(session_results, args)
     thr_svg, lat_svg = charts(summary, args)
     info = machine_info()
     cmdline = shlex.join([sys.executable, *sys.argv])
@@ -533,7 +664,11 @@ def main() -> int:
     (out / "throughput.svg").write_text(thr_svg)
     (out / "latency.svg").write_text(lat_svg)
     (out / "results.json").write_text(
-        json.dumps({"machine": info, "command": cmdline, "rounds": results, "summary": summary, "failures": failures}, indent=1)
+        json.dumps(
+            {"machine": info, "command": cmdline, "rounds": results, "summary": summary,
+             "sessions": session_results, "failures": failures},
+            indent=1,
+        )
     )
 
     print(table)
