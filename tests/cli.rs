@@ -327,3 +327,62 @@ fn pin_cpus_pins_each_worker_to_its_own_cpu() {
     );
     assert_ne!(allowed[0], allowed[1], "on different CPUs");
 }
+
+#[test]
+fn metrics_endpoint_reports_live_counters() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    use std::io::Write;
+    // A port that was free a moment ago.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let (mut child, addr) = spawn_server(&["--workers", "2", "--metrics", &metrics]);
+    let client = client_for(addr);
+    for i in 0..25u32 {
+        round_trip(&client, addr, format!("metrics {i}").as_bytes()).expect("echo");
+    }
+    let fetch = || -> String {
+        let mut s = std::net::TcpStream::connect(&metrics).expect("metrics port");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .expect("request");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("response");
+        body
+    };
+    let sum = |body: &str, name: &str| -> u64 {
+        body.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    // Counters are published once per loop turn: allow a moment.
+    let mut body = fetch();
+    let deadline = Instant::now() + WAIT;
+    while sum(&body, "udpring_tx_datagrams_total") < 25 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        body = fetch();
+    }
+    // SAFETY: kill(2) on our own child's PID.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    wait_exit(&mut child, Duration::from_secs(5)).expect("exits");
+    assert!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "{body}"
+    );
+    assert_eq!(sum(&body, "udpring_rx_datagrams_total"), 25, "{body}");
+    assert_eq!(sum(&body, "udpring_tx_datagrams_total"), 25, "{body}");
+    for family in [
+        "# TYPE udpring_kernel_drops_total counter",
+        "# TYPE udpring_sessions_open gauge",
+        "# TYPE udpring_enobufs_total counter",
+        "udpring_rx_datagrams_total{worker=\"1\"}",
+    ] {
+        assert!(body.contains(family), "missing {family}:\n{body}");
+    }
+}
