@@ -197,11 +197,7 @@ impl Reply<'_> {
     }
 
     fn queue(&mut self, dest: Dest, bytes: &[u8]) -> Result<(), SendError> {
-        let result = self.pool.queue(dest, |buf| {
-            let n = bytes.len().min(buf.len());
-            buf[..n].copy_from_slice(&bytes[..n]);
-            bytes.len()
-        });
+        let result = self.pool.queue_bytes(dest, bytes);
         self.settle(result)
     }
 

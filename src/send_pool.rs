@@ -191,6 +191,16 @@ impl SendPool {
         }
     }
 
+    /// Queues a copy of `bytes` for `dest`.
+    pub fn queue_bytes(&mut self, dest: Dest, bytes: &[u8]) -> Result<usize, SendError> {
+        self.queue(dest, |buf| {
+            let n = bytes.len().min(buf.len());
+            buf[..n].copy_from_slice(&bytes[..n]);
+            // Longer than the slot: `queue` sees the real length and refuses it (TooLong).
+            bytes.len()
+        })
+    }
+
     fn prepare(
         &mut self,
         index: u32,

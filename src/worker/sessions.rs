@@ -261,12 +261,7 @@ impl<H: SessionHandler> Worker<H> {
             local,
             connected: false,
         };
-        let queued = self.sends.queue(dest, |buf| {
-            let n = message.len().min(buf.len());
-            buf[..n].copy_from_slice(&message[..n]);
-            message.len()
-        });
-        match queued {
+        match self.sends.queue_bytes(dest, &message) {
             Ok(_) => self.counters.retries_sent += 1,
             Err(_) => self.counters.send_dropped += 1,
         }
@@ -614,12 +609,7 @@ impl<H: SessionHandler> Worker<H> {
             entry.value.budget -= payload.len() as u64;
         }
         let dest = entry.value.dest(entry.peer, self.fd, None);
-        let queued = self.sends.queue(dest, |buf| {
-            let n = payload.len().min(buf.len());
-            buf[..n].copy_from_slice(&payload[..n]);
-            payload.len()
-        });
-        match queued {
+        match self.sends.queue_bytes(dest, payload) {
             Ok(_) => self.counters.deferred_sent += 1,
             Err(_) => self.counters.send_dropped += 1,
         }
