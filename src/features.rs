@@ -38,7 +38,22 @@ pub struct Features {
 
 impl Features {
     /// Probes the running kernel. Takes a few milliseconds; call once.
+    ///
+    /// Runs on a short-lived thread of its own: when a ring that a thread submitted to is torn
+    /// down, the kernel queues exit work to that thread as signal-like task work, which makes
+    /// its next blocking system call (a `recvfrom` with a timeout, say) fail with EINTR. The
+    /// probe's scratch rings must not do that to the caller.
     pub fn probe() -> Features {
+        match std::thread::Builder::new()
+            .name("udpring-probe".to_string())
+            .spawn(Features::probe_here)
+        {
+            Ok(handle) => handle.join().unwrap_or_else(|_| Features::probe_here()),
+            Err(_) => Features::probe_here(),
+        }
+    }
+
+    fn probe_here() -> Features {
         let kernel_release = sys::kernel_release();
         let ring = match Ring::new(8, 16) {
             Ok(r) => r,

@@ -11,7 +11,14 @@
 //! table of the seed article, made safe by generations). Nothing on the datagram path
 //! allocates or locks.
 //!
-//! Minimum kernel: Linux 6.0 (multishot recvmsg); 6.1+ for DEFER_TASKRUN.
+//! Peers can also be served as sessions ([`SessionHandler`], [`SessionMode`]): demultiplexed
+//! in user space (`Shared`), on a connected socket per client (`Connected`, the "UDP accept"
+//! model) or on a port per client (`PortPerClient`, the IOCP model), with idle timeouts on a
+//! timeout SQE, admission limits, deferred replies through a `Send` [`SessionHandle`], and
+//! optional stateless address validation ([`cookie`]).
+//!
+//! Minimum kernel: Linux 6.0 (multishot recvmsg); 6.1+ for DEFER_TASKRUN; 6.13+ for
+//! `Connected` sessions at scale (UDP 4-tuple hash).
 //!
 //! ```no_run
 //! use udpring::{Datagram, Handler, Reply, Server, ServerConfig};

@@ -401,3 +401,27 @@ fn gso_trains_arrive_as_separate_datagrams_in_order() {
         }
     }
 }
+
+/// Starting a server must not leave io_uring exit work aimed at the caller's thread: that
+/// would make the caller's next blocking call fail with EINTR (the start-up probe's scratch
+/// rings used to do this).
+#[test]
+fn starting_a_server_does_not_interrupt_the_caller() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let server = start(config("127.0.0.1:0", 1), |_| Echo);
+    let idle = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    idle.set_read_timeout(Some(Duration::from_millis(150)))
+        .expect("timeout");
+    let mut buf = [0u8; 8];
+    for _ in 0..3 {
+        let err = idle.recv_from(&mut buf).expect_err("nothing to receive");
+        assert_ne!(
+            err.kind(),
+            std::io::ErrorKind::Interrupted,
+            "a blocking call in the thread that started the server was interrupted"
+        );
+    }
+    server.shutdown().expect("shutdown");
+}

@@ -408,3 +408,64 @@ fn handler_can_close_its_session() {
     assert_eq!(c[0].closed_evicted, 1);
     assert_eq!(c[0].sessions_opened, 2);
 }
+
+/// Per-client sockets in both families: an IPv6 listener, and a dual-stack `[::]` listener
+/// whose IPv4 peers get IPv4 sockets bound to the address they asked on.
+#[test]
+fn session_sockets_work_over_ipv6_and_dual_stack() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    for mode in [SessionMode::Connected, SessionMode::PortPerClient] {
+        for (bind, dst) in [
+            ("[::1]:0", "::1"),
+            ("[::]:0", "::1"),
+            ("[::]:0", "127.0.0.1"),
+            ("[::]:0", "127.0.0.2"),
+        ] {
+            let mismatched = Arc::new(AtomicU64::new(0));
+            let m = mismatched.clone();
+            let server = start(
+                ServerConfig {
+                    sessions: mode,
+                    ..config(bind, 1)
+                },
+                move |_| Counting {
+                    mismatched: m.clone(),
+                },
+            );
+            let to: SocketAddr =
+                SocketAddr::new(dst.parse().expect("address"), server.local_addr().port());
+            let client = client_for(to);
+            let mut target = to;
+            for round in 1..=3u64 {
+                let (reply, from) = round_trip(&client, target, b"v6?")
+                    .unwrap_or_else(|| panic!("{mode:?} {bind} -> {dst}: no reply"));
+                assert_eq!(
+                    reply,
+                    format!("v6?#{round}").as_bytes(),
+                    "{mode:?} {bind} {dst}"
+                );
+                assert_eq!(
+                    from.ip(),
+                    to.ip(),
+                    "{mode:?} {bind}: reply from the asked address"
+                );
+                if mode == SessionMode::PortPerClient {
+                    target = from;
+                } else {
+                    assert_eq!(from, to);
+                }
+            }
+            let c = server.shutdown().expect("shutdown");
+            assert_eq!(
+                c[0].session_socket_errors,
+                0,
+                "{mode:?} {bind} {dst}: {}",
+                c[0].summary()
+            );
+            assert_eq!(c[0].sessions_opened, 1);
+            assert_eq!(mismatched.load(Ordering::Relaxed), 0);
+        }
+    }
+}
