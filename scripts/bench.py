@@ -34,9 +34,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINES = ("recvfrom", "recvmmsg", "tokio")
-# udpring-batch is udpring with its opt-in --batch-wait (fewer wake-ups, more latency); it is
-# a separate row so the default configuration is never flattered by it.
-ALL_SERVERS = ("udpring", "udpring-batch", "recvfrom", "recvmmsg", "tokio", "sockperf")
+# udpring-batch and udpring-poll are udpring with its opt-in --batch-wait (fewer wake-ups, more
+# latency) and --busy-poll (no sleeps after bursts, a busy core); separate rows so the default
+# configuration is never flattered by them.
+ALL_SERVERS = ("udpring", "udpring-batch", "udpring-poll", "recvfrom", "recvmmsg", "tokio", "sockperf")
 REFERENCE = "recvmmsg"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -118,9 +119,14 @@ def server_commands(args, pin: bool) -> dict[str, object]:
         out["udpring-batch"] = lambda p: taskset(
             0, [*base, "--bind", f"127.0.0.1:{p}", "--batch-wait", "20us"], pin
         )
+        # Opt-in busy polling: keeps the server core busy after bursts; its own row.
+        out["udpring-poll"] = lambda p: taskset(
+            0, [*base, "--bind", f"127.0.0.1:{p}", "--busy-poll", "50us"], pin
+        )
     else:
         out["udpring"] = f"skipped: {udpring} not found (build it first)"
         out["udpring-batch"] = out["udpring"]
+        out["udpring-poll"] = out["udpring"]
     for name in BASELINES:
         exe = Path(args.examples) / f"baseline_{name}"
         if exe.is_file():
@@ -475,6 +481,7 @@ def markdown(summary: dict, failures: dict, args) -> str:
 PALETTE = {
     "udpring": "#d62728",
     "udpring-batch": "#ff9896",
+    "udpring-poll": "#ff7f0e",
     "recvfrom": "#7f7f7f",
     "recvmmsg": "#1f77b4",
     "tokio": "#2ca02c",

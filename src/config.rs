@@ -47,6 +47,9 @@ pub struct ServerConfig {
     pub batch_wait: Option<Duration>,
     /// Completions to wait for when `batch_wait` is set.
     pub batch_size: usize,
+    /// After a busy turn, poll for completions without sleeping for up to this long before
+    /// blocking. Off by default: it keeps a core busy.
+    pub busy_poll: Option<Duration>,
     /// How peers are tracked.
     pub sessions: SessionMode,
     /// A session with no datagram for this long is closed (and its socket).
@@ -93,6 +96,7 @@ impl Default for ServerConfig {
             gso: true,
             batch_wait: None,
             batch_size: 32,
+            busy_poll: None,
             sessions: SessionMode::None,
             idle_timeout: Duration::from_secs(30),
             max_sessions: 100_000,
@@ -147,6 +151,11 @@ impl ServerConfig {
         }
         if self.cookie_rotation < Duration::from_secs(1) {
             return Err("--cookie-rotation must be at least 1s".to_string());
+        }
+        if let Some(p) = self.busy_poll {
+            if p > Duration::from_millis(10) {
+                return Err(format!("--busy-poll must be at most 10ms, got {p:?}"));
+            }
         }
         if self.idle_timeout < Duration::from_millis(1) {
             return Err("--idle-timeout must be at least 1ms".to_string());

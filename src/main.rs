@@ -79,6 +79,11 @@ struct ServeArgs {
     /// load, at the cost of that much added latency. 0 (default) wakes on every completion.
     #[arg(long, default_value = "0", value_parser = udpring::parse_duration)]
     batch_wait: Duration,
+    /// After a busy loop turn, poll the ring without sleeping for up to this long (e.g. 50us)
+    /// before blocking: senders stop paying for wake-ups and replies go out sooner, at the cost
+    /// of a core kept busy after each burst. 0 (default) never polls.
+    #[arg(long, default_value = "0", value_parser = udpring::parse_duration)]
+    busy_poll: Duration,
     /// Completions to gather per wake-up when --batch-wait is set.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -186,6 +191,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         gso: !args.no_gso,
         batch_wait: (!args.batch_wait.is_zero()).then_some(args.batch_wait),
         batch_size: args.batch_size,
+        busy_poll: (!args.busy_poll.is_zero()).then_some(args.busy_poll),
         sessions: args.sessions,
         idle_timeout: args.idle_timeout,
         max_sessions: args.max_sessions,

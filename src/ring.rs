@@ -149,6 +149,13 @@ impl Ring {
         self.submit_and_wait(0, None)
     }
 
+    /// Whether completions are waiting in the completion queue.
+    pub fn has_completions(&mut self) -> bool {
+        let mut cq = self.uring.completion();
+        cq.sync();
+        !cq.is_empty()
+    }
+
     /// Moves every available completion into `out` (which keeps its capacity across turns).
     pub fn drain(&mut self, out: &mut Vec<Completion>) {
         let mut cq = self.uring.completion();

@@ -114,6 +114,34 @@ fn two_hundred_clients_each_get_exactly_their_own_replies() {
 }
 
 #[test]
+fn busy_polling_serves_the_same() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let server = start(
+        ServerConfig {
+            busy_poll: Some(Duration::from_micros(50)),
+            ..config("127.0.0.1:0", 2)
+        },
+        |_| Echo,
+    );
+    let to = server.local_addr();
+    let clients: Vec<UdpSocket> = (0..50).map(|_| client_for(to)).collect();
+    for round in 0..20u8 {
+        for c in &clients {
+            c.send_to(&[round; 32], to).expect("send");
+        }
+        let mut buf = [0u8; 64];
+        for c in &clients {
+            let (n, _) = recv_retrying(c, &mut buf).expect("reply");
+            assert_eq!(&buf[..n], &[round; 32]);
+        }
+    }
+    let c = server.shutdown().expect("shutdown");
+    assert_eq!(c.iter().map(|c| c.tx_datagrams).sum::<u64>(), 1000);
+}
+
+#[test]
 fn many_source_ports_reach_every_worker() {
     if !kernel_supports_udpring() {
         return;

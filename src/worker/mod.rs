@@ -224,6 +224,7 @@ pub struct Worker<H: SessionHandler> {
     shutdown_timeout: Duration,
     batch_wait: Option<Duration>,
     batch_size: usize,
+    busy_poll: Option<Duration>,
     recv_log: LogLimit,
     send_log: LogLimit,
     socket_log: LogLimit,
@@ -337,6 +338,7 @@ impl<H: SessionHandler> Worker<H> {
             state: State::Running,
             shutdown_timeout: config.shutdown_timeout,
             batch_wait: config.batch_wait,
+            busy_poll: config.busy_poll,
             batch_size: config.batch_size,
             recv_log: LogLimit::new(),
             send_log: LogLimit::new(),
@@ -397,8 +399,10 @@ impl<H: SessionHandler> Worker<H> {
                 // While draining, wake up to notice the deadline even if nothing completes.
                 (State::Draining { .. }, _) => (1, Some(Duration::from_millis(20))),
             };
-            self.counters.enters += 1;
-            self.ring.submit_and_wait(want, timeout)?;
+            if !(self.state == State::Running && want == 1 && timeout.is_none() && self.spin()?) {
+                self.counters.enters += 1;
+                self.ring.submit_and_wait(want, timeout)?;
+            }
             self.bury();
             // One clock read per turn: session activity is stamped with it, no syscall.
             self.now_ms = self.started.elapsed().as_millis() as Millis;
@@ -444,6 +448,31 @@ impl<H: SessionHandler> Worker<H> {
                     );
                     return Ok(());
                 }
+            }
+        }
+    }
+
+    /// `--busy-poll`: after a busy turn, poll for completions without sleeping for up to the
+    /// configured time before the blocking wait. Each poll is an `io_uring_enter` with a zero
+    /// timeout, which runs the ring's deferred work (the receives) and returns at once. While
+    /// the worker polls it never sleeps, so senders pay no wake-up; the price is a core kept
+    /// busy for that long after each burst. Returns whether completions arrived.
+    fn spin(&mut self) -> io::Result<bool> {
+        let Some(budget) = self.busy_poll else {
+            return Ok(false);
+        };
+        if self.completions.is_empty() {
+            return Ok(false); // idle: do not burn a core waiting for nothing
+        }
+        let until = Instant::now() + budget;
+        loop {
+            self.counters.enters += 1;
+            self.ring.submit_and_wait(1, Some(Duration::ZERO))?;
+            if self.ring.has_completions() {
+                return Ok(true);
+            }
+            if Instant::now() >= until {
+                return Ok(false);
             }
         }
     }
