@@ -165,20 +165,19 @@ def gen_command(args, pin: bool, port: int | str, pt: dict) -> list[str]:
 # --------------------------------------------------------------------------- measurement
 
 
-def run_point(args, pin: bool, server: subprocess.Popen, port: int, pt: dict) -> dict:
-    cmd = gen_command(args, pin, port, pt)
-    secs = args.sat_secs if pt["kind"] == "sat" else args.lat_secs
+def measure(cmd: list[str], server_pid: int, warmup: float, secs: float) -> dict:
+    """Runs one generator command and measures the server's CPU over the generator's measured
+    interval (from the end of its warm-up to its exit)."""
     gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Server CPU over the generator's measured interval: from the end of its warm-up to exit.
-    time.sleep(args.warmup)
-    t0 = proc_cpu_ticks(server.pid)
+    time.sleep(warmup)
+    t0 = proc_cpu_ticks(server_pid)
     try:
-        out, err = gen.communicate(timeout=args.warmup + secs + 15)
+        out, err = gen.communicate(timeout=warmup + secs + 30)
     except subprocess.TimeoutExpired:
         os.kill(gen.pid, signal.SIGKILL)
         gen.communicate()
         return {"error": "generator timed out"}
-    t1 = proc_cpu_ticks(server.pid)
+    t1 = proc_cpu_ticks(server_pid)
     line = out.strip().splitlines()[-1] if out.strip() else ""
     try:
         rep = json.loads(line)
@@ -196,7 +195,13 @@ def run_point(args, pin: bool, server: subprocess.Popen, port: int, pt: dict) ->
     }
     if t0 is not None and t1 is not None and rep["answered"] > 0:
         res["server_ns"] = (t1 - t0) / CLK_TCK * 1e9 / rep["answered"]
-    if server.poll() is not None:
+    return res
+
+
+def run_point(args, pin: bool, server: subprocess.Popen, port: int, pt: dict) -> dict:
+    secs = args.sat_secs if pt["kind"] == "sat" else args.lat_secs
+    res = measure(gen_command(args, pin, port, pt), server.pid, args.warmup, secs)
+    if "error" not in res and server.poll() is not None:
         res["error"] = f"server exited (status {server.returncode}) during the run"
     return res
 
@@ -295,32 +300,9 @@ def session_point(args, pin: bool, mode: str, clients: int) -> dict:
         why = probe(port, proc)
         if why:
             return {"error": why, "server_cmd": shlex.join(server_cmd), "gen_cmd": shlex.join(gen_cmd)}
-        g = subprocess.Popen(gen_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(args.warmup)
-        t0 = proc_cpu_ticks(proc.pid)
-        try:
-            out, err = g.communicate(timeout=args.warmup + args.session_secs + 30)
-        except subprocess.TimeoutExpired:
-            os.kill(g.pid, signal.SIGKILL)
-            g.communicate()
-            return {"error": "generator timed out"}
-        t1 = proc_cpu_ticks(proc.pid)
-        line = out.strip().splitlines()[-1] if out.strip() else ""
-        try:
-            rep = json.loads(line)
-        except json.JSONDecodeError:
-            return {"error": f"generator failed (rc {g.returncode}): {err.strip()[-300:]}"}
-        res = {
-            "throughput": rep["throughput"],
-            "p50_us": rep["p50_us"],
-            "p99_us": rep["p99_us"],
-            "loss_pct": rep["loss_pct"],
-            "gen_cpu_pct": rep["cpu_pct"],
-            "server_cmd": shlex.join(server_cmd),
-            "gen_cmd": shlex.join(gen_cmd),
-        }
-        if t0 is not None and t1 is not None and rep["answered"] > 0:
-            res["server_ns"] = (t1 - t0) / CLK_TCK * 1e9 / rep["answered"]
+        res = measure(gen_cmd, proc.pid, args.warmup, args.session_secs)
+        res["server_cmd"] = shlex.join(server_cmd)
+        res["gen_cmd"] = shlex.join(gen_cmd)
         return res
     finally:
         stop(proc)
