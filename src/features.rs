@@ -146,11 +146,11 @@ impl Features {
                 fallback: "eventfd wake-ups",
             },
             Feature {
-                name: "IORING_OP_TIMEOUT",
+                name: "IORING_OP_TIMEOUT (idle sessions)",
                 since: "5.4",
                 present: op(opcode::Timeout::CODE),
-                required: false,
-                fallback: "timed waits",
+                required: true,
+                fallback: "none",
             },
         ];
         Features {
