@@ -528,22 +528,11 @@ mod tests {
             }
         });
         let args = LoadArgs {
-            target,
-            clients: 4,
-            window: 2,
-            size: 32,
-            duration: Duration::from_millis(300),
-            requests: None,
-            rate: None,
             proto: Proto::Sockperf,
             timeout: Duration::from_millis(100),
             retries: 2,
-            json: true,
-            quiet: true,
-            warmup: Duration::ZERO,
             max_timeout: None,
-            settle: false,
-            follow_reply_port: false,
+            ..test_args(target)
         };
         let r = run(&args).expect("load run");
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
