@@ -193,7 +193,7 @@ def soak_mode(binary: str, port: int, mode: str, seconds: float, workdir: str) -
         problems.append(f"given up {totals['given_up']}, outstanding {totals['outstanding']}")
     if mode != "none":
         opened = final.get("opened", 0)
-        closed = final.get("closed_idle", 0) + final.get("closed_evicted", 0)
+        closed = final.get("closed_idle", 0) + final.get("closed_by_handler", 0)
         # opened can be a little below the client count: a new client socket may get the
         # source port of a previous run's client whose session is still open (same peer).
         if opened == 0 or closed != opened or final.get("closed_shutdown", 0):

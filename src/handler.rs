@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::send_pool::{Dest, SendError, SendPool};
 use crate::session::{CloseReason, SessionId};
 use crate::sockperf;
-use crate::stats::Counters;
+use crate::stats::Stats;
 use crate::worker::{Letter, WorkerShared};
 
 /// One received datagram.
@@ -161,7 +161,7 @@ pub(crate) struct SessionCtx<'a> {
 /// nothing is lost silently.
 pub struct Reply<'a> {
     pub(crate) pool: &'a mut SendPool,
-    pub(crate) counters: &'a mut Counters,
+    pub(crate) counters: &'a mut Stats,
     pub(crate) dest: Dest,
     /// The worker's listening socket, for `send_to` other peers.
     pub(crate) listener_fd: RawFd,
@@ -257,7 +257,7 @@ impl Reply<'_> {
     }
 
     /// Closes this datagram's session once the handler returns (`session_close` with
-    /// [`CloseReason::Evicted`]). No effect with `--sessions none`.
+    /// [`CloseReason::HandlerClosed`]). No effect with `--sessions none`.
     pub fn close_session(&mut self) {
         if let Some(ctx) = self.session.as_mut() {
             ctx.close_requested = true;
@@ -327,7 +327,7 @@ impl Handler for Sockperf {
 /// unit-testing handlers (sans-IO) and for benchmarking the dispatch path.
 pub struct Harness {
     pool: SendPool,
-    counters: Counters,
+    counters: Stats,
 }
 
 impl Harness {
@@ -336,7 +336,7 @@ impl Harness {
     pub fn new(max_len: usize, slots: usize) -> Harness {
         Harness {
             pool: SendPool::new(slots, max_len, true, false),
-            counters: Counters::default(),
+            counters: Stats::default(),
         }
     }
 
@@ -366,7 +366,7 @@ impl Harness {
     }
 
     /// What the handler counted (`bad_input`, `send_dropped`, ...).
-    pub fn counters(&self) -> &Counters {
+    pub fn counters(&self) -> &Stats {
         &self.counters
     }
 }

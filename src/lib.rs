@@ -72,7 +72,7 @@ pub use handler::{
 pub use send_pool::SendError;
 pub use server::Server;
 pub use session::{CloseReason, SessionId};
-pub use stats::Counters;
+pub use stats::Stats;
 
 /// The running kernel's release string (for logs and reports).
 pub fn kernel_release() -> String {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use udpring::{
-    App, Counters, Discard, Echo, Server, ServerConfig, SessionHandler, SessionMode, Sockperf,
+    App, Discard, Echo, Server, ServerConfig, SessionHandler, SessionMode, Sockperf, Stats,
 };
 
 #[derive(Parser, Debug)]
@@ -255,7 +255,7 @@ where
     // Printed on stdout too, for scripts waiting for readiness.
     println!("udpring listening on {}", server.local_addr());
     let started = Instant::now();
-    let mut last = Counters::default();
+    let mut last = Stats::default();
     let mut last_at = Instant::now();
     let tick = interval.unwrap_or(Duration::from_secs(3600));
     let signal = loop {
@@ -286,7 +286,7 @@ where
     tracing::info!(signal, "shutting down");
     drop(metrics);
     let finals = server.shutdown()?;
-    let mut total = Counters::default();
+    let mut total = Stats::default();
     for (i, c) in finals.iter().enumerate() {
         tracing::info!(worker = i, "final {}", c.summary());
         total.add(c);

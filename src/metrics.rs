@@ -27,7 +27,7 @@ use std::thread::JoinHandle;
 
 use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use crate::stats::Counters;
+use crate::stats::Stats;
 
 /// Every family name starts with this.
 pub const PREFIX: &str = "udpring_";
@@ -48,14 +48,14 @@ impl Families {
         }
     }
 
-    /// One counter family per field of [`Counters::fields`], `udpring_<field>_total`, with a
+    /// One counter family per field of [`Stats::fields`], `udpring_<field>_total`, with a
     /// `worker="N"` sample for each entry of `per_worker` (its index is the worker id).
     /// Generic over `fields()`, so a counter added to `stats.rs` is exported without a change
     /// here (with a plain HELP text until [`counter_help`] learns about it).
-    pub fn worker_counters(&mut self, per_worker: &[Counters]) {
-        let rows: Vec<Vec<(&'static str, u64)>> = per_worker.iter().map(Counters::fields).collect();
+    pub fn worker_counters(&mut self, per_worker: &[Stats]) {
+        let rows: Vec<Vec<(&'static str, u64)>> = per_worker.iter().map(Stats::fields).collect();
         // Every row lists the same fields in the same order (one struct, one macro).
-        let names: Vec<&'static str> = Counters::default().fields().iter().map(|f| f.0).collect();
+        let names: Vec<&'static str> = Stats::default().fields().iter().map(|f| f.0).collect();
         for (column, field) in names.into_iter().enumerate() {
             let values: Vec<u64> = rows.iter().map(|row| row[column].1).collect();
             if crate::stats::GAUGES.contains(&field) {
@@ -118,9 +118,9 @@ fn skip(name: &str, error: &prometheus::Error) {
     tracing::warn!(family = name, error = %error, "metric family left out");
 }
 
-/// HELP text for a field of [`Counters`]: its doc comment in `stats.rs`.
+/// HELP text for a field of [`Stats`]: its doc comment in `stats.rs`.
 pub fn counter_help(field: &str) -> String {
-    Counters::descriptions()
+    Stats::descriptions()
         .into_iter()
         .find(|(name, _)| *name == field)
         .map(|(_, text)| text)
@@ -139,7 +139,7 @@ pub struct MetricsServer {
 /// `addr`; port 0 picks a free port ([`MetricsServer::local_addr`] tells which).
 pub fn serve(
     addr: SocketAddr,
-    source: impl Fn() -> Vec<Counters> + Send + Sync + 'static,
+    source: impl Fn() -> Vec<Stats> + Send + Sync + 'static,
 ) -> io::Result<MetricsServer> {
     serve_with(addr, move |families: &mut Families| {
         families.worker_counters(&source());
@@ -151,7 +151,7 @@ pub fn serve(
 ///
 /// ```no_run
 /// # fn sessions_open() -> Vec<i64> { vec![] }
-/// # fn counters() -> Vec<udpring::Counters> { vec![] }
+/// # fn counters() -> Vec<udpring::Stats> { vec![] }
 /// let _m = udpring::metrics::serve_with("127.0.0.1:0".parse().unwrap(), |f| {
 ///     f.worker_counters(&counters());
 ///     f.gauge("sessions_open", "Sessions open now.", &sessions_open());
@@ -274,11 +274,11 @@ mod tests {
         (status, body.to_string())
     }
 
-    fn counters(rx: u64) -> Counters {
-        Counters {
+    fn counters(rx: u64) -> Stats {
+        Stats {
             rx_datagrams: rx,
             tx_bytes: 7,
-            ..Counters::default()
+            ..Stats::default()
         }
     }
 
@@ -302,7 +302,7 @@ mod tests {
             body.contains("udpring_tx_bytes_total{worker=\"1\"} 7\n"),
             "{body}"
         );
-        for (field, _) in Counters::default().fields() {
+        for (field, _) in Stats::default().fields() {
             let (name, kind) = if crate::stats::GAUGES.contains(&field) {
                 (format!("udpring_{field}"), "gauge")
             } else {
@@ -353,7 +353,7 @@ mod tests {
 
     #[test]
     fn every_counter_has_its_own_help() {
-        for (field, _) in Counters::default().fields() {
+        for (field, _) in Stats::default().fields() {
             assert!(
                 !counter_help(field).starts_with("udpring counter"),
                 "write a doc comment for {field} in stats.rs"

@@ -14,13 +14,13 @@ use crate::features::Features;
 use crate::handler::SessionHandler;
 use crate::ring::TaskRunMode;
 use crate::socket::bind_worker_socket;
-use crate::stats::Counters;
+use crate::stats::Stats;
 use crate::sys;
 use crate::worker::{Fleet, Worker, WorkerShared};
 
 struct WorkerHandle {
     shared: Arc<WorkerShared>,
-    thread: Option<JoinHandle<io::Result<Counters>>>,
+    thread: Option<JoinHandle<io::Result<Stats>>>,
 }
 
 /// A running server.
@@ -208,7 +208,7 @@ impl Server {
     }
 
     /// Each worker's counters as last published (at most one loop turn old).
-    pub fn worker_counters(&self) -> Vec<Counters> {
+    pub fn worker_counters(&self) -> Vec<Stats> {
         collect(
             &self
                 .workers
@@ -221,7 +221,7 @@ impl Server {
 
     /// Reads each worker's published counters like [`Server::worker_counters`], without
     /// borrowing the server, so a thread of its own (the metrics endpoint) can hold it.
-    pub fn counter_source(&self) -> impl Fn() -> Vec<Counters> + Send + Sync + 'static {
+    pub fn counter_source(&self) -> impl Fn() -> Vec<Stats> + Send + Sync + 'static {
         let shared: Vec<Arc<WorkerShared>> =
             self.workers.iter().map(|w| w.shared.clone()).collect();
         let listeners = self.listeners.clone();
@@ -229,8 +229,8 @@ impl Server {
     }
 
     /// The sum over workers.
-    pub fn total_counters(&self) -> Counters {
-        let mut total = Counters::default();
+    pub fn total_counters(&self) -> Stats {
+        let mut total = Stats::default();
         for c in self.worker_counters() {
             total.add(&c);
         }
@@ -239,11 +239,11 @@ impl Server {
 
     /// Stops every worker (stop receiving, flush replies, cancel, drain) and joins them.
     /// Returns each worker's final counters, or the first worker error.
-    pub fn shutdown(mut self) -> io::Result<Vec<Counters>> {
+    pub fn shutdown(mut self) -> io::Result<Vec<Stats>> {
         self.stop()
     }
 
-    fn stop(&mut self) -> io::Result<Vec<Counters>> {
+    fn stop(&mut self) -> io::Result<Vec<Stats>> {
         for w in &self.workers {
             if let Err(e) = w.shared.request_shutdown() {
                 tracing::error!(error = %e, "cannot wake a worker for shutdown");
@@ -280,7 +280,7 @@ impl Server {
 }
 
 /// Each worker's published counters, with the kernel's drop count for its socket.
-fn collect(workers: &[Arc<WorkerShared>], listeners: &[socket2::Socket]) -> Vec<Counters> {
+fn collect(workers: &[Arc<WorkerShared>], listeners: &[socket2::Socket]) -> Vec<Stats> {
     workers
         .iter()
         .zip(listeners)

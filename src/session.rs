@@ -33,8 +33,8 @@ pub struct SessionId {
 pub enum CloseReason {
     /// No datagram for `--idle-timeout`.
     Idle,
-    /// Closed by the handler (`Reply::close_session`) or to make room.
-    Evicted,
+    /// The handler asked for it (`Reply::close_session`).
+    HandlerClosed,
     /// The server is shutting down.
     Shutdown,
 }

@@ -9,27 +9,27 @@ macro_rules! define_counters {
     ($( $(#[doc = $doc:literal])* $name:ident ),* $(,)?) => {
         /// A worker's counters (plain integers, owned by the worker thread).
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-        pub struct Counters {
+        pub struct Stats {
             $( $(#[doc = $doc])* pub $name: u64, )*
         }
 
         /// The published copy of a worker's counters, readable from any thread.
         #[derive(Debug, Default)]
-        pub struct SharedCounters {
+        pub struct SharedStats {
             $( $name: AtomicU64, )*
         }
 
-        impl SharedCounters {
-            pub fn publish(&self, c: &Counters) {
+        impl SharedStats {
+            pub fn publish(&self, c: &Stats) {
                 $( self.$name.store(c.$name, Ordering::Relaxed); )*
             }
 
-            pub fn snapshot(&self) -> Counters {
-                Counters { $( $name: self.$name.load(Ordering::Relaxed), )* }
+            pub fn snapshot(&self) -> Stats {
+                Stats { $( $name: self.$name.load(Ordering::Relaxed), )* }
             }
         }
 
-        impl Counters {
+        impl Stats {
             /// `(name, value)` for every counter, in declaration order.
             pub fn fields(&self) -> Vec<(&'static str, u64)> {
                 vec![ $( (stringify!($name), self.$name), )* ]
@@ -45,7 +45,7 @@ macro_rules! define_counters {
             }
 
             /// Field-by-field sum.
-            pub fn add(&mut self, other: &Counters) {
+            pub fn add(&mut self, other: &Stats) {
                 $( self.$name += other.$name; )*
             }
         }
@@ -92,7 +92,7 @@ define_counters! {
     /// Sessions closed after `--idle-timeout` without a datagram.
     closed_idle,
     /// Sessions closed by the handler or to make room.
-    closed_evicted,
+    closed_by_handler,
     /// Sessions closed at shutdown.
     closed_shutdown,
     /// New peers refused: this worker's session limit.
@@ -139,10 +139,10 @@ define_counters! {
 /// Fields that are levels (gauges), not running totals.
 pub const GAUGES: &[&str] = &["sessions_open"];
 
-impl Counters {
+impl Stats {
     /// Sessions closed, all reasons.
     pub fn sessions_closed(&self) -> u64 {
-        self.closed_idle + self.closed_evicted + self.closed_shutdown
+        self.closed_idle + self.closed_by_handler + self.closed_shutdown
     }
 
     /// New peers refused, all limits.
@@ -156,7 +156,7 @@ impl Counters {
     }
 }
 
-pub struct Summary<'a>(&'a Counters);
+pub struct Summary<'a>(&'a Stats);
 
 impl fmt::Display for Summary<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -191,14 +191,14 @@ impl fmt::Display for Summary<'_> {
         if c.sessions_opened > 0 || c.refused() > 0 || c.retries_sent > 0 {
             write!(
                 f,
-                " sessions_open={} opened={} closed_idle={} closed_evicted={} closed_shutdown={} \
+                " sessions_open={} opened={} closed_idle={} closed_by_handler={} closed_shutdown={} \
                  refused={} strays={} forwarded={} fd_exhausted={} connected_cap={} \
                  deferred_sent={} deferred_dropped={} retries_sent={} cookies_accepted={} \
                  cookies_forged={} cookies_expired={} cookies_replayed={}",
                 c.sessions_open,
                 c.sessions_opened,
                 c.closed_idle,
-                c.closed_evicted,
+                c.closed_by_handler,
                 c.closed_shutdown,
                 c.refused(),
                 c.strays,
@@ -224,12 +224,12 @@ mod tests {
 
     #[test]
     fn publish_snapshot_round_trip() {
-        let shared = SharedCounters::default();
-        let c = Counters {
+        let shared = SharedStats::default();
+        let c = Stats {
             rx_datagrams: 3,
             tx_bytes: 9,
             enobufs: 1,
-            ..Counters::default()
+            ..Stats::default()
         };
         shared.publish(&c);
         assert_eq!(shared.snapshot(), c);
@@ -237,10 +237,10 @@ mod tests {
 
     #[test]
     fn add_sums_every_field() {
-        let mut a = Counters {
+        let mut a = Stats {
             rx_datagrams: 1,
             backpressure: 2,
-            ..Counters::default()
+            ..Stats::default()
         };
         a.add(&a.clone());
         assert_eq!(a.rx_datagrams, 2);

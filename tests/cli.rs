@@ -361,7 +361,7 @@ fn metrics_endpoint_reports_live_counters() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
     };
-    // Counters are published once per loop turn: allow a moment.
+    // Stats are published once per loop turn: allow a moment.
     let mut body = fetch();
     let deadline = Instant::now() + WAIT;
     while sum(&body, "udpring_tx_datagrams_total") < 25 && Instant::now() < deadline {

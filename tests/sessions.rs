@@ -174,7 +174,7 @@ fn connect_race_loses_nothing_and_misroutes_nothing() {
     let _ = eventually(|| server.total_counters().rx_datagrams >= sent);
     std::thread::sleep(Duration::from_millis(100));
     let counters = server.shutdown().expect("shutdown");
-    let mut total = udpring::Counters::default();
+    let mut total = udpring::Stats::default();
     for c in &counters {
         total.add(c);
     }
@@ -405,7 +405,7 @@ fn handler_can_close_its_session() {
     }
     assert_eq!(third.expect("reply").0, 1u32.to_be_bytes());
     let c = server.shutdown().expect("shutdown");
-    assert_eq!(c[0].closed_evicted, 1);
+    assert_eq!(c[0].closed_by_handler, 1);
     assert_eq!(c[0].sessions_opened, 2);
 }
 

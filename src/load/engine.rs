@@ -7,7 +7,7 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 use socket2::Socket;
 
-use super::report::{print_progress, record, Counters, Interval};
+use super::report::{print_progress, record, Interval, RequestTally};
 use super::retransmit::{capped_backoff, Timers};
 use super::sys::{send_to, Io, RawAddr, BATCH};
 use super::wire::{decode_reply, encode_request, Outstanding};
@@ -28,7 +28,7 @@ pub(super) struct Gen<'a> {
     pub(super) clients: Vec<Client>,
     pub(super) timers: Timers,
     pub(super) io: Io,
-    pub(super) c: Counters,
+    pub(super) c: RequestTally,
     pub(super) iv: Interval,
     pub(super) hist: Histogram<u64>,
     pub(super) iv_hist: Histogram<u64>,

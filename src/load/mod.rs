@@ -43,7 +43,7 @@ pub use wire::{
 };
 
 use engine::{Client, Gen};
-use report::{new_hist, Counters, Interval};
+use report::{new_hist, Interval, RequestTally};
 use sys::{cpu_times, open_client, set_timer_slack, Epoll, Io, RawAddr};
 
 /// Arguments of `udpring load`.
@@ -193,7 +193,7 @@ pub fn run(args: &LoadArgs) -> io::Result<LoadReport> {
         clients,
         timers: Timers::new(args.retries),
         io: Io::new(args.size),
-        c: Counters::default(),
+        c: RequestTally::default(),
         iv: Interval::default(),
         hist: new_hist()?,
         iv_hist: new_hist()?,

@@ -40,7 +40,7 @@ impl Latency {
     }
 }
 
-/// Final report of a load run. Counters cover requests first sent after the warm-up.
+/// Final report of a load run. Stats cover requests first sent after the warm-up.
 #[derive(Debug, Clone)]
 pub struct LoadReport {
     pub target: SocketAddr,
@@ -202,9 +202,9 @@ impl std::fmt::Display for LoadReport {
     }
 }
 
-/// Counters for requests first sent after the warm-up.
+/// Stats for requests first sent after the warm-up.
 #[derive(Debug, Default, Clone, Copy)]
-pub(super) struct Counters {
+pub(super) struct RequestTally {
     pub(super) sent: u64,
     pub(super) answered: u64,
     pub(super) retransmitted: u64,

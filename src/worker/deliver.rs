@@ -157,7 +157,7 @@ impl<H: SessionHandler> Worker<H> {
         self.handler.session_datagram(state, &datagram, &mut reply);
         let close = reply.session.map(|s| s.close_requested).unwrap_or(false);
         if close {
-            self.close_session(id, crate::session::CloseReason::Evicted);
+            self.close_session(id, crate::session::CloseReason::HandlerClosed);
         }
     }
 }

@@ -28,7 +28,7 @@ use crate::ring::{buffer_id, has_more, Completion, Ring};
 use crate::send_pool::{send_errno, SendPool};
 use crate::session::{Limits, Millis, SessionId, SessionTable};
 use crate::socket::BoundSocket;
-use crate::stats::{Counters, SharedCounters};
+use crate::stats::{SharedStats, Stats};
 
 use deliver::Payload;
 use sessions::Live;
@@ -58,7 +58,7 @@ pub enum Letter {
 
 /// What a worker shares with the other threads.
 pub struct WorkerShared {
-    pub counters: SharedCounters,
+    pub counters: SharedStats,
     /// Written to wake the worker's ring from another thread.
     pub wake_fd: OwnedFd,
     pub shutdown: AtomicBool,
@@ -69,7 +69,7 @@ pub struct WorkerShared {
 impl WorkerShared {
     pub fn new() -> io::Result<WorkerShared> {
         Ok(WorkerShared {
-            counters: SharedCounters::default(),
+            counters: SharedStats::default(),
             wake_fd: crate::sys::eventfd()?,
             shutdown: AtomicBool::new(false),
             mailbox: Mutex::new(Vec::new()),
@@ -208,7 +208,7 @@ pub struct Worker<H: SessionHandler> {
     handler: H,
     shared: Arc<WorkerShared>,
     fleet: Arc<Fleet>,
-    counters: Counters,
+    counters: Stats,
     backlog: VecDeque<Pending>,
     completions: Vec<Completion>,
     name_space: usize,
@@ -323,7 +323,7 @@ impl<H: SessionHandler> Worker<H> {
             handler,
             shared,
             fleet,
-            counters: Counters::default(),
+            counters: Stats::default(),
             backlog: VecDeque::with_capacity(buffers),
             completions: Vec::with_capacity(cq_entries as usize),
             name_space,
@@ -375,7 +375,7 @@ impl<H: SessionHandler> Worker<H> {
 
     /// Runs until shutdown is requested and everything in flight has completed; returns the
     /// final counters.
-    pub fn run(mut self) -> io::Result<Counters> {
+    pub fn run(mut self) -> io::Result<Stats> {
         let result = self.run_loop();
         // From now on letters cannot be delivered: senders get an error instead.
         self.shared.stopped.store(true, Ordering::Release);

@@ -394,7 +394,7 @@ impl<H: SessionHandler> Worker<H> {
         }
         match reason {
             CloseReason::Idle => self.counters.closed_idle += 1,
-            CloseReason::Evicted => self.counters.closed_evicted += 1,
+            CloseReason::HandlerClosed => self.counters.closed_by_handler += 1,
             CloseReason::Shutdown => self.counters.closed_shutdown += 1,
         }
         let info = SessionInfo {
