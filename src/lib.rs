@@ -42,33 +42,54 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
-pub mod buf_ring;
-pub mod config;
-pub mod cookie;
-pub mod datagram;
-pub mod directory;
-pub mod features;
-pub mod handler;
+// The engine's internals: `pub(crate)` so that they stay changeable and the compiler reports
+// what is dead. The `internals` feature (on with `cli`, and for the fuzz targets and the
+// micro-benchmarks) exposes the pure parsers and the ownership types to them, hidden from docs.
+macro_rules! internal_modules {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[cfg(feature = "internals")]
+            #[doc(hidden)]
+            pub mod $name;
+            #[cfg(not(feature = "internals"))]
+            mod $name;
+        )*
+    };
+}
+
+internal_modules!(buf_ring, datagram, op);
+
+// The command line's load generator and metrics endpoint (moving to the binary).
+#[cfg(feature = "cli")]
+#[doc(hidden)]
 pub mod load;
+#[cfg(feature = "cli")]
+#[doc(hidden)]
 pub mod metrics;
-pub mod op;
-pub mod ring;
-pub mod send_pool;
-pub mod server;
-pub mod session;
-pub mod session_socket;
-pub mod socket;
+
+mod config;
+pub mod cookie;
+mod directory;
+mod features;
+mod handler;
+mod ring;
+mod send_pool;
+mod server;
+mod session;
+mod session_socket;
+mod socket;
 pub mod sockperf;
-pub mod stats;
+mod stats;
 mod sys;
-pub mod worker;
+mod worker;
 
 pub use config::{parse_duration, ServerConfig, SessionMode};
-pub use features::Features;
+pub use features::{Feature, Features};
 pub use handler::{
     App, Datagram, DeferredError, Discard, Echo, Handler, Harness, Reply, SessionHandle,
     SessionHandler, SessionInfo, Sockperf,
 };
+pub use ring::TaskRunMode;
 pub use send_pool::SendError;
 pub use server::Server;
 pub use session::{CloseReason, SessionId};
@@ -79,8 +100,8 @@ pub fn kernel_release() -> String {
     sys::kernel_release()
 }
 
-/// Blocks SIGINT/SIGTERM in the calling thread (call before [`Server::start`] so workers
-/// inherit the mask) and returns a waiter for them.
+/// Blocks SIGINT/SIGTERM in the calling thread. Call it before [`Server::start`] so the
+/// workers inherit the mask, then wait for the signals with [`wait_shutdown_signal`].
 pub fn block_shutdown_signals() -> std::io::Result<()> {
     sys::block_shutdown_signals()
 }

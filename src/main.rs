@@ -180,7 +180,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         bind: args.bind,
         workers: args
             .workers
-            .unwrap_or_else(udpring::config::default_workers),
+            .unwrap_or_else(|| udpring::ServerConfig::default().workers),
         pin_cpus: args.pin_cpus,
         max_datagram: args.max_datagram,
         buffers: args.buffers,
