@@ -13,7 +13,41 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use io_uring::types::BufRingEntry;
 use io_uring::IoUring;
 
-/// A registered ring of `entries` buffers of `buf_len` bytes each, in buffer group `bgid`.
+/// A received datagram's buffer, lent to us by the kernel: the only way to read it
+/// ([`BufRing::bytes`]) and the only way to give it back ([`BufRing::recycle`], which consumes
+/// it). It cannot be copied, so a buffer is recycled at most once; forgetting to recycle it is
+/// caught by a debug assertion when it is dropped.
+#[derive(Debug)]
+pub struct RecvBuf {
+    bid: u16,
+    len: u32,
+}
+
+impl RecvBuf {
+    /// Bytes the kernel wrote into the buffer (the `recvmsg_out` header, name, control and
+    /// payload).
+    fn len(&self) -> usize {
+        self.len as usize
+    }
+}
+
+impl Drop for RecvBuf {
+    fn drop(&mut self) {
+        // `recycle` forgets the token, so reaching this is a leaked buffer: the ring shrinks
+        // by one for good. Not unsafe, but a bug.
+        debug_assert!(
+            std::thread::panicking(),
+            "receive buffer {} dropped without being recycled",
+            self.bid
+        );
+    }
+}
+
+/// A ring of `entries` buffers of `buf_len` bytes each, for buffer group `bgid`.
+///
+/// Ownership of each buffer is in the types: a buffer is either in the ring (the kernel's to
+/// fill) or out as a [`RecvBuf`] (ours to read). The bookkeeping bitmap `lent` double-checks
+/// this in debug builds.
 pub struct BufRing {
     ring: Mapping,
     bufs: Mapping,
@@ -23,8 +57,13 @@ pub struct BufRing {
     bgid: u16,
     /// Our copy of the tail: entries written but maybe not yet published.
     tail: u16,
-    /// Buffers the kernel has handed us (in completions) and we have not recycled yet.
+    /// Buffers out as `RecvBuf`s.
     held: usize,
+    /// One bit per buffer: set while it is out as a `RecvBuf`.
+    lent: Vec<u64>,
+    /// Registered with a ring and not unregistered: the kernel may write into the buffers, so
+    /// `Drop` must not unmap them.
+    registered: bool,
 }
 
 impl BufRing {
@@ -48,24 +87,24 @@ impl BufRing {
             stride,
             bgid,
             tail: 0,
-            held: usize::from(entries),
+            held: 0,
+            lent: vec![0; usize::from(entries).div_ceil(64)],
+            registered: false,
         };
         for bid in 0..entries {
-            this.recycle(bid);
+            this.push_entry(bid);
         }
         this.publish();
         Ok(this)
     }
 
-    /// Registers the ring with `uring` under this ring's group id.
-    ///
-    /// # Safety
-    /// The kernel keeps the ring's and the buffers' addresses: `uring` must be dropped (or the
-    /// group unregistered) before `self` is, and no receive that selects from this group may be
-    /// in flight when it is.
-    pub unsafe fn register(&self, uring: &IoUring) -> io::Result<()> {
-        // SAFETY: the ring mapping is page-aligned, holds `entries` descriptors and lives as
-        // long as `self`; the caller guarantees `self` outlives the registration.
+    /// Registers the ring with `uring` under this ring's group id (`IORING_REGISTER_PBUF_RING`,
+    /// 5.19). From now on the kernel may write into any buffer in the ring; `Drop` leaks the
+    /// memory rather than unmap it unless [`BufRing::unregister`] ran first.
+    pub fn register(&mut self, uring: &IoUring) -> io::Result<()> {
+        // SAFETY: the descriptor mapping is page-aligned, holds `entries` descriptors and is
+        // never unmapped while `registered` is set (see `Drop`), so the kernel's pointer into
+        // it stays valid for as long as the registration lasts.
         unsafe {
             uring.submitter().register_buf_ring_with_flags(
                 self.ring.ptr.as_ptr() as u64,
@@ -73,20 +112,23 @@ impl BufRing {
                 self.bgid,
                 0,
             )
+        }?;
+        self.registered = true;
+        Ok(())
+    }
+
+    /// Unregisters the group, after which the kernel no longer takes buffers from it and
+    /// `Drop` may unmap the memory.
+    ///
+    /// # Safety
+    /// No receive that selects from this group may be in flight on `uring`: such a request
+    /// may already have picked a buffer and still be writing into it.
+    pub unsafe fn unregister(&mut self, uring: &IoUring) -> io::Result<()> {
+        if self.registered {
+            uring.submitter().unregister_buf_ring(self.bgid)?;
+            self.registered = false;
         }
-    }
-
-    pub fn group(&self) -> u16 {
-        self.bgid
-    }
-
-    pub fn buf_len(&self) -> u32 {
-        self.buf_len
-    }
-
-    /// Buffers currently lent to us by the kernel and not recycled.
-    pub fn held(&self) -> usize {
-        self.held
+        Ok(())
     }
 
     /// Buffers the kernel can still fill.
@@ -94,42 +136,72 @@ impl BufRing {
         usize::from(self.entries) - self.held
     }
 
-    /// Marks buffer `bid` as handed to us by a completion.
-    pub fn take(&mut self, bid: u16) {
-        debug_assert!(bid < self.entries);
+    /// Takes buffer `bid`, which a receive completion reported it filled with `len` bytes.
+    /// `None` (a kernel bug, counted by the caller) for an id outside the ring.
+    ///
+    /// # Safety
+    /// `bid` and `len` must come from a completion of a receive that selected from this
+    /// ring's group, and that completion must be passed here once: the kernel then no longer
+    /// touches the buffer until it is recycled.
+    pub unsafe fn take(&mut self, bid: u16, len: u32) -> Option<RecvBuf> {
+        if bid >= self.entries {
+            return None;
+        }
+        let (word, bit) = lent_bit(bid);
+        debug_assert!(
+            self.lent[word] & bit == 0,
+            "buffer {bid} reported filled while it is still lent"
+        );
+        self.lent[word] |= bit;
         self.held += 1;
+        Some(RecvBuf {
+            bid,
+            len: len.min(self.buf_len),
+        })
     }
 
-    /// The first `len` bytes of buffer `bid`, as written by the kernel.
-    pub fn buffer(&self, bid: u16, len: usize) -> &[u8] {
-        assert!(bid < self.entries, "buffer id {bid} out of range");
-        let len = len.min(self.buf_len as usize);
-        let offset = usize::from(bid) * self.stride;
-        // SAFETY: `offset + len` lies inside the buffer mapping (bid < entries, len <= buf_len
-        // <= stride). The kernel wrote this buffer before posting the completion that named it
-        // and does not touch it again until we recycle it, which needs `&mut self`.
-        unsafe { std::slice::from_raw_parts(self.bufs.ptr.as_ptr().add(offset), len) }
+    /// What the kernel wrote into `buf`.
+    pub fn bytes<'a>(&'a self, buf: &'a RecvBuf) -> &'a [u8] {
+        debug_assert!(buf.bid < self.entries);
+        let offset = usize::from(buf.bid) * self.stride;
+        // SAFETY: `offset + len` lies inside the buffer mapping (bid < entries, checked by
+        // `take`; len <= buf_len <= stride). A `RecvBuf` exists only between `take` (the
+        // kernel finished writing and will not touch the buffer again) and `recycle` (which
+        // consumes it), so nothing writes these bytes while the returned slice lives.
+        unsafe { std::slice::from_raw_parts(self.bufs.ptr.as_ptr().add(offset), buf.len()) }
     }
 
-    /// Hands buffer `bid` back to the kernel (visible after the next `publish`).
-    pub fn recycle(&mut self, bid: u16) {
-        assert!(bid < self.entries, "buffer id {bid} out of range");
+    /// Hands `buf` back to the kernel (visible after the next `publish`).
+    pub fn recycle(&mut self, buf: RecvBuf) {
+        let bid = buf.bid;
+        std::mem::forget(buf);
+        let (word, bit) = lent_bit(bid);
+        debug_assert!(self.lent[word] & bit != 0, "buffer {bid} recycled twice");
+        self.lent[word] &= !bit;
+        self.held -= 1;
+        self.push_entry(bid);
+    }
+
+    /// Writes buffer `bid`'s descriptor after the tail.
+    fn push_entry(&mut self, bid: u16) {
         let index = ring_index(self.tail, self.entries);
         let addr = self.bufs.ptr.as_ptr() as u64 + (usize::from(bid) * self.stride) as u64;
-        // SAFETY: `index < entries`, so the entry lies inside the ring mapping. The kernel only
-        // reads entries between its head and the published tail; this one is past the tail.
+        // SAFETY: `index < entries`, so the entry lies inside the descriptor mapping. The
+        // kernel reads only entries between its head and the published tail; this one is past
+        // the tail, and at most `entries` buffers exist, so it is not one the kernel has yet
+        // to consume.
         let entry = unsafe { &mut *self.ring.ptr.as_ptr().cast::<BufRingEntry>().add(index) };
         entry.set_addr(addr);
         entry.set_len(self.buf_len);
         entry.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
-        self.held = self.held.saturating_sub(1);
     }
 
     /// Makes every recycled buffer visible to the kernel.
     pub fn publish(&self) {
-        // SAFETY: the tail field overlays the `resv` field of entry 0 inside the ring mapping,
-        // which is 16-byte aligned; the kernel reads it with acquire semantics.
+        // SAFETY: the tail field overlays the `resv` field of entry 0 inside the descriptor
+        // mapping, which is page-aligned; the kernel reads it with acquire semantics and
+        // never writes it.
         let tail = unsafe {
             AtomicU16::from_ptr(
                 BufRingEntry::tail(self.ring.ptr.as_ptr().cast::<BufRingEntry>()) as *mut u16,
@@ -137,6 +209,26 @@ impl BufRing {
         };
         tail.store(self.tail, Ordering::Release);
     }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        if self.registered {
+            // The kernel may still write into the buffers: leaking them is the only sound
+            // choice. The worker unregisters before it drops the ring, so this happens only
+            // when shutdown left receives in flight.
+            tracing::warn!(
+                group = self.bgid,
+                "leaking a provided-buffer ring the kernel may still use"
+            );
+            std::mem::forget(std::mem::replace(&mut self.ring, Mapping::empty()));
+            std::mem::forget(std::mem::replace(&mut self.bufs, Mapping::empty()));
+        }
+    }
+}
+
+fn lent_bit(bid: u16) -> (usize, u64) {
+    (usize::from(bid / 64), 1u64 << (bid % 64))
 }
 
 /// Where entry number `tail` goes in a ring of `entries` (a power of two): the u16 tail wraps
@@ -164,6 +256,14 @@ struct Mapping {
 }
 
 impl Mapping {
+    /// A mapping of nothing, to put in the place of one that is leaked.
+    fn empty() -> Mapping {
+        Mapping {
+            ptr: NonNull::dangling(),
+            len: 0,
+        }
+    }
+
     fn new(len: usize) -> io::Result<Mapping> {
         let len = len.max(1);
         // SAFETY: an anonymous private mapping with no address hint touches no existing memory.
@@ -187,7 +287,11 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` describe a mapping we made and nobody else unmaps.
+        if self.len == 0 {
+            return; // `empty()`: nothing was mapped
+        }
+        // SAFETY: `ptr`/`len` describe a mapping we made and nobody else unmaps; the owner
+        // (`BufRing::drop`) leaks instead of dropping while the kernel may use it.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
@@ -221,18 +325,42 @@ mod tests {
     }
 
     #[test]
-    fn recycle_and_hold_accounting() {
+    fn take_read_recycle_accounting() {
         let mut ring = BufRing::new(4, 100, 0).unwrap();
-        assert_eq!(ring.held(), 0);
         assert_eq!(ring.available(), 4);
-        ring.take(2);
-        ring.take(3);
-        assert_eq!(ring.held(), 2);
-        assert_eq!(ring.buffer(2, 1000).len(), 100);
-        ring.recycle(3);
+        // SAFETY: not registered with any ring: no kernel writes these buffers.
+        let (a, b) = unsafe { (ring.take(2, 1000).unwrap(), ring.take(3, 5).unwrap()) };
+        assert_eq!(ring.available(), 2);
+        assert_eq!(ring.bytes(&a).len(), 100, "clamped to the buffer length");
+        assert_eq!(ring.bytes(&b).len(), 5);
+        ring.recycle(b);
+        ring.recycle(a);
         ring.publish();
-        assert_eq!(ring.held(), 1);
-        assert_eq!(ring.tail, 5);
+        assert_eq!(ring.available(), 4);
+        assert_eq!(ring.tail, 6);
+        // SAFETY: as above.
+        assert!(unsafe { ring.take(4, 1) }.is_none(), "id outside the ring");
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "still lent")]
+    fn a_buffer_reported_twice_is_caught() {
+        let mut ring = BufRing::new(4, 100, 0).unwrap();
+        // SAFETY: not registered; this test breaks `take`'s contract on purpose to check that
+        // the debug bookkeeping notices.
+        let _a = unsafe { ring.take(1, 10) };
+        // SAFETY: as above.
+        let _b = unsafe { ring.take(1, 10) };
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "without being recycled")]
+    fn a_dropped_buffer_is_caught() {
+        let mut ring = BufRing::new(4, 100, 0).unwrap();
+        // SAFETY: not registered.
+        drop(unsafe { ring.take(1, 10) });
     }
 
     #[test]

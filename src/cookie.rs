@@ -172,6 +172,26 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Cookies already used to open a session, with their key epoch. A cookie proves an address
+/// once: a replayed one (an attacker who saw it, or a duplicate) opens nothing. Epochs older
+/// than the previous one are pruned, since their cookies no longer validate anyway.
+#[derive(Default)]
+pub(crate) struct UsedCookies {
+    tags: std::collections::HashMap<[u8; 16], u32>,
+    pruned_epoch: u32,
+}
+
+impl UsedCookies {
+    /// Records `tag`; `false` when it was already there (a replay).
+    pub(crate) fn first_use(&mut self, tag: [u8; 16], epoch: u32) -> bool {
+        if epoch > self.pruned_epoch + 1 {
+            self.tags.retain(|_, e| *e + 1 >= epoch);
+            self.pruned_epoch = epoch.saturating_sub(1);
+        }
+        self.tags.insert(tag, epoch).is_none()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,5 +280,19 @@ mod tests {
         assert!(split_cookie(b"UCOOKI01short").is_none());
         assert!(split_cookie(&[0u8; 64]).is_none());
         assert!(split_cookie(b"").is_none());
+    }
+
+    #[test]
+    fn used_cookies_refuse_replays_and_prune_old_epochs() {
+        let mut used = UsedCookies::default();
+        assert!(used.first_use([1; 16], 5));
+        assert!(!used.first_use([1; 16], 5), "replay");
+        assert!(used.first_use([2; 16], 6));
+        // Epoch 8 prunes every tag of an epoch before 7.
+        assert!(used.first_use([3; 16], 8));
+        assert!(
+            used.first_use([1; 16], 5),
+            "pruned: its cookie no longer validates anyway"
+        );
     }
 }

@@ -221,14 +221,17 @@ impl Features {
 }
 
 fn probe_buf_ring() -> bool {
-    let Ok(bufs) = BufRing::new(2, 64, 0) else {
+    let Ok(mut bufs) = BufRing::new(2, 64, 0) else {
         return false;
     };
     let Ok(ring) = Ring::new(8, 16) else {
         return false;
     };
-    // SAFETY: `ring` is declared after `bufs`, so it is dropped first.
-    unsafe { bufs.register(ring.uring()) }.is_ok()
+    if bufs.register(ring.uring()).is_err() {
+        return false;
+    }
+    // SAFETY: no request was ever submitted on `ring`, so none selects from the group.
+    unsafe { bufs.unregister(ring.uring()) }.is_ok()
 }
 
 /// Multishot recvmsg shares its opcode with plain recvmsg, so IORING_REGISTER_PROBE cannot
@@ -247,26 +250,30 @@ fn probe_recvmsg_multishot() -> bool {
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_namelen = 16;
-    let Ok(bufs) = BufRing::new(4, 256, 1) else {
+    let Ok(mut bufs) = BufRing::new(4, 256, 1) else {
         return false;
     };
-    // Declared last, dropped first: no request outlives `msg` or `bufs`.
+    // Declared last, dropped first: the ring is closed before `msg` and `bufs` go (and `bufs`
+    // leaks its memory unless the request was seen to end and the group unregistered).
     let Ok(mut ring) = Ring::new(8, 16) else {
         return false;
     };
-    // SAFETY: `ring` is dropped before `bufs`.
-    if unsafe { bufs.register(ring.uring()) }.is_err() {
+    if bufs.register(ring.uring()).is_err() {
         return false;
     }
     let entry = opcode::RecvMsgMulti::new(types::Fd(rx.as_raw_fd()), &msg, 1)
         .build()
         .user_data(1);
-    // SAFETY: `msg` and `bufs` outlive `ring` (declared before it).
+    // SAFETY: the kernel reads `msg` when it prepares the request, during this push's
+    // submission; `msg` and `bufs` outlive `ring` (declared before it), and `bufs` is not
+    // unmapped while registered.
     if unsafe { ring.push(&entry) }.is_err() {
         return false;
     }
     let mut seen = Vec::with_capacity(16);
     let mut verdict = None;
+    // The request's final completion (no F_MORE) was seen: nothing selects from the group.
+    let mut ended = false;
     // Resend each round: a packet filter on loopback may drop a probe, and a lost probe must
     // not read as a kernel without the feature.
     for _ in 0..20 {
@@ -282,6 +289,7 @@ fn probe_recvmsg_multishot() -> bool {
         ring.drain(&mut seen);
         if let Some(c) = seen.first() {
             verdict = Some(c.result >= 0 && has_more(c.flags));
+            ended = !has_more(c.flags);
             break;
         }
     }
@@ -302,10 +310,16 @@ fn probe_recvmsg_multishot() -> bool {
                 }
                 ring.drain(&mut seen);
                 if seen.iter().any(|c| c.user_data == 1 && !has_more(c.flags)) {
+                    ended = true;
                     break;
                 }
             }
         }
+    }
+    if ended {
+        // SAFETY: the receive's final completion was seen, so no request selects from the
+        // group any more.
+        let _ = unsafe { bufs.unregister(ring.uring()) };
     }
     verdict.unwrap_or(false)
 }

@@ -14,7 +14,7 @@ use crate::send_pool::{Dest, SendError, SendPool};
 use crate::session::{CloseReason, SessionId};
 use crate::sockperf;
 use crate::stats::Stats;
-use crate::worker::{Letter, WorkerShared};
+use crate::worker::{Posted, WorkerShared};
 
 /// One received datagram.
 #[derive(Debug, Clone, Copy)]
@@ -126,7 +126,7 @@ impl SessionHandle {
             return Err(DeferredError::SessionClosed);
         }
         self.worker
-            .post(Letter::Deferred {
+            .post(Posted::DeferredReply {
                 session: self.id,
                 payload: bytes.to_vec(),
             })

@@ -2,6 +2,14 @@
 //! address, a control buffer and a data buffer; all of it is allocated once and never moves,
 //! because the kernel reads it until the `SENDMSG` completes.
 //!
+//! A slot moves through three states, kept in [`SlotState`] and checked on every move:
+//! `Free` → `Queued` (a reply was written into it this turn) → `InFlight` (its `SENDMSG` was
+//! pushed) → `Free` (its completion arrived). Only `Free` and `Queued` slots are ours to
+//! write; the kernel reads an `InFlight` slot's headers and data. So the pool holds that
+//! memory through raw pointers, never through a Rust reference that would also cover the
+//! slots the kernel is reading, and `Drop` leaks it rather than free it while any slot is in
+//! flight.
+//!
 //! Replies are queued during a loop turn and pushed to the ring by `flush` at the end of it.
 //! Consecutive replies to the same peer are sent as one UDP GSO train (`UDP_SEGMENT`): one
 //! `SENDMSG`, one pass through the socket layer, segmented by the kernel into the same
@@ -10,14 +18,14 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
+use std::ptr::NonNull;
 
-use io_uring::{opcode, types};
+use io_uring::{opcode, squeue, types};
 
 use crate::datagram::{
     encode_pktinfo, encode_sockaddr, encode_udp_segment, CONTROL_LEN, MAX_GSO_SEGMENTS,
 };
 use crate::op::{next_generation, OpKind, UserData};
-use crate::ring::Ring;
 
 /// Why a reply was not queued. Each case is counted in `send_dropped`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,21 +67,50 @@ pub struct Dest {
     pub connected: bool,
 }
 
+/// Where pushed entries go: the ring, or a stand-in in tests.
+pub trait Submit {
+    /// Queues `entry` for the kernel.
+    ///
+    /// # Safety
+    /// Every pointer inside `entry` must stay valid and unmoved until the kernel posts the
+    /// operation's final completion.
+    unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()>;
+}
+
+/// The part of a slot the kernel reads while the send is in flight.
 #[repr(C)]
-struct SendSlot {
+struct SlotHeaders {
     msg: libc::msghdr,
     iov: libc::iovec,
     name: [u8; 28],
     control: [u8; CONTROL_LEN],
+}
+
+/// Where a slot is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    /// Holds a reply written this turn, not yet pushed.
+    Queued,
+    /// Pushed: the kernel may be reading the slot's headers and data.
+    InFlight,
+}
+
+/// Our bookkeeping for a slot; the kernel never sees it.
+struct SlotMeta {
+    state: SlotState,
+    dest: Dest,
+    /// Bytes of the reply (of the whole train, for a train head).
+    len: usize,
     /// Bytes of `control` the packet-info message uses (0 without one).
     pktinfo_len: usize,
-    dest: Dest,
+    /// `name` holds `dest.peer` encoded (it is re-encoded only when the peer changes).
+    name_valid: bool,
     /// Datagrams this slot carries (more than one for a GSO train).
     segments: u16,
     /// Size of every segment but the last, for a train.
     segment_len: u16,
     generation: u32,
-    in_flight: bool,
 }
 
 /// The outcome of a send completion.
@@ -83,63 +120,99 @@ pub struct Completed {
     pub segments: u16,
 }
 
+/// `flush` could not push every queued reply; the ones not pushed were dropped.
+#[derive(Debug)]
+pub struct FlushError {
+    pub error: io::Error,
+    /// Replies (datagrams) dropped, for the `send_dropped` counter.
+    pub dropped: u64,
+}
+
 /// A fixed set of reply slots with a free list.
 pub struct SendPool {
-    slots: Box<[SendSlot]>,
-    data: Box<[u8]>,
+    /// `count` slot headers, from a leaked boxed slice; freed in `Drop` if nothing is in
+    /// flight.
+    headers: NonNull<SlotHeaders>,
+    /// `count * slot_capacity` bytes of reply data, likewise.
+    data: NonNull<u8>,
+    count: usize,
     slot_capacity: usize,
+    meta: Vec<SlotMeta>,
     free: Vec<u32>,
     /// Slots filled this turn, in order, not yet pushed to the ring.
     queued: Vec<u32>,
+    in_flight: usize,
     socket_is_v6: bool,
     gso: bool,
 }
+
+// SAFETY: the pointers are the pool's own heap allocations, used only through `&mut self`
+// (like a `Box`); the kernel's reads do not depend on which thread owns the pool.
+unsafe impl Send for SendPool {}
 
 impl SendPool {
     /// `count` slots of `slot_capacity` bytes each; unconnected destinations are encoded for
     /// an IPv6 socket when `socket_is_v6`. The data area is one zeroed allocation; pages the
     /// replies never touch are never made resident.
     pub fn new(count: usize, slot_capacity: usize, socket_is_v6: bool, gso: bool) -> SendPool {
-        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
-        let mut slots: Box<[SendSlot]> = (0..count)
-            .map(|_| SendSlot {
+        let headers: Box<[SlotHeaders]> = (0..count)
+            .map(|_| SlotHeaders {
                 // SAFETY: msghdr and iovec are plain C structs for which all-zero is valid.
                 msg: unsafe { std::mem::zeroed() },
                 // SAFETY: as above.
                 iov: unsafe { std::mem::zeroed() },
                 name: [0; 28],
                 control: [0; CONTROL_LEN],
-                pktinfo_len: 0,
-                dest: Dest {
-                    fd: -1,
-                    peer: unspecified,
-                    local: None,
-                    connected: false,
-                },
-                segments: 1,
-                segment_len: 0,
-                generation: 0,
-                in_flight: false,
             })
             .collect();
-        let mut data = vec![0u8; count * slot_capacity].into_boxed_slice();
-        for (i, slot) in slots.iter_mut().enumerate() {
-            // SAFETY: `i * slot_capacity` is inside `data` (i < count).
-            slot.iov.iov_base = unsafe { data.as_mut_ptr().add(i * slot_capacity) }.cast();
-            slot.msg.msg_name = slot.name.as_mut_ptr().cast();
-            slot.msg.msg_iov = &mut slot.iov;
-            slot.msg.msg_iovlen = 1;
-        }
-        SendPool {
-            slots,
+        let data: Box<[u8]> = vec![0u8; count * slot_capacity].into_boxed_slice();
+        let headers = NonNull::new(Box::into_raw(headers).cast::<SlotHeaders>())
+            .expect("Box::into_raw is never null");
+        let data =
+            NonNull::new(Box::into_raw(data).cast::<u8>()).expect("Box::into_raw is never null");
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        let pool = SendPool {
+            headers,
             data,
+            count,
             slot_capacity,
+            meta: (0..count)
+                .map(|_| SlotMeta {
+                    state: SlotState::Free,
+                    dest: Dest {
+                        fd: -1,
+                        peer: unspecified,
+                        local: None,
+                        connected: false,
+                    },
+                    len: 0,
+                    pktinfo_len: 0,
+                    name_valid: false,
+                    segments: 1,
+                    segment_len: 0,
+                    generation: 0,
+                })
+                .collect(),
             // Pop from the end: hand out low slots first.
             free: (0..count as u32).rev().collect(),
             queued: Vec::with_capacity(count),
+            in_flight: 0,
             socket_is_v6,
             gso,
+        };
+        for index in 0..count {
+            let h = pool.headers_ptr(index);
+            // SAFETY: `h` points at slot `index`'s headers, inside the allocation, which no
+            // reference covers; the pointers stored are into the same slot (name, iov) and
+            // into the slot's own stretch of the data area (index < count).
+            unsafe {
+                (*h).iov.iov_base = pool.data.as_ptr().add(index * slot_capacity).cast();
+                (*h).msg.msg_name = std::ptr::addr_of_mut!((*h).name).cast();
+                (*h).msg.msg_iov = std::ptr::addr_of_mut!((*h).iov);
+                (*h).msg.msg_iovlen = 1;
+            }
         }
+        pool
     }
 
     /// Slots a reply can still take this turn.
@@ -147,14 +220,9 @@ impl SendPool {
         self.free.len()
     }
 
-    /// Slots queued or in flight.
-    pub fn in_use(&self) -> usize {
-        self.slots.len() - self.free.len()
-    }
-
     /// Sends the kernel still has to complete.
     pub fn in_flight(&self) -> usize {
-        self.in_use() - self.queued.len()
+        self.in_flight
     }
 
     pub fn slot_capacity(&self) -> usize {
@@ -171,6 +239,33 @@ impl SendPool {
         self.gso = false;
     }
 
+    fn headers_ptr(&self, index: usize) -> *mut SlotHeaders {
+        assert!(index < self.count);
+        // SAFETY: index < count: inside the headers allocation.
+        unsafe { self.headers.as_ptr().add(index) }
+    }
+
+    /// Slot `index`'s headers, which must be ours (not in flight).
+    fn headers_mut(&mut self, index: u32) -> &mut SlotHeaders {
+        assert_ne!(self.meta[index as usize].state, SlotState::InFlight);
+        // SAFETY: the slot is not in flight, so the kernel does not read it, and `&mut self`
+        // makes this the only reference to it; the reference covers this slot only.
+        unsafe { &mut *self.headers_ptr(index as usize) }
+    }
+
+    /// Slot `index`'s data buffer, which must be ours (not in flight).
+    fn data_mut(&mut self, index: u32) -> &mut [u8] {
+        assert_ne!(self.meta[index as usize].state, SlotState::InFlight);
+        assert!((index as usize) < self.count);
+        // SAFETY: as in `headers_mut`; the slice is this slot's stretch of the data area.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.data.as_ptr().add(index as usize * self.slot_capacity),
+                self.slot_capacity,
+            )
+        }
+    }
+
     /// Queues a reply to `dest` whose payload `fill` writes into the slot's buffer, returning
     /// its length. The kernel sees it at the next `flush`.
     pub fn queue(
@@ -179,8 +274,10 @@ impl SendPool {
         fill: impl FnOnce(&mut [u8]) -> usize,
     ) -> Result<usize, SendError> {
         let index = self.free.pop().ok_or(SendError::PoolExhausted)?;
+        debug_assert_eq!(self.meta[index as usize].state, SlotState::Free);
         match self.prepare(index, dest, fill) {
             Ok(len) => {
+                self.meta[index as usize].state = SlotState::Queued;
                 self.queued.push(index);
                 Ok(len)
             }
@@ -207,89 +304,128 @@ impl SendPool {
         dest: Dest,
         fill: impl FnOnce(&mut [u8]) -> usize,
     ) -> Result<usize, SendError> {
-        let start = index as usize * self.slot_capacity;
-        let len = fill(&mut self.data[start..start + self.slot_capacity]);
+        let len = fill(self.data_mut(index));
         if len > self.slot_capacity {
             return Err(SendError::TooLong);
         }
-        let slot = &mut self.slots[index as usize];
+        let socket_is_v6 = self.socket_is_v6;
+        let meta = &self.meta[index as usize];
+        let (old, name_valid, pktinfo_len) = (meta.dest, meta.name_valid, meta.pktinfo_len);
+        let h = self.headers_mut(index);
+        let mut name_valid = name_valid && old.peer == dest.peer;
         if dest.connected {
             // A connected socket sends to its peer; an address would only cost a route lookup.
-            slot.msg.msg_namelen = 0;
-        } else if slot.dest.peer != dest.peer || slot.dest.connected || slot.msg.msg_namelen == 0 {
-            slot.msg.msg_namelen = encode_sockaddr(dest.peer, self.socket_is_v6, &mut slot.name)
+            // The encoded name stays in `name` for a later unconnected send to the same peer.
+            h.msg.msg_namelen = 0;
+        } else if !name_valid || h.msg.msg_namelen == 0 {
+            h.msg.msg_namelen = encode_sockaddr(dest.peer, socket_is_v6, &mut h.name)
                 .ok_or(SendError::AddressFamily)?;
+            name_valid = true;
         }
-        if slot.dest.local != dest.local || (dest.local.is_some() && slot.pktinfo_len == 0) {
-            slot.pktinfo_len = match dest.local {
-                Some(ip) => encode_pktinfo(ip, &mut slot.control),
+        let pktinfo_len = if old.local != dest.local || (dest.local.is_some() && pktinfo_len == 0) {
+            match dest.local {
+                Some(ip) => encode_pktinfo(ip, &mut h.control),
                 None => 0,
-            };
-        }
-        slot.dest = dest;
-        slot.iov.iov_len = len;
-        slot.segments = 1;
+            }
+        } else {
+            pktinfo_len
+        };
+        let meta = &mut self.meta[index as usize];
+        meta.name_valid = name_valid;
+        meta.pktinfo_len = pktinfo_len;
+        meta.dest = dest;
+        meta.len = len;
+        meta.segments = 1;
         Ok(len)
     }
 
-    /// Pushes every queued reply to `ring`, joining consecutive replies to the same peer into
-    /// GSO trains. Returns the number of `SENDMSG` entries pushed.
-    pub fn flush(&mut self, ring: &mut Ring) -> io::Result<usize> {
+    /// Pushes every queued reply to `sink`, joining consecutive replies to the same peer into
+    /// GSO trains. Returns the number of `SENDMSG` entries pushed. When a push fails, that
+    /// entry and every one after it are dropped: their slots go back to the free list (each
+    /// exactly once) and `FlushError::dropped` counts their datagrams.
+    pub fn flush(&mut self, sink: &mut impl Submit) -> Result<usize, FlushError> {
         let mut pushed = 0;
         let mut i = 0;
         while i < self.queued.len() {
             let head = self.queued[i];
-            i += 1;
-            if self.gso {
-                i = self.extend_train(head, i);
-            }
-            let slot = &mut self.slots[head as usize];
-            let fd = slot.dest.fd;
-            let mut control_len = slot.pktinfo_len;
-            if slot.segments > 1 {
-                // CONTROL_LEN holds packet-info and UDP_SEGMENT together (tested in datagram).
-                control_len = encode_udp_segment(&mut slot.control, control_len, slot.segment_len)
-                    .unwrap_or(control_len);
-            }
-            slot.msg.msg_controllen = control_len;
-            slot.msg.msg_control = if control_len == 0 {
-                std::ptr::null_mut()
+            // The replies after the head that joined its train are already free again.
+            let next = if self.gso {
+                self.extend_train(head, i + 1)
             } else {
-                slot.control.as_mut_ptr().cast()
+                i + 1
             };
-            let user_data = UserData::new(OpKind::Send, slot.generation, head).encode();
-            let entry = opcode::SendMsg::new(types::Fd(fd), &slot.msg)
-                .build()
-                .user_data(user_data);
-            slot.in_flight = true;
-            // SAFETY: the msghdr, iovec, address, control and data buffers belong to this
-            // slot, live in boxed slices that never move, and are not reused until the
-            // completion for this generation arrives (`complete`): the slot is off the free
-            // list until then.
-            if let Err(e) = unsafe { ring.push(&entry) } {
-                // Not pushed: drop this and the rest, freeing their slots, and report.
-                let rest: Vec<u32> = self.queued.drain(i - 1..).collect();
-                for index in rest {
+            let entry = self.seal(head);
+            let meta = &mut self.meta[head as usize];
+            debug_assert_eq!(meta.state, SlotState::Queued);
+            meta.state = SlotState::InFlight;
+            self.in_flight += 1;
+            // SAFETY: the entry points at slot `head`'s headers and data, inside allocations
+            // that are freed only by `Drop` and only when no slot is in flight (else leaked);
+            // the slot is `InFlight` from here until `complete` sees its completion, and no
+            // method writes an `InFlight` slot (`headers_mut`/`data_mut` assert it).
+            if let Err(error) = unsafe { sink.push(&entry) } {
+                // Not pushed: the head and everything queued after its train are dropped.
+                let meta = &mut self.meta[head as usize];
+                meta.state = SlotState::Queued;
+                self.in_flight -= 1;
+                let mut dropped = u64::from(meta.segments);
+                self.release(head);
+                let rest = std::mem::take(&mut self.queued);
+                for &index in &rest[next..] {
+                    dropped += 1;
                     self.release(index);
                 }
+                self.queued = rest;
                 self.queued.clear();
-                return Err(e);
+                return Err(FlushError { error, dropped });
             }
             pushed += 1;
+            i = next;
         }
         self.queued.clear();
         Ok(pushed)
     }
 
+    /// Writes the slot's control messages and builds its `SENDMSG` entry.
+    fn seal(&mut self, index: u32) -> squeue::Entry {
+        let meta = &self.meta[index as usize];
+        let (fd, pktinfo_len, segments, segment_len, len) = (
+            meta.dest.fd,
+            meta.pktinfo_len,
+            meta.segments,
+            meta.segment_len,
+            meta.len,
+        );
+        let user_data = UserData::new(OpKind::Send, meta.generation, index).encode();
+        let h = self.headers_mut(index);
+        let mut control_len = pktinfo_len;
+        if segments > 1 {
+            // CONTROL_LEN holds packet-info and UDP_SEGMENT together (tested in datagram).
+            control_len =
+                encode_udp_segment(&mut h.control, control_len, segment_len).unwrap_or(control_len);
+        }
+        h.iov.iov_len = len;
+        h.msg.msg_controllen = control_len;
+        h.msg.msg_control = if control_len == 0 {
+            std::ptr::null_mut()
+        } else {
+            h.control.as_mut_ptr().cast()
+        };
+        opcode::SendMsg::new(types::Fd(fd), &h.msg)
+            .build()
+            .user_data(user_data)
+    }
+
     /// Appends the replies queued after `head` (from `next` on) to `head`'s train while they
     /// go to the same peer from the same address and keep the train valid: every segment but
-    /// the last has the first one's size, at most 64 segments and 65,507 bytes. Returns the
-    /// index of the first reply not taken.
+    /// the last has the first one's size, at most 64 segments and 65,507 bytes. Joined slots
+    /// are released (their bytes now live in the head's buffer). Returns the index of the
+    /// first reply not taken.
     fn extend_train(&mut self, head: u32, mut next: usize) -> usize {
         let cap = self.slot_capacity.min(crate::config::MAX_UDP4_PAYLOAD);
         let (dest, segment) = {
-            let h = &self.slots[head as usize];
-            (h.dest, h.iov.iov_len)
+            let h = &self.meta[head as usize];
+            (h.dest, h.len)
         };
         if segment == 0 || segment > usize::from(u16::MAX) {
             return next;
@@ -298,25 +434,35 @@ impl SendPool {
         let mut count = 1usize;
         while next < self.queued.len() && count < MAX_GSO_SEGMENTS {
             let index = self.queued[next];
-            let s = &self.slots[index as usize];
-            let len = s.iov.iov_len;
+            let s = &self.meta[index as usize];
+            let len = s.len;
             if s.dest != dest || len == 0 || len > segment || total + len > cap {
                 break;
             }
-            let from = index as usize * self.slot_capacity;
-            let to = head as usize * self.slot_capacity + total;
-            self.data.copy_within(from..from + len, to);
+            debug_assert_eq!(s.state, SlotState::Queued);
+            // SAFETY: both slots are `Queued` (ours, not read by the kernel) and distinct, so
+            // the two stretches of the data area do not overlap; `total + len <= cap <=
+            // slot_capacity` keeps the write inside the head's stretch.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.data.as_ptr().add(index as usize * self.slot_capacity),
+                    self.data
+                        .as_ptr()
+                        .add(head as usize * self.slot_capacity + total),
+                    len,
+                );
+            }
             total += len;
             count += 1;
             next += 1;
-            self.free.push(index);
+            self.release(index);
             if len < segment {
                 // A shorter segment ends a train.
                 break;
             }
         }
-        let h = &mut self.slots[head as usize];
-        h.iov.iov_len = total;
+        let h = &mut self.meta[head as usize];
+        h.len = total;
         h.segments = count as u16;
         h.segment_len = segment as u16;
         next
@@ -334,32 +480,71 @@ impl SendPool {
     pub(crate) fn take_queued(&mut self, mut f: impl FnMut(SocketAddr, &[u8])) {
         let queued = std::mem::take(&mut self.queued);
         for &index in &queued {
-            let slot = &self.slots[index as usize];
-            let start = index as usize * self.slot_capacity;
-            f(slot.dest.peer, &self.data[start..start + slot.iov.iov_len]);
+            let (peer, len) = {
+                let m = &self.meta[index as usize];
+                (m.dest.peer, m.len)
+            };
+            f(peer, &self.data_mut(index)[..len]);
             self.release(index);
         }
         self.queued = queued;
         self.queued.clear();
     }
 
+    /// Returns a queued slot to the free list under a new generation.
     fn release(&mut self, index: u32) {
-        let slot = &mut self.slots[index as usize];
-        slot.in_flight = false;
-        slot.generation = next_generation(slot.generation);
+        let meta = &mut self.meta[index as usize];
+        assert_eq!(
+            meta.state,
+            SlotState::Queued,
+            "send slot {index} released while {:?}",
+            meta.state
+        );
+        meta.state = SlotState::Free;
+        meta.generation = next_generation(meta.generation);
         self.free.push(index);
     }
 
     /// Frees the slot a `Send` completion names. `None` when the completion is stale (its
     /// generation no longer matches, or the slot is not in flight): the caller counts it.
     pub fn complete(&mut self, ud: UserData) -> Option<Completed> {
-        let slot = self.slots.get_mut(ud.slot as usize)?;
-        if !slot.in_flight || slot.generation != ud.generation {
+        let meta = self.meta.get_mut(ud.slot as usize)?;
+        if meta.state != SlotState::InFlight || meta.generation != ud.generation {
             return None;
         }
-        let segments = slot.segments;
+        meta.state = SlotState::Queued;
+        self.in_flight -= 1;
+        let segments = meta.segments;
         self.release(ud.slot);
         Some(Completed { segments })
+    }
+}
+
+impl Drop for SendPool {
+    fn drop(&mut self) {
+        if self.in_flight > 0 {
+            // The kernel may still read these slots: leak them rather than free them. The
+            // worker drains to zero before it drops the pool, so this happens only when
+            // shutdown timed out.
+            tracing::warn!(
+                in_flight = self.in_flight,
+                "leaking send slots still in flight"
+            );
+            return;
+        }
+        // SAFETY: both pointers came from `Box::into_raw` of boxed slices of exactly these
+        // lengths, are freed only here, and nothing is in flight, so the kernel holds no
+        // pointer into them.
+        unsafe {
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.headers.as_ptr(),
+                self.count,
+            )));
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.data.as_ptr(),
+                self.count * self.slot_capacity,
+            )));
+        }
     }
 }
 
@@ -386,23 +571,91 @@ mod tests {
     }
 
     fn queue_bytes(p: &mut SendPool, peer: &str, bytes: &[u8]) -> Result<usize, SendError> {
-        p.queue(dest(peer), |b| {
-            b[..bytes.len()].copy_from_slice(bytes);
-            bytes.len()
-        })
+        p.queue_bytes(dest(peer), bytes)
+    }
+
+    /// Accepts `room` entries, then fails every push (as a full ring whose completion queue
+    /// overflows does), remembering what it accepted.
+    struct FailingSink {
+        room: usize,
+        accepted: Vec<UserData>,
+    }
+
+    impl Submit for FailingSink {
+        unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+            if self.room == 0 {
+                return Err(io::Error::from_raw_os_error(libc::EBUSY));
+            }
+            self.room -= 1;
+            self.accepted
+                .push(UserData::decode(entry.get_user_data()).unwrap());
+            Ok(())
+        }
+    }
+
+    fn free_list_is_a_set(p: &SendPool) {
+        let mut seen = vec![false; p.count];
+        for &i in &p.free {
+            assert!(!seen[i as usize], "slot {i} is on the free list twice");
+            seen[i as usize] = true;
+            assert_eq!(p.meta[i as usize].state, SlotState::Free);
+        }
     }
 
     #[test]
     fn complete_checks_generation_and_frees() {
         let mut p = pool(2, 16);
-        let index = p.free.pop().unwrap();
-        p.slots[index as usize].in_flight = true;
-        let ud = UserData::new(OpKind::Send, 0, index);
+        queue_bytes(&mut p, "127.0.0.1:5", b"x").unwrap();
+        let mut sink = FailingSink {
+            room: 8,
+            accepted: Vec::new(),
+        };
+        assert_eq!(p.flush(&mut sink).unwrap(), 1);
+        let ud = sink.accepted[0];
+        assert_eq!(p.in_flight(), 1);
         assert_eq!(p.complete(ud), Some(Completed { segments: 1 }));
         assert_eq!(p.free_slots(), 2);
-        // The same completion again is stale: the slot moved to generation 1.
+        // The same completion again is stale: the slot moved to the next generation.
         assert_eq!(p.complete(ud), None);
         assert_eq!(p.complete(UserData::new(OpKind::Send, 0, 99)), None);
+        free_list_is_a_set(&p);
+    }
+
+    /// Issue 8, finding 1: a push that fails after a train was joined released the last
+    /// joined slot twice and left the head in flight forever.
+    #[test]
+    fn a_push_failing_after_a_train_returns_every_slot_exactly_once() {
+        for room in 0..4 {
+            let mut p = pool(16, 64);
+            // Train of three to peer A, then B, then a train of two to C, then D.
+            for peer in ["A", "A", "A", "B", "C", "C", "D"] {
+                let port = 5000 + peer.as_bytes()[0] as u16;
+                queue_bytes(&mut p, &format!("127.0.0.1:{port}"), b"abcd").unwrap();
+            }
+            let mut sink = FailingSink {
+                room,
+                accepted: Vec::new(),
+            };
+            let err = p.flush(&mut sink).unwrap_err();
+            // Entries: [A x3], [B], [C x2], [D]; `room` of them were pushed.
+            let segments = [3u64, 1, 2, 1];
+            assert_eq!(err.dropped, segments[room..].iter().sum::<u64>());
+            assert_eq!(p.in_flight(), room);
+            free_list_is_a_set(&p);
+            for ud in sink.accepted.clone() {
+                assert!(p.complete(ud).is_some());
+            }
+            assert_eq!(p.in_flight(), 0);
+            assert_eq!(p.free_slots(), 16, "room {room}: every slot back, once");
+            free_list_is_a_set(&p);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "released while Free")]
+    fn releasing_a_free_slot_is_caught() {
+        let mut p = pool(2, 16);
+        p.release(0);
     }
 
     #[test]
@@ -434,12 +687,11 @@ mod tests {
         let head = p.queued[0];
         let next = p.extend_train(head, 1);
         assert_eq!(next, 4);
-        let h = &p.slots[head as usize];
+        let h = &p.meta[head as usize];
         assert_eq!(h.segments, 4);
         assert_eq!(h.segment_len, 4);
-        assert_eq!(h.iov.iov_len, 14);
-        let start = head as usize * 64;
-        assert_eq!(&p.data[start..start + 14], b"aaaabbbbccccdd");
+        assert_eq!(h.len, 14);
+        assert_eq!(&p.data_mut(head)[..14], b"aaaabbbbccccdd");
         // The three joined slots went back to the free list.
         assert_eq!(p.free_slots(), 2 + 3);
         let head2 = p.queued[4];
@@ -468,5 +720,30 @@ mod tests {
             queue_bytes(&mut p, "127.0.0.1:5", &[1u8; 10]).unwrap();
         }
         assert_eq!(p.extend_train(p.queued[0], 1), 64);
+    }
+
+    #[test]
+    fn a_slot_reused_for_another_peer_or_a_connected_socket_is_re_encoded() {
+        let mut p = pool(1, 16);
+        let mut sink = FailingSink {
+            room: 8,
+            accepted: Vec::new(),
+        };
+        let mut send = |p: &mut SendPool, d: Dest| {
+            p.queue_bytes(d, b"x").unwrap();
+            p.flush(&mut sink).unwrap();
+            let ud = *sink.accepted.last().unwrap();
+            p.complete(ud).unwrap();
+            let h = p.headers_mut(0);
+            (h.msg.msg_namelen, h.name)
+        };
+        let (len_a, name_a) = send(&mut p, dest("127.0.0.1:5"));
+        assert_eq!(len_a, 16);
+        let mut connected = dest("127.0.0.1:5");
+        connected.connected = true;
+        assert_eq!(send(&mut p, connected).0, 0);
+        assert_eq!(send(&mut p, dest("127.0.0.1:5")), (len_a, name_a));
+        let (_, name_b) = send(&mut p, dest("127.0.0.1:6"));
+        assert_ne!(name_a, name_b);
     }
 }

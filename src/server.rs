@@ -16,7 +16,7 @@ use crate::ring::TaskRunMode;
 use crate::socket::bind_worker_socket;
 use crate::stats::Stats;
 use crate::sys;
-use crate::worker::{Fleet, Worker, WorkerShared};
+use crate::worker::{ServerShared, Worker, WorkerShared};
 
 struct WorkerHandle {
     shared: Arc<WorkerShared>,
@@ -90,7 +90,7 @@ impl Server {
         let shared_parts: Vec<Arc<WorkerShared>> = (0..sockets.len())
             .map(|_| WorkerShared::new().map(Arc::new))
             .collect::<io::Result<_>>()?;
-        let fleet = Arc::new(Fleet {
+        let server_shared = Arc::new(ServerShared {
             workers: shared_parts.clone(),
             directory: (config.sessions == SessionMode::Connected && sockets.len() > 1)
                 .then(Directory::default),
@@ -126,7 +126,7 @@ impl Server {
                 let shared = shared.clone();
                 let config = config.clone();
                 let factory = factory.clone();
-                let fleet = fleet.clone();
+                let server_shared = server_shared.clone();
                 std::thread::Builder::new()
                     .name(format!("udpring-w{id}"))
                     .spawn(move || {
@@ -136,8 +136,14 @@ impl Server {
                             }
                         }
                         let handler = factory(id);
-                        let worker = match Worker::new(id, socket, &config, handler, shared, fleet)
-                        {
+                        let worker = match Worker::new(
+                            id,
+                            socket,
+                            &config,
+                            handler,
+                            shared,
+                            server_shared,
+                        ) {
                             Ok(w) => w,
                             Err(e) => {
                                 let msg = e.to_string();

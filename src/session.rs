@@ -151,10 +151,6 @@ impl<V> SessionTable<V> {
         self.slots.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
-
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
@@ -176,7 +172,7 @@ impl<V> SessionTable<V> {
     }
 
     /// Records activity: one store, no heap operation.
-    #[inline]
+    #[cfg(test)]
     pub fn touch(&mut self, id: SessionId, now: Millis) {
         if let Some(e) = self.get_mut(id) {
             e.last_active = now;

@@ -1,124 +1,54 @@
-//! One worker: a thread that owns a SO_REUSEPORT socket, an io_uring, a provided-buffer ring
-//! and a pool of reply slots, and runs the completion loop: submit and wait, drain a batch of
-//! completions, one `match` on the operation kind, hand datagrams to the handler, recycle.
-//! Session routing (per-client sockets, idle expiry, deferred replies) is in `sessions.rs`.
+//! One worker: a thread that owns a SO_REUSEPORT socket and its io_uring and runs the
+//! completion loop (submit and wait, drain a batch of completions, one `match` on the
+//! operation kind, hand datagrams to the handler, flush replies).
+//!
+//! The parts, in the order data flows through them:
+//! - `io`: the ring and every byte of memory the kernel touches, the ledger of operations in
+//!   flight, and the teardown order that keeps that memory alive until the kernel is done.
+//! - `receive`: the backlog of received datagrams (each holding its buffer) and the handler
+//!   calls that consume it, with backpressure when reply slots run out.
+//! - `router`: which session a datagram belongs to (sans-IO, unit-tested).
+//! - `sessions`: opening and closing sessions and their sockets, idle expiry, posted work.
+//!
+//! Control flows one way: completions fill the backlog, the backlog is handed to the handler,
+//! the handler's requests (replies, closing its session) are queued, and the loop carries them
+//! out at the end of the turn. Closing a session never routes a datagram; what its socket
+//! still held goes back into the backlog for the next pass.
 
-mod deliver;
+mod io;
+mod receive;
+mod router;
 mod sessions;
+mod shared;
 
-use std::collections::{HashMap, VecDeque};
-use std::io;
-use std::mem::ManuallyDrop;
-use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::io as stdio;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use io_uring::{opcode, types};
-use parking_lot::Mutex;
 
 use crate::buf_ring::BufRing;
 use crate::config::{ServerConfig, SessionMode};
 use crate::datagram::{CONTROL_LEN, RECVMSG_OUT_LEN, SOCKADDR_IN6_LEN, SOCKADDR_IN_LEN};
-use crate::directory::Directory;
 use crate::handler::SessionHandler;
-use crate::op::{next_generation, OpKind, UserData};
-use crate::ring::{buffer_id, has_more, Completion, Ring};
+use crate::op::{OpKind, UserData};
+use crate::ring::{has_more, Completion, Ring};
 use crate::send_pool::{send_errno, SendPool};
-use crate::session::{Limits, Millis, SessionId, SessionTable};
+use crate::session::{Limits, Millis, SessionTable};
 use crate::socket::BoundSocket;
-use crate::stats::{SharedStats, Stats};
+use crate::stats::Stats;
 
-use deliver::Payload;
-use sessions::Live;
+use io::Io;
+use receive::Pending;
+use router::{Router, Source};
+use sessions::SessionSockets;
 
-/// The buffer group every worker's receive ring registers (each worker has its own ring, so
-/// the ids do not collide).
-const BUF_GROUP: u16 = 0;
+pub use shared::{Posted, ServerShared, WorkerShared};
 
 /// A turn that drained at least this many completions counts as busy: the next wait may
 /// hold out for a batch (`--batch-wait`).
 const BUSY_TURN: usize = 8;
-
-/// Work posted to a worker from another thread.
-pub enum Letter {
-    /// A reply made through a [`crate::handler::SessionHandle`].
-    Deferred {
-        session: SessionId,
-        payload: Vec<u8>,
-    },
-    /// A datagram another worker received for a peer this worker owns.
-    Forwarded {
-        peer: SocketAddr,
-        local: Option<IpAddr>,
-        payload: Vec<u8>,
-    },
-}
-
-/// What a worker shares with the other threads.
-pub struct WorkerShared {
-    pub counters: SharedStats,
-    /// Written to wake the worker's ring from another thread.
-    pub wake_fd: OwnedFd,
-    pub shutdown: AtomicBool,
-    mailbox: Mutex<Vec<Letter>>,
-    stopped: AtomicBool,
-}
-
-impl WorkerShared {
-    pub fn new() -> io::Result<WorkerShared> {
-        Ok(WorkerShared {
-            counters: SharedStats::default(),
-            wake_fd: crate::sys::eventfd()?,
-            shutdown: AtomicBool::new(false),
-            mailbox: Mutex::new(Vec::new()),
-            stopped: AtomicBool::new(false),
-        })
-    }
-
-    /// Asks the worker to stop: it stops receiving, flushes replies, cancels what is in
-    /// flight and returns.
-    pub fn request_shutdown(&self) -> io::Result<()> {
-        self.shutdown.store(true, Ordering::Release);
-        crate::sys::eventfd_signal(&self.wake_fd)
-    }
-
-    /// Hands `letter` to the worker and wakes it (once per batch of letters). `Err` when the
-    /// worker has stopped.
-    pub fn post(&self, letter: Letter) -> Result<(), Letter> {
-        if self.stopped.load(Ordering::Acquire) {
-            return Err(letter);
-        }
-        let was_empty = {
-            let mut mailbox = self.mailbox.lock();
-            let was_empty = mailbox.is_empty();
-            mailbox.push(letter);
-            was_empty
-        };
-        // The worker empties the whole mailbox per wake-up, so only the first letter of a
-        // batch needs to write the eventfd.
-        if was_empty {
-            let _ = crate::sys::eventfd_signal(&self.wake_fd);
-        }
-        Ok(())
-    }
-}
-
-/// Where a pending datagram was read from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
-    Listener,
-    Session(SessionId),
-}
-
-/// A received datagram waiting for the handler: it holds buffer `bid` until then.
-#[derive(Debug, Clone, Copy)]
-struct Pending {
-    bid: u16,
-    len: usize,
-    source: Source,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -156,96 +86,40 @@ impl LogLimit {
     }
 }
 
-/// Cookies already used to open a session, by key epoch (older epochs are pruned: their
-/// cookies no longer validate anyway).
-#[derive(Default)]
-pub struct UsedCookies {
-    tags: HashMap<[u8; 16], u32>,
-    pruned_epoch: u32,
+/// How the loop waits.
+struct Pacing {
+    shutdown_timeout: Duration,
+    batch_wait: Option<Duration>,
+    batch_size: usize,
+    busy_poll: Option<Duration>,
 }
 
-impl UsedCookies {
-    /// Records `tag`; `false` when it was already there (a replay).
-    pub fn first_use(&mut self, tag: [u8; 16], epoch: u32) -> bool {
-        if epoch > self.pruned_epoch + 1 {
-            self.tags.retain(|_, e| *e + 1 >= epoch);
-            self.pruned_epoch = epoch.saturating_sub(1);
-        }
-        self.tags.insert(tag, epoch).is_none()
-    }
-}
-
-/// Everything the workers of one server share.
-pub struct Fleet {
-    /// Every worker's shared part, by worker id (for forwarding between workers).
-    pub workers: Vec<Arc<WorkerShared>>,
-    /// Session owners, for `connected` mode with several workers.
-    pub directory: Option<Directory>,
-    /// Sessions open in all workers.
-    pub sessions_total: Arc<AtomicUsize>,
-    /// Connected per-client sockets open in all workers.
-    pub connected_total: AtomicUsize,
-    /// `--validate-peers`: mints and checks cookies (the same keys in every worker).
-    pub cookies: Option<crate::cookie::CookieJar>,
-    pub used_cookies: Mutex<UsedCookies>,
-    /// The common clock origin (cookie timestamps must agree between workers).
-    pub started: Instant,
-}
-
-/// Field order matters: the ring is dropped first, so the kernel lets go of the buffers,
-/// message headers and send slots below before they are freed.
 pub struct Worker<H: SessionHandler> {
-    ring: Ring,
-    // Memory the kernel points at. `Drop` frees it only when nothing is in flight.
-    bufs: ManuallyDrop<BufRing>,
-    sends: ManuallyDrop<SendPool>,
-    recv_msg: ManuallyDrop<Box<libc::msghdr>>,
-    wake_buf: ManuallyDrop<Box<u64>>,
-    tick_spec: ManuallyDrop<Box<types::Timespec>>,
+    io: Io,
     socket: BoundSocket,
     fd: RawFd,
     id: usize,
     handler: H,
     shared: Arc<WorkerShared>,
-    fleet: Arc<Fleet>,
-    counters: Stats,
+    server: Arc<ServerShared>,
+    stats: Stats,
     backlog: VecDeque<Pending>,
     completions: Vec<Completion>,
     name_space: usize,
     control_space: usize,
-    recv_armed: bool,
-    recv_generation: u32,
-    wake_armed: bool,
-    tick_armed: bool,
-    cancels_in_flight: usize,
-    session_recvs_armed: usize,
     backpressured: bool,
     state: State,
-    shutdown_timeout: Duration,
-    batch_wait: Option<Duration>,
-    batch_size: usize,
-    busy_poll: Option<Duration>,
+    pacing: Pacing,
     recv_log: LogLimit,
     send_log: LogLimit,
     socket_log: LogLimit,
-    // Sessions.
     mode: SessionMode,
-    sessions: SessionTable<Live<H::State>>,
+    router: Router<H::State>,
     /// The one worker-wide state of `--sessions none`.
     stateless: Option<H::State>,
-    /// Session sockets whose receive is being cancelled; closed on its final completion.
-    closing: HashMap<SessionId, OwnedFd>,
-    rearm: Vec<SessionId>,
-    expired: Vec<SessionId>,
-    /// Session sockets closed this turn. Replies already queued may still name them: the
-    /// descriptors stay open until the next `io_uring_enter` has submitted those sends (the
-    /// kernel resolves a descriptor number when it issues the request), so a number reused by
-    /// a new socket never receives someone else's reply.
-    graveyard: Vec<OwnedFd>,
-    mail: Vec<Letter>,
-    max_connected: usize,
+    socks: SessionSockets,
+    posted: Vec<Posted>,
     amplification_factor: u64,
-    session_recv_buffer: usize,
     started: Instant,
     now_ms: Millis,
 }
@@ -259,8 +133,8 @@ impl<H: SessionHandler> Worker<H> {
         config: &ServerConfig,
         handler: H,
         shared: Arc<WorkerShared>,
-        fleet: Arc<Fleet>,
-    ) -> io::Result<Worker<H>> {
+        server: Arc<ServerShared>,
+    ) -> stdio::Result<Worker<H>> {
         // Per-client sockets may be IPv4 under an IPv6 listener: always leave room for the
         // larger address when sessions have their own sockets.
         let own_sockets = matches!(
@@ -281,27 +155,24 @@ impl<H: SessionHandler> Worker<H> {
         let cq_entries = (buffers + config.send_slots + 256).next_power_of_two() as u32;
         let sq_entries = 512u32.min(cq_entries);
         let ring = Ring::new(sq_entries, cq_entries)
-            .map_err(|e| io::Error::new(e.kind(), crate::ring::explain_setup_error(&e)))?;
-        let bufs = BufRing::new(config.buffers, buf_len as u32, BUF_GROUP)?;
-        // SAFETY: `ring` is declared before `bufs` in `Worker`, so it is dropped first, and
-        // `Drop` leaks the buffers if operations are still in flight at that point.
-        unsafe { bufs.register(ring.uring()) }.map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot register the provided buffer ring ({e}): needs Linux 5.19+"),
-            )
-        })?;
+            .map_err(|e| stdio::Error::new(e.kind(), crate::ring::explain_setup_error(&e)))?;
+        let bufs = BufRing::new(config.buffers, buf_len as u32, io::BUF_GROUP)?;
         let sends = SendPool::new(
             config.send_slots,
             config.max_datagram,
             socket.is_v6,
             config.gso,
         );
-        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-        let mut recv_msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
-        recv_msg.msg_namelen = name_space as u32;
-        recv_msg.msg_controllen = control_space;
         let fd = socket.socket.as_raw_fd();
+        let io = Io::new(
+            ring,
+            bufs,
+            sends,
+            name_space,
+            control_space,
+            fd,
+            shared.wake_fd.as_raw_fd(),
+        )?;
         let limits = Limits {
             idle_timeout_ms: config.idle_timeout.as_millis().max(1) as Millis,
             max_sessions_per_worker: config.max_sessions_per_worker,
@@ -309,55 +180,41 @@ impl<H: SessionHandler> Worker<H> {
             max_new_per_sec: config.max_new_sessions_per_sec,
             max_per_source: config.max_sessions_per_source,
         };
-        let sessions = SessionTable::new(limits, fleet.sessions_total.clone());
+        let sessions = SessionTable::new(limits, server.sessions_total.clone());
+        let started = server.started;
         let mut worker = Worker {
-            ring,
-            bufs: ManuallyDrop::new(bufs),
-            sends: ManuallyDrop::new(sends),
-            recv_msg: ManuallyDrop::new(recv_msg),
-            wake_buf: ManuallyDrop::new(Box::new(0)),
-            tick_spec: ManuallyDrop::new(Box::new(types::Timespec::new())),
+            io,
             socket,
             fd,
             id,
             handler,
             shared,
-            fleet,
-            counters: Stats::default(),
+            server,
+            stats: Stats::default(),
             backlog: VecDeque::with_capacity(buffers),
             completions: Vec::with_capacity(cq_entries as usize),
             name_space,
             control_space,
-            recv_armed: false,
-            recv_generation: 0,
-            wake_armed: false,
-            tick_armed: false,
-            cancels_in_flight: 0,
-            session_recvs_armed: 0,
             backpressured: false,
             state: State::Running,
-            shutdown_timeout: config.shutdown_timeout,
-            batch_wait: config.batch_wait,
-            busy_poll: config.busy_poll,
-            batch_size: config.batch_size,
+            pacing: Pacing {
+                shutdown_timeout: config.shutdown_timeout,
+                batch_wait: config.batch_wait,
+                batch_size: config.batch_size,
+                busy_poll: config.busy_poll,
+            },
             recv_log: LogLimit::new(),
             send_log: LogLimit::new(),
             socket_log: LogLimit::new(),
             mode: config.sessions,
-            sessions,
+            router: Router::new(sessions, id),
             stateless: None,
-            closing: HashMap::new(),
-            rearm: Vec::new(),
-            expired: Vec::new(),
-            graveyard: Vec::new(),
-            mail: Vec::new(),
-            max_connected: config.max_connected,
+            socks: SessionSockets::new(config.max_connected, config.recv_buffer_bytes.min(1 << 20)),
+            posted: Vec::new(),
             amplification_factor: u64::from(config.amplification_factor),
-            session_recv_buffer: config.recv_buffer_bytes.min(1 << 20),
-            started: Instant::now(),
+            started,
             now_ms: 0,
         };
-        worker.started = worker.fleet.started;
         if worker.mode == SessionMode::None {
             let info = worker.stateless_info();
             worker.stateless = Some(worker.handler.session_open(&info));
@@ -366,7 +223,7 @@ impl<H: SessionHandler> Worker<H> {
     }
 
     pub fn task_run_mode(&self) -> crate::ring::TaskRunMode {
-        self.ring.mode()
+        self.io.task_run_mode()
     }
 
     pub fn recv_buffer(&self) -> usize {
@@ -375,75 +232,58 @@ impl<H: SessionHandler> Worker<H> {
 
     /// Runs until shutdown is requested and everything in flight has completed; returns the
     /// final counters.
-    pub fn run(mut self) -> io::Result<Stats> {
+    pub fn run(mut self) -> stdio::Result<Stats> {
         let result = self.run_loop();
-        // From now on letters cannot be delivered: senders get an error instead.
-        self.shared.stopped.store(true, Ordering::Release);
-        self.counters.deferred_dropped += self.shared.mailbox.lock().drain(..).count() as u64;
-        self.shared.counters.publish(&self.counters);
-        result.map(|()| self.counters)
+        // From now on posts are refused; what was posted before is handled here: its session
+        // has closed (shutdown closes them all), so it is counted, never lost silently.
+        self.stats.deferred_dropped += self.shared.close().len() as u64;
+        self.shared.counters.publish(&self.stats);
+        result.map(|()| self.stats)
     }
 
-    fn run_loop(&mut self) -> io::Result<()> {
-        self.arm_wake()?;
-        self.arm_recv()?;
+    fn run_loop(&mut self) -> stdio::Result<()> {
+        self.io.arm_wake()?;
+        self.io.arm_recv()?;
         loop {
-            let (want, timeout) = match (self.state, self.batch_wait) {
-                (State::Running, None) => (1, None),
-                // Gather a batch only while batches are coming: at low load a timed wait
-                // would fire its timer for nothing on every turn.
-                (State::Running, Some(wait)) if self.completions.len() >= BUSY_TURN => {
-                    (self.batch_size, Some(wait))
-                }
-                (State::Running, Some(_)) => (1, None),
-                // While draining, wake up to notice the deadline even if nothing completes.
-                (State::Draining { .. }, _) => (1, Some(Duration::from_millis(20))),
-            };
-            if !(self.state == State::Running && want == 1 && timeout.is_none() && self.spin()?) {
-                self.counters.enters += 1;
-                self.ring.submit_and_wait(want, timeout)?;
-            }
-            self.bury();
+            self.wait()?;
             // One clock read per turn: session activity is stamped with it, no syscall.
             self.now_ms = self.started.elapsed().as_millis() as Millis;
+            // Sockets parked last turn: the sends naming them have been submitted now.
+            self.close_parked_sockets();
             let mut completions = std::mem::take(&mut self.completions);
             completions.clear();
-            self.ring.drain(&mut completions);
+            self.io.ring().drain(&mut completions);
             for c in &completions {
                 self.dispatch(*c)?;
             }
             self.completions = completions;
             self.process_backlog();
-            self.flush_sends()?;
-            if !self.graveyard.is_empty() {
-                // Submit now so the sends naming these descriptors are issued, then close.
-                self.ring.submit()?;
-                self.bury();
-                // What the last reads found may have been answered: queue those too.
+            // Closed sessions' sockets: what they still hold joins the backlog.
+            if self.retire_sockets() {
                 self.process_backlog();
-                self.flush_sends()?;
             }
-            self.bufs.publish();
+            self.flush_sends();
+            self.io.bufs.publish();
             if self.state == State::Running {
-                if !self.recv_armed && self.bufs.available() > 0 {
-                    self.counters.rearms += 1;
-                    self.arm_recv()?;
+                if !self.io.ledger.recv_armed && self.io.bufs.available() > 0 {
+                    self.stats.rearms += 1;
+                    self.io.arm_recv()?;
                 }
                 self.rearm_sessions()?;
             }
-            self.counters.sessions_open = self.sessions.len() as u64;
-            self.shared.counters.publish(&self.counters);
+            self.stats.sessions_open = self.router.sessions.len() as u64;
+            self.shared.counters.publish(&self.stats);
             if let State::Draining { deadline } = self.state {
-                if self.in_flight() == 0 && self.backlog.is_empty() {
+                if self.io.in_flight() == 0 && self.backlog.is_empty() && !self.socks.busy() {
                     // Push out anything the last turn queued (the replies were counted as
                     // queued, the kernel must see them).
-                    self.ring.submit()?;
+                    self.io.submit()?;
                     return Ok(());
                 }
                 if Instant::now() >= deadline {
                     tracing::warn!(
                         worker = self.id,
-                        in_flight = self.in_flight(),
+                        in_flight = self.io.in_flight(),
                         "shutdown timed out with operations in flight"
                     );
                     return Ok(());
@@ -452,13 +292,37 @@ impl<H: SessionHandler> Worker<H> {
         }
     }
 
+    /// Submits the turn's entries and waits for completions, unless work is ready without
+    /// them (datagrams in the backlog with reply slots free, sockets to close).
+    fn wait(&mut self) -> stdio::Result<()> {
+        let ready =
+            (!self.backlog.is_empty() && self.io.sends.free_slots() > 0) || self.socks.busy();
+        let (want, timeout) = match (self.state, self.pacing.batch_wait) {
+            _ if ready => (0, None),
+            (State::Running, None) => (1, None),
+            // Gather a batch only while batches are coming: at low load a timed wait
+            // would fire its timer for nothing on every turn.
+            (State::Running, Some(wait)) if self.completions.len() >= BUSY_TURN => {
+                (self.pacing.batch_size, Some(wait))
+            }
+            (State::Running, Some(_)) => (1, None),
+            // While draining, wake up to notice the deadline even if nothing completes.
+            (State::Draining { .. }, _) => (1, Some(Duration::from_millis(20))),
+        };
+        if want == 1 && timeout.is_none() && self.state == State::Running && self.spin()? {
+            return Ok(());
+        }
+        self.stats.enters += 1;
+        self.io.submit_and_wait(want, timeout)
+    }
+
     /// `--busy-poll`: after a busy turn, poll for completions without sleeping for up to the
     /// configured time before the blocking wait. Each poll is an `io_uring_enter` with a zero
     /// timeout, which runs the ring's deferred work (the receives) and returns at once. While
     /// the worker polls it never sleeps, so senders pay no wake-up; the price is a core kept
     /// busy for that long after each burst. Returns whether completions arrived.
-    fn spin(&mut self) -> io::Result<bool> {
-        let Some(budget) = self.busy_poll else {
+    fn spin(&mut self) -> stdio::Result<bool> {
+        let Some(budget) = self.pacing.busy_poll else {
             return Ok(false);
         };
         if self.completions.is_empty() {
@@ -466,9 +330,9 @@ impl<H: SessionHandler> Worker<H> {
         }
         let until = Instant::now() + budget;
         loop {
-            self.counters.enters += 1;
-            self.ring.submit_and_wait(1, Some(Duration::ZERO))?;
-            if self.ring.has_completions() {
+            self.stats.enters += 1;
+            self.io.submit_and_wait(1, Some(Duration::ZERO))?;
+            if self.io.ring().has_completions() {
                 return Ok(true);
             }
             if Instant::now() >= until {
@@ -477,20 +341,11 @@ impl<H: SessionHandler> Worker<H> {
         }
     }
 
-    fn in_flight(&self) -> usize {
-        self.sends.in_flight()
-            + usize::from(self.recv_armed)
-            + usize::from(self.wake_armed)
-            + usize::from(self.tick_armed)
-            + self.cancels_in_flight
-            + self.session_recvs_armed
-    }
-
     /// The completion table: one arm per operation kind.
-    fn dispatch(&mut self, c: Completion) -> io::Result<()> {
+    fn dispatch(&mut self, c: Completion) -> stdio::Result<()> {
         let Some(ud) = UserData::decode(c.user_data) else {
             // We never submit kind 0 or an unknown kind: this is a bug somewhere, not input.
-            self.counters.stale_completions += 1;
+            self.stats.stale_completions += 1;
             tracing::error!(
                 user_data = c.user_data,
                 "completion with an unknown user_data"
@@ -498,184 +353,88 @@ impl<H: SessionHandler> Worker<H> {
             return Ok(());
         };
         match ud.kind {
-            OpKind::Recv => self.on_recv(ud, c),
+            OpKind::Recv => {
+                if !has_more(c.flags) && ud.generation == self.io.ledger.recv_generation {
+                    self.io.ledger.recv_armed = false;
+                }
+                self.take_received(c, Source::Listener);
+            }
             OpKind::SessionRecv => self.on_session_recv(ud, c),
             OpKind::Send => self.on_send(ud, c),
             OpKind::Wake => {
-                self.wake_armed = false;
-                self.read_mail();
+                self.io.ledger.wake_armed = false;
+                self.read_posted();
                 if self.shared.shutdown.load(Ordering::Acquire) {
                     self.begin_drain()?;
                 } else if self.state == State::Running {
-                    self.arm_wake()?;
+                    self.io.arm_wake()?;
                 }
             }
             OpKind::Tick => {
-                self.tick_armed = false;
+                self.io.ledger.tick_armed = false;
                 self.expire_sessions()?;
             }
-            OpKind::Cancel => {
-                self.cancels_in_flight = self.cancels_in_flight.saturating_sub(1);
-            }
+            OpKind::Cancel => self.io.ledger.cancels = self.io.ledger.cancels.saturating_sub(1),
         }
         Ok(())
     }
 
     fn on_send(&mut self, ud: UserData, c: Completion) {
-        match self.sends.complete(ud) {
-            None => self.counters.stale_completions += 1,
+        match self.io.sends.complete(ud) {
+            None => self.stats.stale_completions += 1,
             Some(done) if c.result < 0 => {
                 let segments = u64::from(done.segments);
-                self.counters.send_errors += segments;
+                self.stats.send_errors += segments;
                 let errno = -c.result;
                 // A kernel or device that cannot segment says EIO or EINVAL to a train: stop
                 // building trains (one log line) and carry on with plain sends.
-                if segments > 1 && (errno == libc::EIO || errno == libc::EINVAL) && self.sends.gso()
+                if segments > 1
+                    && (errno == libc::EIO || errno == libc::EINVAL)
+                    && self.io.sends.gso()
                 {
-                    self.sends.disable_gso();
+                    self.io.sends.disable_gso();
                     tracing::warn!(worker = self.id, error = %send_errno(c.result), "UDP GSO refused; sending datagrams one by one");
                 } else if let Some(held_back) = self.send_log.check() {
                     tracing::warn!(worker = self.id, error = %send_errno(c.result), held_back, "send failed");
                 }
             }
             Some(done) => {
-                self.counters.tx_datagrams += u64::from(done.segments);
-                self.counters.tx_bytes += c.result as u64;
+                self.stats.tx_datagrams += u64::from(done.segments);
+                self.stats.tx_bytes += c.result as u64;
                 if done.segments > 1 {
-                    self.counters.gso_trains += 1;
-                }
-            }
-        }
-    }
-
-    fn on_recv(&mut self, ud: UserData, c: Completion) {
-        if !has_more(c.flags) && ud.generation == self.recv_generation {
-            self.recv_armed = false;
-        }
-        self.take_received(c, Source::Listener);
-    }
-
-    /// Queues a receive completion's datagram for the handler, or counts its error.
-    fn take_received(&mut self, c: Completion, source: Source) {
-        if c.result >= 0 {
-            match buffer_id(c.flags) {
-                Some(bid) => {
-                    self.bufs.take(bid);
-                    // Never grows: each pending entry holds a distinct buffer.
-                    self.backlog.push_back(Pending {
-                        bid,
-                        len: c.result as usize,
-                        source,
-                    });
-                }
-                None => self.counters.malformed += 1,
-            }
-            return;
-        }
-        match -c.result {
-            // The ring ran dry: the multishot request ended. It is armed again at the end of
-            // the turn, once the handler has returned buffers.
-            libc::ENOBUFS => self.counters.enobufs += 1,
-            libc::ECANCELED => {}
-            errno => {
-                self.counters.recv_errors += 1;
-                if let Some(held_back) = self.recv_log.check() {
-                    tracing::warn!(worker = self.id, error = %io::Error::from_raw_os_error(errno), held_back, "receive failed");
+                    self.stats.gso_trains += 1;
                 }
             }
         }
     }
 
     /// Pushes the turn's replies to the ring; they reach the kernel with the next wait.
-    fn flush_sends(&mut self) -> io::Result<()> {
-        if let Err(e) = self.sends.flush(&mut self.ring) {
+    fn flush_sends(&mut self) {
+        if let Err(e) = self.io.flush() {
             // The submission queue could not take them (the completion queue is overflowing):
             // the replies are dropped and counted; UDP peers retransmit.
-            self.counters.send_dropped += 1;
+            self.stats.send_dropped += e.dropped;
             if let Some(held_back) = self.send_log.check() {
-                tracing::warn!(worker = self.id, error = %e, held_back, "replies dropped: submission failed");
+                tracing::warn!(worker = self.id, error = %e.error, dropped = e.dropped, held_back, "replies dropped: submission failed");
             }
         }
-        Ok(())
     }
 
-    fn arm_recv(&mut self) -> io::Result<()> {
-        self.recv_generation = next_generation(self.recv_generation);
-        let ud = UserData::new(OpKind::Recv, self.recv_generation, 0);
-        let entry = opcode::RecvMsgMulti::new(types::Fd(self.fd), &**self.recv_msg, BUF_GROUP)
-            .build()
-            .user_data(ud.encode());
-        // SAFETY: `recv_msg` is boxed and lives as long as the ring (dropped after it); the
-        // kernel takes buffers only from our registered ring.
-        unsafe { self.ring.push(&entry) }?;
-        self.recv_armed = true;
-        Ok(())
-    }
-
-    fn arm_wake(&mut self) -> io::Result<()> {
-        let entry = opcode::Read::new(
-            types::Fd(self.shared.wake_fd.as_raw_fd()),
-            (&mut **self.wake_buf as *mut u64).cast(),
-            8,
-        )
-        .build()
-        .user_data(UserData::new(OpKind::Wake, 0, 0).encode());
-        // SAFETY: `wake_buf` is boxed and outlives the ring; the eventfd is kept open by
-        // `shared`, which the worker holds until it returns.
-        unsafe { self.ring.push(&entry) }?;
-        self.wake_armed = true;
-        Ok(())
-    }
-
-    /// Cancels the operation `target` names; its final completion still arrives.
-    fn cancel(&mut self, target: UserData) -> io::Result<()> {
-        let entry = opcode::AsyncCancel::new(target.encode())
-            .build()
-            .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
-        // SAFETY: a cancel request carries no pointers.
-        unsafe { self.ring.push(&entry) }?;
-        self.cancels_in_flight += 1;
-        Ok(())
-    }
-
-    fn begin_drain(&mut self) -> io::Result<()> {
+    fn begin_drain(&mut self) -> stdio::Result<()> {
         if self.state != State::Running {
             return Ok(());
         }
         self.state = State::Draining {
-            deadline: Instant::now() + self.shutdown_timeout,
+            deadline: Instant::now() + self.pacing.shutdown_timeout,
         };
-        if self.recv_armed {
-            self.cancel(UserData::new(OpKind::Recv, self.recv_generation, 0))?;
+        if self.io.ledger.recv_armed {
+            let generation = self.io.ledger.recv_generation;
+            self.io.cancel(UserData::new(OpKind::Recv, generation, 0))?;
         }
-        if self.tick_armed {
-            self.cancel(UserData::new(OpKind::Tick, 0, 0))?;
+        if self.io.ledger.tick_armed {
+            self.io.cancel(UserData::new(OpKind::Tick, 0, 0))?;
         }
-        self.close_all_sessions()
-    }
-}
-
-impl<H: SessionHandler> Drop for Worker<H> {
-    fn drop(&mut self) {
-        if self.in_flight() > 0 {
-            // The kernel may still write into this memory after the ring's file is closed
-            // (its teardown is asynchronous); leaking it is the only safe choice. This happens
-            // only when shutdown timed out or the loop failed.
-            tracing::warn!(
-                worker = self.id,
-                in_flight = self.in_flight(),
-                "leaking receive buffers and send slots still in use by the kernel"
-            );
-            return;
-        }
-        // SAFETY: nothing is in flight, so the kernel holds no pointer into this memory, and
-        // each field is dropped exactly once, here.
-        unsafe {
-            ManuallyDrop::drop(&mut self.bufs);
-            ManuallyDrop::drop(&mut self.sends);
-            ManuallyDrop::drop(&mut self.recv_msg);
-            ManuallyDrop::drop(&mut self.wake_buf);
-            ManuallyDrop::drop(&mut self.tick_spec);
-        }
+        self.close_all_sessions();
+        Ok(())
     }
 }

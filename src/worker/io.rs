@@ -1,0 +1,253 @@
+//! A worker's kernel side: the ring, the memory the kernel reads and writes (provided
+//! buffers, send slots, the receive `msghdr`, the wake-up and timer words) and the ledger of
+//! operations in flight. Every `SQE` the worker submits is built and pushed here.
+//!
+//! Teardown order is part of soundness: `Drop` unregisters the buffer group and closes the
+//! ring *before* any of that memory is freed, and frees it only if the ledger shows nothing in
+//! flight; otherwise it is leaked (the kernel cancels outstanding requests asynchronously after
+//! the ring's file is closed and may still write into it).
+
+use std::io;
+use std::mem::ManuallyDrop;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use io_uring::{opcode, squeue, types};
+
+use crate::buf_ring::{BufRing, RecvBuf};
+use crate::op::{next_generation, OpKind, UserData};
+use crate::ring::{buffer_id, Completion, Ring};
+use crate::send_pool::{FlushError, SendPool, Submit};
+use crate::session::SessionId;
+
+/// The buffer group every worker's receive ring registers (each worker has its own ring, so
+/// the ids do not collide).
+pub(super) const BUF_GROUP: u16 = 0;
+
+/// The operations a worker has armed, besides sends (which the send pool counts): shutdown
+/// waits for all of them to complete, and `Io::drop` frees memory only when they have.
+#[derive(Debug, Default)]
+pub(super) struct Ledger {
+    /// The listener's multishot receive is armed (under `recv_generation`).
+    pub recv_armed: bool,
+    pub recv_generation: u32,
+    pub wake_armed: bool,
+    pub tick_armed: bool,
+    pub cancels: usize,
+    /// Session sockets with a multishot receive armed.
+    pub session_recvs: usize,
+}
+
+impl Ledger {
+    fn armed(&self) -> usize {
+        usize::from(self.recv_armed)
+            + usize::from(self.wake_armed)
+            + usize::from(self.tick_armed)
+            + self.cancels
+            + self.session_recvs
+    }
+}
+
+pub(super) struct Io {
+    /// Dropped by hand in `Drop`, before the memory below.
+    ring: ManuallyDrop<Ring>,
+    pub bufs: BufRing,
+    pub sends: SendPool,
+    /// The template header of every multishot receive: name and control lengths.
+    recv_msg: ManuallyDrop<Box<libc::msghdr>>,
+    /// Where the wake-up eventfd read lands.
+    wake_buf: ManuallyDrop<Box<u64>>,
+    /// The idle timer's timespec, read by the kernel until the timeout completes.
+    tick_spec: ManuallyDrop<Box<types::Timespec>>,
+    pub ledger: Ledger,
+    listener_fd: RawFd,
+    wake_fd: RawFd,
+}
+
+impl Submit for Ring {
+    unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        // SAFETY: our caller upholds `Submit::push`'s contract, which is `Ring::push`'s.
+        unsafe { Ring::push(self, entry) }
+    }
+}
+
+impl Io {
+    /// Registers `bufs` with `ring` and takes ownership of all of it.
+    pub fn new(
+        ring: Ring,
+        mut bufs: BufRing,
+        sends: SendPool,
+        name_space: usize,
+        control_space: usize,
+        listener_fd: RawFd,
+        wake_fd: RawFd,
+    ) -> io::Result<Io> {
+        bufs.register(ring.uring()).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot register the provided buffer ring ({e}): needs Linux 5.19+"),
+            )
+        })?;
+        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+        let mut recv_msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        recv_msg.msg_namelen = name_space as u32;
+        recv_msg.msg_controllen = control_space;
+        Ok(Io {
+            ring: ManuallyDrop::new(ring),
+            bufs,
+            sends,
+            recv_msg: ManuallyDrop::new(recv_msg),
+            wake_buf: ManuallyDrop::new(Box::new(0)),
+            tick_spec: ManuallyDrop::new(Box::new(types::Timespec::new())),
+            ledger: Ledger::default(),
+            listener_fd,
+            wake_fd,
+        })
+    }
+
+    pub fn ring(&mut self) -> &mut Ring {
+        &mut self.ring
+    }
+
+    pub fn task_run_mode(&self) -> crate::ring::TaskRunMode {
+        self.ring.mode()
+    }
+
+    /// Operations the kernel has yet to complete.
+    pub fn in_flight(&self) -> usize {
+        self.ledger.armed() + self.sends.in_flight()
+    }
+
+    pub fn submit_and_wait(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<()> {
+        self.ring.submit_and_wait(want, timeout)
+    }
+
+    pub fn submit(&mut self) -> io::Result<()> {
+        self.ring.submit()
+    }
+
+    /// The buffer a receive completion filled, taken out of the ring. `None` when the
+    /// completion carries no buffer or names one outside the ring (counted by the caller).
+    pub fn take_buffer(&mut self, c: &Completion) -> Option<RecvBuf> {
+        debug_assert!(c.result >= 0);
+        let bid = buffer_id(c.flags)?;
+        let kind = UserData::decode(c.user_data).map(|ud| ud.kind);
+        debug_assert!(matches!(kind, Some(OpKind::Recv | OpKind::SessionRecv)));
+        // SAFETY: `c` is a successful completion of one of our multishot receives (the only
+        // requests with BUFFER_SELECT), each of which selects from `BUF_GROUP` of `bufs`; the
+        // worker hands each completion here once.
+        unsafe { self.bufs.take(bid, c.result as u32) }
+    }
+
+    /// Pushes the turn's replies (they reach the kernel with the next enter).
+    pub fn flush(&mut self) -> Result<usize, FlushError> {
+        self.sends.flush(&mut *self.ring)
+    }
+
+    /// Arms the listener's multishot receive.
+    pub fn arm_recv(&mut self) -> io::Result<()> {
+        let generation = next_generation(self.ledger.recv_generation);
+        let ud = UserData::new(OpKind::Recv, generation, 0);
+        let entry =
+            opcode::RecvMsgMulti::new(types::Fd(self.listener_fd), &**self.recv_msg, BUF_GROUP)
+                .build()
+                .user_data(ud.encode());
+        // SAFETY: `recv_msg` is boxed (it never moves) and freed only after the ring is closed
+        // with nothing in flight (`Drop`); the kernel writes only into buffers of `BUF_GROUP`,
+        // which `bufs` owns under the same rule.
+        unsafe { self.ring.push(&entry) }?;
+        self.ledger.recv_generation = generation;
+        self.ledger.recv_armed = true;
+        Ok(())
+    }
+
+    /// Arms the multishot receive of session `id`'s own socket `fd`. The caller keeps `fd`
+    /// open until the request's final completion.
+    pub fn arm_session_recv(&mut self, fd: RawFd, id: SessionId) -> io::Result<()> {
+        let ud = UserData::new(OpKind::SessionRecv, id.generation, id.slot);
+        let entry = opcode::RecvMsgMulti::new(types::Fd(fd), &**self.recv_msg, BUF_GROUP)
+            .build()
+            .user_data(ud.encode());
+        // SAFETY: as in `arm_recv`; the descriptor's lifetime is the caller's promise.
+        unsafe { self.ring.push(&entry) }?;
+        self.ledger.session_recvs += 1;
+        Ok(())
+    }
+
+    /// Arms the read of the wake-up eventfd (kept open by the worker's `WorkerShared`).
+    pub fn arm_wake(&mut self) -> io::Result<()> {
+        let entry = opcode::Read::new(
+            types::Fd(self.wake_fd),
+            (&mut **self.wake_buf as *mut u64).cast(),
+            8,
+        )
+        .build()
+        .user_data(UserData::new(OpKind::Wake, 0, 0).encode());
+        debug_assert!(!self.ledger.wake_armed);
+        // SAFETY: `wake_buf` is boxed, 8 bytes, and freed only after the ring is closed with
+        // nothing in flight; `wake_armed` keeps a second read from sharing it.
+        unsafe { self.ring.push(&entry) }?;
+        self.ledger.wake_armed = true;
+        Ok(())
+    }
+
+    /// Arms the idle timer `after_ms` from now (at least 1 ms). One at a time.
+    pub fn arm_tick(&mut self, after_ms: u64) -> io::Result<()> {
+        debug_assert!(!self.ledger.tick_armed);
+        let after_ms = after_ms.max(1);
+        **self.tick_spec = types::Timespec::new()
+            .sec(after_ms / 1000)
+            .nsec(((after_ms % 1000) * 1_000_000) as u32);
+        let entry = opcode::Timeout::new(&**self.tick_spec)
+            .build()
+            .user_data(UserData::new(OpKind::Tick, 0, 0).encode());
+        // SAFETY: `tick_spec` is boxed, freed only after the ring is closed with nothing in
+        // flight, and rewritten only here, while no timeout is armed (asserted above).
+        unsafe { self.ring.push(&entry) }?;
+        self.ledger.tick_armed = true;
+        Ok(())
+    }
+
+    /// Cancels the operation `target` names; its final completion still arrives.
+    pub fn cancel(&mut self, target: UserData) -> io::Result<()> {
+        let entry = opcode::AsyncCancel::new(target.encode())
+            .build()
+            .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
+        // SAFETY: a cancel request carries no pointers.
+        unsafe { self.ring.push(&entry) }?;
+        self.ledger.cancels += 1;
+        Ok(())
+    }
+}
+
+impl Drop for Io {
+    fn drop(&mut self) {
+        let in_flight = self.in_flight();
+        if in_flight == 0 {
+            // SAFETY: no receive is in flight (the ledger counts every armed one), so none can
+            // be holding a buffer of the group.
+            if let Err(e) = unsafe { self.bufs.unregister(self.ring.uring()) } {
+                tracing::warn!(error = %e, "cannot unregister the provided buffer ring");
+            }
+        } else {
+            tracing::warn!(
+                in_flight,
+                "leaking receive buffers and send slots still in use by the kernel"
+            );
+        }
+        // SAFETY: dropped exactly once, here; the fields below are not used by it.
+        unsafe { ManuallyDrop::drop(&mut self.ring) };
+        if in_flight == 0 {
+            // SAFETY: the ring is closed and nothing was in flight: the kernel holds no
+            // pointer into these boxes. Each is dropped exactly once, here.
+            unsafe {
+                ManuallyDrop::drop(&mut self.recv_msg);
+                ManuallyDrop::drop(&mut self.wake_buf);
+                ManuallyDrop::drop(&mut self.tick_spec);
+            }
+        }
+        // `bufs` and `sends` drop after this body, as fields: `bufs` unmaps only if it was
+        // unregistered above, `sends` frees only if none of its slots is in flight; either
+        // leaks otherwise.
+    }
+}
