@@ -59,14 +59,6 @@ macro_rules! internal_modules {
 
 internal_modules!(buf_ring, datagram, op);
 
-// The command line's load generator and metrics endpoint (moving to the binary).
-#[cfg(feature = "cli")]
-#[doc(hidden)]
-pub mod load;
-#[cfg(feature = "cli")]
-#[doc(hidden)]
-pub mod metrics;
-
 mod config;
 pub mod cookie;
 mod directory;
@@ -83,7 +75,7 @@ mod stats;
 mod sys;
 mod worker;
 
-pub use config::{parse_duration, ServerConfig, SessionMode};
+pub use config::{parse_duration, ServerConfig, SessionMode, MAX_UDP4_PAYLOAD, MAX_UDP6_PAYLOAD};
 pub use features::{Feature, Features};
 pub use handler::{
     App, Datagram, DeferredError, Discard, Echo, Handler, Harness, Reply, SessionHandle,
