@@ -20,6 +20,11 @@
 //! Minimum kernel: Linux 6.0 (multishot recvmsg); 6.1+ for DEFER_TASKRUN; 6.13+ for
 //! `Connected` sessions at scale (UDP 4-tuple hash).
 //!
+//! Features: `cli` (on by default) builds the `udpring` command line and its dependencies
+//! (argument parsing, the load generator, the metrics endpoint, a log subscriber). A library
+//! user depends on udpring with `default-features = false` and gets none of them; the library
+//! logs through `tracing` and leaves the choice of subscriber to the application.
+//!
 //! ```no_run
 //! use udpring::{Datagram, Handler, Reply, Server, ServerConfig};
 //!
