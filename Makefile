@@ -16,9 +16,16 @@ test:
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
 
+# The last two keep the library free of the command line: it builds without warnings on its
+# own, and none of the CLI's crates is in its dependency tree.
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --lib --no-default-features -- -D warnings
+	@deps="$$($(CARGO) tree -e normal --no-default-features --prefix none)" && \
+	  if echo "$$deps" | grep -E '^(clap|anyhow|prometheus|tiny_http|hdrhistogram|tracing-subscriber) '; then \
+	    echo "lint: the library (--no-default-features) depends on the crates above" >&2; exit 1; \
+	  fi
 
 probe: build
 	./target/release/udpring probe

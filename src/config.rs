@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 /// How peers are tracked (`--sessions`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum SessionMode {
     /// Stateless: every datagram stands alone.
     None,
@@ -37,8 +38,6 @@ pub struct ServerConfig {
     pub recv_buffer_bytes: usize,
     /// SO_SNDBUF to ask for, in bytes.
     pub send_buffer_bytes: usize,
-    /// How often to log a counter summary; `None` logs only at shutdown.
-    pub stats_interval: Option<Duration>,
     /// Send consecutive replies to the same peer as one UDP GSO train (`UDP_SEGMENT`).
     pub gso: bool,
     /// When set, each wait asks the kernel for `batch_size` completions and lets it hold the
@@ -92,7 +91,6 @@ impl Default for ServerConfig {
             send_slots: 1024,
             recv_buffer_bytes: 4 << 20,
             send_buffer_bytes: 4 << 20,
-            stats_interval: None,
             gso: true,
             batch_wait: None,
             batch_size: 32,

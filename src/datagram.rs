@@ -16,8 +16,6 @@ pub const SOCKADDR_IN6_LEN: usize = 28;
 pub const CONTROL_LEN: usize = 64;
 /// `MSG_TRUNC` in `recvmsg_out.flags`: the payload did not fit in the buffer.
 pub const MSG_TRUNC: u32 = libc::MSG_TRUNC as u32;
-/// `MSG_CTRUNC`: the control area was too small.
-pub const MSG_CTRUNC: u32 = libc::MSG_CTRUNC as u32;
 
 const CMSG_HDR_LEN: usize = std::mem::size_of::<libc::cmsghdr>();
 const CMSG_ALIGN: usize = std::mem::size_of::<usize>();

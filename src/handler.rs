@@ -372,7 +372,8 @@ impl Harness {
 }
 
 /// The built-in handlers, by name on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum App {
     /// RFC 862 echo.
     Echo,

@@ -20,6 +20,11 @@
 //! Minimum kernel: Linux 6.0 (multishot recvmsg); 6.1+ for DEFER_TASKRUN; 6.13+ for
 //! `Connected` sessions at scale (UDP 4-tuple hash).
 //!
+//! Features: `cli` (on by default) builds the `udpring` command line and its dependencies
+//! (argument parsing, the load generator, the metrics endpoint, a log subscriber). A library
+//! user depends on udpring with `default-features = false` and gets none of them; the library
+//! logs through `tracing` and leaves the choice of subscriber to the application.
+//!
 //! ```no_run
 //! use udpring::{Datagram, Handler, Reply, Server, ServerConfig};
 //!
@@ -59,14 +64,6 @@ macro_rules! internal_modules {
 
 internal_modules!(buf_ring, datagram, op);
 
-// The command line's load generator and metrics endpoint (moving to the binary).
-#[cfg(feature = "cli")]
-#[doc(hidden)]
-pub mod load;
-#[cfg(feature = "cli")]
-#[doc(hidden)]
-pub mod metrics;
-
 mod config;
 pub mod cookie;
 mod directory;
@@ -83,7 +80,7 @@ mod stats;
 mod sys;
 mod worker;
 
-pub use config::{parse_duration, ServerConfig, SessionMode};
+pub use config::{parse_duration, ServerConfig, SessionMode, MAX_UDP4_PAYLOAD, MAX_UDP6_PAYLOAD};
 pub use features::{Feature, Features};
 pub use handler::{
     App, Datagram, DeferredError, Discard, Echo, Handler, Harness, Reply, SessionHandle,

@@ -136,10 +136,11 @@ define_counters! {
     kernel_drops,
 }
 
-/// Fields that are levels (gauges), not running totals.
-pub const GAUGES: &[&str] = &["sessions_open"];
-
 impl Stats {
+    /// Fields that are levels (gauges), not running totals: the metrics endpoint exports
+    /// them as gauges and a sum over time means nothing for them.
+    pub const GAUGES: &'static [&'static str] = &["sessions_open"];
+
     /// Sessions closed, all reasons.
     pub fn sessions_closed(&self) -> u64 {
         self.closed_idle + self.closed_by_handler + self.closed_shutdown

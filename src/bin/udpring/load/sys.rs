@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
+use udpring::datagram::{decode_sockaddr, encode_sockaddr, SOCKADDR_IN6_LEN};
 
 /// Messages per `recvmmsg` / `sendmmsg` call.
 pub(super) const BATCH: usize = 64;
@@ -37,7 +38,7 @@ pub(super) fn set_timer_slack(ns: libc::c_ulong) {
 /// `dest` is `None`.
 pub(super) fn send_to(fd: RawFd, buf: &[u8], dest: Option<&RawAddr>) -> io::Result<usize> {
     let (name, namelen) = match dest {
-        Some(d) => ((&d.storage as *const libc::sockaddr_storage).cast(), d.len),
+        Some(d) => (d.as_ptr(), d.len),
         None => (std::ptr::null(), 0),
     };
     // SAFETY: `buf` is a valid readable buffer of `buf.len()` bytes for the call; `fd` is the
@@ -60,77 +61,36 @@ pub(super) fn send_to(fd: RawFd, buf: &[u8], dest: Option<&RawAddr>) -> io::Resu
 }
 
 /// A socket address in the kernel's format, for `sendmmsg`/`sendto` on unconnected sockets.
+/// The bytes come from the library's codec ([`encode_sockaddr`]), the one the server's replies
+/// use too.
 #[derive(Clone, Copy)]
 pub(super) struct RawAddr {
     pub(super) addr: SocketAddr,
-    storage: libc::sockaddr_storage,
+    bytes: [u8; SOCKADDR_IN6_LEN],
     len: libc::socklen_t,
 }
 
 impl RawAddr {
+    /// `addr` for a socket of its own family: how [`open_client`] opens the clients' sockets
+    /// for the target.
     pub(super) fn new(addr: SocketAddr) -> Self {
-        // SAFETY: an all-zero sockaddr_storage is a valid value of this plain C struct.
-        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let len = match addr {
-            SocketAddr::V4(a) => {
-                let sin = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(a.ip().octets()),
-                    },
-                    sin_zero: [0; 8],
-                };
-                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-                unsafe {
-                    std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin)
-                };
-                std::mem::size_of::<libc::sockaddr_in>()
-            }
-            SocketAddr::V6(a) => {
-                let sin6 = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                    sin6_port: a.port().to_be(),
-                    sin6_flowinfo: a.flowinfo(),
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: a.ip().octets(),
-                    },
-                    sin6_scope_id: a.scope_id(),
-                };
-                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-                unsafe {
-                    std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6)
-                };
-                std::mem::size_of::<libc::sockaddr_in6>()
-            }
-        };
-        RawAddr {
-            addr,
-            storage,
-            len: len as libc::socklen_t,
-        }
+        // An address always encodes for a socket of its own family; only an IPv6 address
+        // for an IPv4 socket does not.
+        Self::for_socket(addr, addr.is_ipv6())
+            .expect("an address encodes for a socket of its own family")
     }
-}
 
-/// Parses a source address filled in by `recvmmsg`.
-fn parse_sockaddr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
-    let len = len as usize;
-    match i32::from(storage.ss_family) {
-        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
-            // SAFETY: the family says sockaddr_in and the kernel wrote at least its size.
-            let sin: libc::sockaddr_in =
-                unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
-            let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
-            Some(SocketAddr::new(ip.into(), u16::from_be(sin.sin_port)))
-        }
-        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
-            // SAFETY: the family says sockaddr_in6 and the kernel wrote at least its size.
-            let sin6: libc::sockaddr_in6 =
-                unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
-            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-            Some(SocketAddr::new(ip.into(), u16::from_be(sin6.sin6_port)))
-        }
-        _ => None,
+    /// `addr` for a socket of the given family; `None` for an IPv6 address and an IPv4
+    /// socket.
+    pub(super) fn for_socket(addr: SocketAddr, socket_is_v6: bool) -> Option<Self> {
+        let mut bytes = [0u8; SOCKADDR_IN6_LEN];
+        let len = encode_sockaddr(addr, socket_is_v6, &mut bytes)?;
+        Some(RawAddr { addr, bytes, len })
+    }
+
+    /// The `msg_name` / `dest_addr` pointer; the kernel only reads through it.
+    fn as_ptr(&self) -> *const libc::sockaddr {
+        self.bytes.as_ptr().cast()
     }
 }
 
@@ -170,8 +130,9 @@ pub(super) struct Io {
     recv_len: usize,
     iov: Vec<libc::iovec>,
     msgs: Vec<libc::mmsghdr>,
-    /// Source addresses of received datagrams (--follow-reply-port).
-    names: Vec<libc::sockaddr_storage>,
+    /// Source addresses of received datagrams (--follow-reply-port), as the kernel writes
+    /// them: a UDP socket's peer is a `sockaddr_in` or `sockaddr_in6`, so this is room enough.
+    names: Vec<[u8; SOCKADDR_IN6_LEN]>,
 }
 
 impl Io {
@@ -187,8 +148,7 @@ impl Io {
             iov: vec![unsafe { std::mem::zeroed() }; BATCH],
             // SAFETY: as above.
             msgs: vec![unsafe { std::mem::zeroed() }; BATCH],
-            // SAFETY: an all-zero sockaddr_storage is a valid value.
-            names: vec![unsafe { std::mem::zeroed() }; BATCH],
+            names: vec![[0; SOCKADDR_IN6_LEN]; BATCH],
         }
     }
 
@@ -227,9 +187,7 @@ impl Io {
         if let Some(d) = dest {
             for m in &mut self.msgs[..n] {
                 // The kernel only reads msg_name on send; `d` outlives the call.
-                m.msg_hdr.msg_name = (&d.storage as *const libc::sockaddr_storage)
-                    .cast_mut()
-                    .cast();
+                m.msg_hdr.msg_name = d.as_ptr().cast_mut().cast();
                 m.msg_hdr.msg_namelen = d.len;
             }
         }
@@ -268,15 +226,15 @@ impl Io {
         );
         if names {
             for (m, name) in self.msgs.iter_mut().zip(self.names.iter_mut()) {
-                m.msg_hdr.msg_name = (name as *mut libc::sockaddr_storage).cast();
-                m.msg_hdr.msg_namelen =
-                    std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                m.msg_hdr.msg_name = name.as_mut_ptr().cast();
+                m.msg_hdr.msg_namelen = SOCKADDR_IN6_LEN as libc::socklen_t;
             }
         }
         loop {
             // SAFETY: msgs[..BATCH] are initialised mmsghdrs whose iovecs point into
             // `recv_buf` (BATCH chunks of recv_len bytes) and whose msg_name is null or
-            // points into `names` (room for a sockaddr_storage each); both outlive the call.
+            // points into `names` (room for a sockaddr_in6 each, the namelen given); both
+            // outlive the call.
             let rc = unsafe {
                 libc::recvmmsg(
                     fd,
@@ -300,7 +258,10 @@ impl Io {
 
     /// Source address of received datagram `i` of the last `recv_batch(.., true)`.
     pub(super) fn source(&self, i: usize) -> Option<SocketAddr> {
-        parse_sockaddr(&self.names[i], self.msgs[i].msg_hdr.msg_namelen)
+        // The kernel sets msg_namelen to the address's full length, which may exceed the
+        // room given (then the address was cut and does not decode).
+        let len = self.msgs[i].msg_hdr.msg_namelen as usize;
+        decode_sockaddr(self.names[i].get(..len)?).ok()
     }
 
     /// Payload of received datagram `i` of the last `recv_batch`.
@@ -385,21 +346,5 @@ impl Epoll {
             return Err(e);
         }
         Ok(rc as usize)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn raw_addr_round_trip() {
-        for a in ["10.77.0.1:9000", "[::1]:7", "127.0.0.1:65535"] {
-            let addr: SocketAddr = a.parse().expect("valid literal");
-            let r = RawAddr::new(addr);
-            assert_eq!(parse_sockaddr(&r.storage, r.len), Some(addr));
-        }
-        let r = RawAddr::new("127.0.0.1:1".parse().expect("valid literal"));
-        assert_eq!(parse_sockaddr(&r.storage, 4), None, "short address");
     }
 }

@@ -194,8 +194,12 @@ impl<'a> Gen<'a> {
                 let client = &mut self.clients[ci as usize];
                 let settled = seq.and_then(|s| client.out.settle(s));
                 if let (Some(_), Some(from), Some(dest)) = (settled, from, client.dest.as_mut()) {
+                    // The socket has the target's family, which the source was checked
+                    // against above, so it always encodes.
                     if dest.addr != from {
-                        *dest = RawAddr::new(from);
+                        if let Some(raw) = RawAddr::for_socket(from, self.args.target.is_ipv6()) {
+                            *dest = raw;
+                        }
                     }
                 }
                 match settled {

@@ -34,13 +34,11 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-pub use crate::config::parse_duration;
-pub use report::{Latency, LoadReport};
-pub use retransmit::{backoff, capped_backoff, give_up_after, Timers};
-pub use wire::{
-    decode_reply, encode_request, Outstanding, Proto, Slot, ECHO_MIN_LEN, MAX_PAYLOAD,
-    SOCKPERF_FLAG_CLIENT, SOCKPERF_FLAG_PONG_REQUEST, SOCKPERF_HEADER_LEN,
-};
+use udpring::{parse_duration, MAX_UDP4_PAYLOAD, MAX_UDP6_PAYLOAD};
+
+use report::{Latency, LoadReport};
+use retransmit::{give_up_after, Timers};
+use wire::{Outstanding, Proto};
 
 use engine::{Client, Gen};
 use report::{new_hist, Interval, RequestTally};
@@ -129,9 +127,14 @@ pub struct LoadArgs {
 fn check_args(args: &LoadArgs) -> io::Result<()> {
     let invalid = |m: String| Err(io::Error::new(io::ErrorKind::InvalidInput, m));
     let min = args.proto.min_size();
-    if args.size < min || args.size > MAX_PAYLOAD {
+    let max = if args.target.is_ipv6() {
+        MAX_UDP6_PAYLOAD
+    } else {
+        MAX_UDP4_PAYLOAD
+    };
+    if args.size < min || args.size > max {
         return invalid(format!(
-            "--size {} out of range for --proto {} ({min}..={MAX_PAYLOAD})",
+            "--size {} out of range for --proto {} to this target ({min}..={max})",
             args.size,
             args.proto.name()
         ));

@@ -4,6 +4,8 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use udpring::sockperf;
+
 /// Wire format of the requests.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proto {
@@ -28,21 +30,13 @@ impl Proto {
     pub fn min_size(self) -> usize {
         match self {
             Proto::Echo => ECHO_MIN_LEN,
-            Proto::Sockperf => SOCKPERF_HEADER_LEN,
+            Proto::Sockperf => sockperf::HEADER_LEN,
         }
     }
 }
 
 /// Smallest echo request: just the sequence number.
 pub const ECHO_MIN_LEN: usize = 8;
-/// Size of the sockperf message header (u64 seq, u16 flags, u32 length).
-pub const SOCKPERF_HEADER_LEN: usize = 14;
-/// sockperf flag: the message was sent by a client.
-pub const SOCKPERF_FLAG_CLIENT: u16 = 1;
-/// sockperf flag: the client wants a reply.
-pub const SOCKPERF_FLAG_PONG_REQUEST: u16 = 2;
-/// Largest UDP payload over IPv4.
-pub const MAX_PAYLOAD: usize = 65_507;
 
 /// Writes the request header for `seq` into `buf` (whose length is the request size).
 /// Bytes after the header are left untouched (callers prefill padding once).
@@ -54,37 +48,30 @@ pub fn encode_request(proto: Proto, buf: &mut [u8], seq: u64, client: u32) {
                 buf[8..12].copy_from_slice(&client.to_be_bytes());
             }
         }
-        Proto::Sockperf => {
-            let flags = SOCKPERF_FLAG_CLIENT | SOCKPERF_FLAG_PONG_REQUEST;
-            let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-            buf[..8].copy_from_slice(&seq.to_be_bytes());
-            buf[8..10].copy_from_slice(&flags.to_be_bytes());
-            buf[10..14].copy_from_slice(&len.to_be_bytes());
+        Proto::Sockperf => sockperf::Header {
+            sequence: seq,
+            flags: sockperf::FLAG_CLIENT | sockperf::FLAG_PONG_REQUEST,
+            length: u32::try_from(buf.len()).unwrap_or(u32::MAX),
         }
+        .write(buf),
     }
 }
 
 /// Extracts the sequence number from a reply, or `None` if the datagram is not a reply to
 /// `client` in this protocol.
 pub fn decode_reply(proto: Proto, buf: &[u8], client: u32) -> Option<u64> {
-    let seq = u64::from_be_bytes(buf.get(..8)?.try_into().ok()?);
     match proto {
         Proto::Echo => {
-            if let Some(id) = buf.get(8..12) {
-                if id != client.to_be_bytes() {
-                    return None;
-                }
+            let seq = u64::from_be_bytes(buf.get(..8)?.try_into().ok()?);
+            match buf.get(8..12) {
+                Some(id) if id != client.to_be_bytes() => None,
+                _ => Some(seq),
             }
         }
-        Proto::Sockperf => {
-            // A sockperf server clears CLIENT in its reply, an echo server does not; both are
-            // fine. Only insist that the header is complete.
-            if buf.len() < SOCKPERF_HEADER_LEN {
-                return None;
-            }
-        }
+        // A sockperf server clears CLIENT in its reply, an echo server does not; both are
+        // fine. Only insist that the header is complete.
+        Proto::Sockperf => sockperf::Header::parse(buf).ok().map(|h| h.sequence),
     }
-    Some(seq)
 }
 
 /// One request of a client, in flight or settled.

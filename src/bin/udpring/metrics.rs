@@ -2,23 +2,11 @@
 //! background thread.
 //!
 //! Nothing here touches the datagram path: a scrape calls a source closure that reads the
-//! counters the workers already publish once per loop turn ([`crate::Server::worker_counters`]),
+//! counters the workers already publish once per loop turn ([`udpring::Server::counter_source`]),
 //! builds the families afresh and encodes them. The format comes from the `prometheus` crate's
 //! `TextEncoder` and the HTTP side from `tiny_http`; the cost of both is paid per scrape, on
-//! this thread, never per datagram.
-//!
-//! ```no_run
-//! # fn main() -> std::io::Result<()> {
-//! use std::sync::Arc;
-//! let server = Arc::new(udpring::Server::start(udpring::ServerConfig::default(), |_| udpring::Echo)?);
-//! let source = server.clone();
-//! let metrics = udpring::metrics::serve("127.0.0.1:9100".parse().unwrap(), move || {
-//!     source.worker_counters()
-//! })?;
-//! println!("metrics on http://{}/metrics", metrics.local_addr());
-//! # Ok(())
-//! # }
-//! ```
+//! this thread, never per datagram. Both crates are the command line's (feature `cli`), so the
+//! library does not depend on them.
 
 use std::io;
 use std::net::SocketAddr;
@@ -27,7 +15,7 @@ use std::thread::JoinHandle;
 
 use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use crate::stats::Stats;
+use udpring::Stats;
 
 /// Every family name starts with this.
 pub const PREFIX: &str = "udpring_";
@@ -58,7 +46,7 @@ impl Families {
         let names: Vec<&'static str> = Stats::default().fields().iter().map(|f| f.0).collect();
         for (column, field) in names.into_iter().enumerate() {
             let values: Vec<u64> = rows.iter().map(|row| row[column].1).collect();
-            if crate::stats::GAUGES.contains(&field) {
+            if Stats::GAUGES.contains(&field) {
                 let levels: Vec<i64> = values.iter().map(|&v| v as i64).collect();
                 self.gauge(field, &counter_help(field), &levels);
             } else {
@@ -147,17 +135,8 @@ pub fn serve(
 }
 
 /// Like [`serve`], with the families of each scrape built by `collect`: the extension point
-/// for families beyond the worker counters, e.g.
-///
-/// ```no_run
-/// # fn sessions_open() -> Vec<i64> { vec![] }
-/// # fn counters() -> Vec<udpring::Stats> { vec![] }
-/// let _m = udpring::metrics::serve_with("127.0.0.1:0".parse().unwrap(), |f| {
-///     f.worker_counters(&counters());
-///     f.gauge("sessions_open", "Sessions open now.", &sessions_open());
-/// })?;
-/// # Ok::<(), std::io::Error>(())
-/// ```
+/// for families beyond the worker counters (`Families::gauge` adds a level such as a queue
+/// depth beside them).
 pub fn serve_with(
     addr: SocketAddr,
     collect: impl Fn(&mut Families) + Send + Sync + 'static,
@@ -303,7 +282,7 @@ mod tests {
             "{body}"
         );
         for (field, _) in Stats::default().fields() {
-            let (name, kind) = if crate::stats::GAUGES.contains(&field) {
+            let (name, kind) = if Stats::GAUGES.contains(&field) {
                 (format!("udpring_{field}"), "gauge")
             } else {
                 (format!("udpring_{field}_total"), "counter")

@@ -1,0 +1,195 @@
+//! The `udpring` command line: `serve`, `probe`, `load`. It is built with feature `cli` (on by
+//! default) and uses the library's public API; `load` also uses the sockaddr codec the hidden
+//! `internals` modules expose, so both sides of the wire share one implementation.
+
+mod args;
+mod load;
+mod metrics;
+
+use std::io::{IsTerminal as _, Write as _};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use udpring::{App, Discard, Echo, Server, SessionHandler, Sockperf, Stats};
+
+use args::{Cli, Command, ServeArgs};
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(&args),
+        Command::Probe => probe(),
+        Command::Load(args) => load::run_cli(&args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("udpring: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Logs go to stderr, `RUST_LOG` filters them (default `info`). Colours only for a person at
+/// a terminal: in a file or a pipe the escape codes are noise for whoever reads it later.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// Writes a line for scripts on stdout: the readiness line and the final counters. A person
+/// at a terminal reads the same event in the log on stderr, so it is not shown twice there.
+/// A reader that went away is no reason to stop serving, so a failed write is ignored.
+fn print_for_scripts(line: std::fmt::Arguments<'_>) {
+    let stdout = std::io::stdout();
+    if !stdout.is_terminal() {
+        let _ = writeln!(stdout.lock(), "{line}");
+    }
+}
+
+fn probe() -> Result<ExitCode> {
+    let features = udpring::Features::probe();
+    print!("{}", features.report());
+    match features.check_required() {
+        Ok(()) => {
+            println!("udpring can run on this kernel");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("udpring cannot run: {e}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn serve(args: &ServeArgs) -> Result<ExitCode> {
+    match args.app {
+        App::Echo => run(args, |_| Echo),
+        App::Discard => run(args, |_| Discard),
+        App::Sockperf => run(args, |_| Sockperf),
+    }
+}
+
+/// The name an option value has on the command line (`port-per-client`, not `PortPerClient`).
+fn cli_name(value: &impl ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
+fn run<H, F>(args: &ServeArgs, factory: F) -> Result<ExitCode>
+where
+    H: SessionHandler,
+    F: Fn(usize) -> H + Send + Sync + 'static,
+{
+    let config = args.config();
+    let sessions = config.sessions;
+    // Block the shutdown signals before any worker exists so they inherit the mask and only
+    // this thread sees SIGINT/SIGTERM.
+    udpring::block_shutdown_signals().context("cannot block signals")?;
+    let server = Server::start(config, factory)?;
+    let features: Vec<&str> = server
+        .features()
+        .list
+        .iter()
+        .filter(|f| f.present)
+        .map(|f| f.name)
+        .collect();
+    tracing::info!(
+        addr = %server.local_addr(),
+        workers = server.worker_count(),
+        app = %cli_name(&args.app),
+        sessions = %cli_name(&sessions),
+        ring = %server.task_run_mode().describe(),
+        rcvbuf = server.recv_buffer(),
+        kernel = %server.features().kernel_release,
+        features = features.join(", "),
+        "listening"
+    );
+    // Off the datagram path: a scrape reads the counters the workers publish each loop turn.
+    let metrics = args
+        .metrics
+        .map(|addr| metrics::serve(addr, server.counter_source()))
+        .transpose()
+        .context("cannot serve metrics")?;
+    if let Some(m) = &metrics {
+        tracing::info!("metrics on http://{}/metrics", m.local_addr());
+    }
+    print_for_scripts(format_args!("udpring listening on {}", server.local_addr()));
+
+    let started = Instant::now();
+    let signal = wait_logging_stats(&server, args.stats_interval())?;
+    tracing::info!(signal, "shutting down");
+    // Scrapes stop before the workers do, so none reads counters of a server half gone.
+    if let Some(m) = metrics {
+        m.shutdown();
+    }
+    let finals = server.shutdown()?;
+    let mut total = Stats::default();
+    for (i, c) in finals.iter().enumerate() {
+        tracing::debug!(worker = i, "final {}", c.summary());
+        total.add(c);
+    }
+    let per_worker_rx: Vec<u64> = finals.iter().map(|c| c.rx_datagrams).collect();
+    tracing::info!(
+        uptime_s = started.elapsed().as_secs_f64(),
+        per_worker_rx = ?per_worker_rx,
+        "final total {}",
+        total.summary()
+    );
+    print_for_scripts(format_args!("udpring final {}", total.summary()));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Waits for SIGINT/SIGTERM and returns it, logging a counter summary every `interval`
+/// (never when `None`). A summary is skipped when nothing was counted since the previous
+/// tick: an idle server logs nothing, while a line that shows sessions closing on idle (no
+/// datagrams, but counters moved) is kept.
+fn wait_logging_stats(server: &Server, interval: Option<Duration>) -> Result<i32> {
+    let Some(interval) = interval else {
+        loop {
+            // Any timeout works: the wait returns early on a signal.
+            if let Some(sig) = udpring::wait_shutdown_signal(Duration::from_secs(3600))? {
+                return Ok(sig);
+            }
+        }
+    };
+    let mut last = Stats::default();
+    let mut last_at = Instant::now();
+    loop {
+        if let Some(sig) = udpring::wait_shutdown_signal(interval)? {
+            return Ok(sig);
+        }
+        let now = Instant::now();
+        let per_worker = server.worker_counters();
+        let mut total = Stats::default();
+        for c in &per_worker {
+            total.add(c);
+        }
+        let secs = now.duration_since(last_at).as_secs_f64().max(1e-9);
+        last_at = now;
+        if total == last {
+            continue;
+        }
+        let per_worker_rx: Vec<u64> = per_worker.iter().map(|c| c.rx_datagrams).collect();
+        tracing::info!(
+            rx_per_s = ((total.rx_datagrams - last.rx_datagrams) as f64 / secs) as u64,
+            tx_per_s = ((total.tx_datagrams - last.tx_datagrams) as f64 / secs) as u64,
+            per_worker_rx = ?per_worker_rx,
+            "stats {}",
+            total.summary()
+        );
+        last = total;
+    }
+}
