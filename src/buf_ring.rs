@@ -217,7 +217,7 @@ impl Drop for BufRing {
             // The kernel may still write into the buffers: leaking them is the only sound
             // choice. The worker unregisters before it drops the ring, so this happens only
             // when shutdown left receives in flight.
-            tracing::warn!(
+            tracing::debug!(
                 group = self.bgid,
                 "leaking a provided-buffer ring the kernel may still use"
             );

@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::sys::syscall;
+use crate::sys::cvt;
 
 /// What a bound worker socket ended up with.
 pub struct BoundSocket {
@@ -89,13 +89,17 @@ fn clamp_int(v: usize) -> libc::c_int {
 }
 
 fn set_int(socket: &Socket, level: i32, name: i32, value: libc::c_int) -> io::Result<()> {
-    syscall!(setsockopt(
-        socket.as_raw_fd(),
-        level,
-        name,
-        (&value as *const libc::c_int).cast(),
-        std::mem::size_of::<libc::c_int>() as libc::socklen_t
-    ))?;
+    // SAFETY: the option value points at `value`, a live local of exactly the length
+    // passed; the kernel only reads it during the call.
+    cvt(unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
     Ok(())
 }
 
@@ -105,13 +109,17 @@ pub fn kernel_drops(socket: &Socket) -> io::Result<u64> {
     // SK_MEMINFO_VARS is 9 on current kernels; ask for a little more room.
     let mut info = [0u32; 16];
     let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
-    syscall!(getsockopt(
-        socket.as_raw_fd(),
-        libc::SOL_SOCKET,
-        libc::SO_MEMINFO,
-        info.as_mut_ptr().cast(),
-        &mut len
-    ))?;
+    // SAFETY: `info` is a live local array of `len` bytes and `len` a live local; the kernel
+    // writes at most `len` bytes and stores the length it wrote back into `len`.
+    cvt(unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    })?;
     const SK_MEMINFO_DROPS: usize = 8;
     if (len as usize) < (SK_MEMINFO_DROPS + 1) * 4 {
         return Err(io::Error::other("SO_MEMINFO too short"));

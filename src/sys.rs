@@ -4,24 +4,21 @@
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 
-/// Turns a libc call that returns -1 and sets `errno` on failure into an `io::Result`.
-macro_rules! syscall {
-    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
-        // SAFETY: every call site passes arguments that are valid for the duration of the
-        // call (owned values, or pointers to live locals); see each caller.
-        let res = unsafe { libc::$fn($($arg),*) };
-        if res == -1 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(res)
-        }
-    }};
+/// Turns the result of a libc call that returns -1 and sets `errno` on failure into an
+/// `io::Result`. Each caller makes its own `unsafe` call and states, at that call, why its
+/// arguments are valid.
+pub(crate) fn cvt(res: libc::c_int) -> io::Result<libc::c_int> {
+    if res == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(res)
+    }
 }
-pub(crate) use syscall;
 
 /// A non-blocking eventfd, used to wake a worker's ring from another thread.
 pub fn eventfd() -> io::Result<OwnedFd> {
-    let fd = syscall!(eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK))?;
+    // SAFETY: eventfd(2) takes no pointers.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
     // SAFETY: `fd` was just returned by eventfd(2) and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -30,7 +27,12 @@ pub fn eventfd() -> io::Result<OwnedFd> {
 pub fn eventfd_signal(fd: &OwnedFd) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let one: u64 = 1;
-    let n = syscall!(write(fd.as_raw_fd(), (&one as *const u64).cast(), 8))?;
+    // SAFETY: the buffer is `one`, a live local of 8 bytes, the length passed; `fd` is an open
+    // descriptor borrowed for the call.
+    let n = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    if n == -1 {
+        return Err(io::Error::last_os_error());
+    }
     debug_assert_eq!(n, 8);
     Ok(())
 }
@@ -90,11 +92,15 @@ pub fn random_key() -> io::Result<[u8; 16]> {
     let mut key = [0u8; 16];
     let mut filled = 0;
     while filled < key.len() {
-        let n = syscall!(getrandom(
-            key[filled..].as_mut_ptr().cast(),
-            key.len() - filled,
-            0
-        ));
+        // SAFETY: the buffer is the unfilled tail of `key`, a live local, and the length
+        // passed is exactly that tail's length.
+        let n =
+            unsafe { libc::getrandom(key[filled..].as_mut_ptr().cast(), key.len() - filled, 0) };
+        let n = if n == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n)
+        };
         match n {
             Ok(n) => filled += n as usize,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -108,11 +114,8 @@ pub fn random_key() -> io::Result<[u8; 16]> {
 pub fn allowed_cpus() -> io::Result<Vec<usize>> {
     // SAFETY: cpu_set_t is plain data.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    syscall!(sched_getaffinity(
-        0,
-        std::mem::size_of::<libc::cpu_set_t>(),
-        &mut set
-    ))?;
+    // SAFETY: `set` is a live local cpu_set_t and the size passed is its size.
+    cvt(unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) })?;
     Ok((0..libc::CPU_SETSIZE as usize)
         // SAFETY: `cpu` is below CPU_SETSIZE and `set` is initialised.
         .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
@@ -125,11 +128,8 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: callers pass a CPU number from `allowed_cpus`, below CPU_SETSIZE.
     unsafe { libc::CPU_SET(cpu, &mut set) };
-    syscall!(sched_setaffinity(
-        0,
-        std::mem::size_of::<libc::cpu_set_t>(),
-        &set
-    ))?;
+    // SAFETY: `set` is a live, initialised local cpu_set_t and the size passed is its size.
+    cvt(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) })?;
     Ok(())
 }
 
@@ -137,7 +137,8 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
 pub fn kernel_release() -> String {
     // SAFETY: utsname is plain data; uname fills it.
     let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
-    if syscall!(uname(&mut uts)).is_err() {
+    // SAFETY: `uts` is a live local utsname, which uname(2) fills.
+    if cvt(unsafe { libc::uname(&mut uts) }).is_err() {
         return "unknown".to_string();
     }
     let bytes: Vec<u8> = uts

@@ -230,7 +230,8 @@ impl Drop for Io {
                 tracing::warn!(error = %e, "cannot unregister the provided buffer ring");
             }
         } else {
-            tracing::warn!(
+            // The loop logged why (a shutdown timeout or a ring error); one line per event.
+            tracing::debug!(
                 in_flight,
                 "leaking receive buffers and send slots still in use by the kernel"
             );

@@ -284,7 +284,7 @@ impl<H: SessionHandler> Worker<H> {
                     tracing::warn!(
                         worker = self.id,
                         in_flight = self.io.in_flight(),
-                        "shutdown timed out with operations in flight"
+                        "shutdown timed out with operations in flight; their buffers are leaked, not freed"
                     );
                     return Ok(());
                 }
