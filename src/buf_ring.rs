@@ -227,6 +227,21 @@ impl Drop for BufRing {
     }
 }
 
+#[cfg(test)]
+impl BufRing {
+    /// Whether the buffer memory is still mapped (for teardown tests): `msync` fails with
+    /// ENOMEM on an unmapped range.
+    pub(crate) fn buffers_mapped_at(addr: usize, len: usize) -> bool {
+        // SAFETY: msync only inspects the page range; it never dereferences it from Rust.
+        unsafe { libc::msync(addr as *mut libc::c_void, len, libc::MS_ASYNC) == 0 }
+    }
+
+    /// Where the buffers are mapped, and how long the mapping is.
+    pub(crate) fn buffers_range(&self) -> (usize, usize) {
+        (self.bufs.ptr.as_ptr() as usize, self.bufs.len)
+    }
+}
+
 fn lent_bit(bid: u16) -> (usize, u64) {
     (usize::from(bid / 64), 1u64 << (bid % 64))
 }
@@ -361,6 +376,30 @@ mod tests {
         let mut ring = BufRing::new(4, 100, 0).unwrap();
         // SAFETY: not registered.
         drop(unsafe { ring.take(1, 10) });
+    }
+
+    /// Issue 8, finding 2: buffers the kernel may still fill must not be unmapped. Dropped
+    /// while registered, the ring leaks them; unregistered first, it unmaps them.
+    #[test]
+    fn a_registered_ring_is_never_unmapped() {
+        let Ok(uring) = io_uring::IoUring::new(8) else {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "io_uring unavailable");
+            eprintln!("skipped: io_uring unavailable");
+            return;
+        };
+        let mut registered = BufRing::new(4, 4096, 3).unwrap();
+        registered.register(&uring).unwrap();
+        let (addr, len) = registered.buffers_range();
+        drop(registered);
+        assert!(BufRing::buffers_mapped_at(addr, len), "leaked, not unmapped");
+
+        let mut unregistered = BufRing::new(4, 4096, 4).unwrap();
+        unregistered.register(&uring).unwrap();
+        // SAFETY: no request was submitted on `uring`.
+        unsafe { unregistered.unregister(&uring) }.unwrap();
+        let (addr, len) = unregistered.buffers_range();
+        drop(unregistered);
+        assert!(!BufRing::buffers_mapped_at(addr, len), "unmapped once unregistered");
     }
 
     #[test]

@@ -252,3 +252,51 @@ impl Drop for Io {
         // leaks otherwise.
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+    use crate::buf_ring::BufRing;
+
+    fn io_for(listener: RawFd, wake: RawFd) -> Option<Io> {
+        let Ok(ring) = Ring::new(8, 16) else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "io_uring unavailable"
+            );
+            eprintln!("skipped: io_uring unavailable");
+            return None;
+        };
+        let bufs = BufRing::new(4, 4096, BUF_GROUP).unwrap();
+        let sends = SendPool::new(4, 64, false, false);
+        Some(Io::new(ring, bufs, sends, 16, 0, listener, wake).unwrap())
+    }
+
+    /// Issue 8, finding 2: the worker freed the buffers before the ring went. Now teardown
+    /// closes the ring first and frees only what no armed operation can reach.
+    #[test]
+    fn teardown_frees_buffers_only_when_nothing_is_in_flight() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let wake = crate::sys::eventfd().unwrap();
+        let fd = socket.as_raw_fd();
+
+        // A receive armed and never completed: the buffers stay mapped after the drop.
+        let Some(mut io) = io_for(fd, wake.as_raw_fd()) else {
+            return;
+        };
+        io.arm_recv().unwrap();
+        io.submit().unwrap();
+        assert_eq!(io.in_flight(), 1);
+        let (addr, len) = io.bufs.buffers_range();
+        drop(io);
+        assert!(BufRing::buffers_mapped_at(addr, len), "in flight: leaked");
+
+        // Nothing armed: the group is unregistered, the ring closed, the buffers unmapped.
+        let io = io_for(fd, wake.as_raw_fd()).unwrap();
+        let (addr, len) = io.bufs.buffers_range();
+        drop(io);
+        assert!(!BufRing::buffers_mapped_at(addr, len), "idle: freed");
+    }
+}
