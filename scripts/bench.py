@@ -37,7 +37,10 @@ BASELINES = ("recvfrom", "recvmmsg", "tokio")
 # udpring-batch and udpring-poll are udpring with its opt-in --batch-wait (fewer wake-ups, more
 # latency) and --busy-poll (no sleeps after bursts, a busy core); separate rows so the default
 # configuration is never flattered by them.
-ALL_SERVERS = ("udpring", "udpring-batch", "udpring-poll", "recvfrom", "recvmmsg", "tokio", "sockperf")
+# `--udpring-before PATH` adds the row udpring-before: the default configuration from another
+# build, for before/after comparisons inside one run.
+BEFORE = "udpring-before"
+ALL_SERVERS = ("udpring", BEFORE, "udpring-batch", "udpring-poll", "recvfrom", "recvmmsg", "tokio", "sockperf")
 REFERENCE = "recvmmsg"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -127,6 +130,11 @@ def server_commands(args, pin: bool) -> dict[str, object]:
         out["udpring"] = f"skipped: {udpring} not found (build it first)"
         out["udpring-batch"] = out["udpring"]
         out["udpring-poll"] = out["udpring"]
+    if args.udpring_before:
+        before = [args.udpring_before, "serve", "--workers", "1", "--app", "sockperf", "--stats-interval", "0"]
+        out[BEFORE] = lambda p: taskset(0, [*before, "--bind", f"127.0.0.1:{p}"], pin)
+    else:
+        out[BEFORE] = "skipped: no --udpring-before"
     for name in BASELINES:
         exe = Path(args.examples) / f"baseline_{name}"
         if exe.is_file():
@@ -463,6 +471,7 @@ def markdown(summary: dict, failures: dict, args) -> str:
 PALETTE = {
     "udpring": "#d62728",
     "udpring-batch": "#ff9896",
+    BEFORE: "#8c564b",
     "udpring-poll": "#ff7f0e",
     "recvfrom": "#7f7f7f",
     "recvmmsg": "#1f77b4",
@@ -586,8 +595,9 @@ def main() -> int:
         default=None,
         help="binary whose `load` subcommand is the generator (default: the --udpring binary)",
     )
+    ap.add_argument("--udpring-before", default="", help="another udpring build, run as the row udpring-before (regression checks)")
     ap.add_argument("--examples", default=str(tdir / "release" / "examples"), help="directory of baseline_* examples")
-    ap.add_argument("--servers", default=",".join(ALL_SERVERS), help="comma-separated subset of %(default)s")
+    ap.add_argument("--servers", default=",".join(s for s in ALL_SERVERS if s != BEFORE), help="comma-separated subset of %(default)s")
     ap.add_argument("--sizes", default="64,1200", help="payload sizes in bytes (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default %(default)s)")
     ap.add_argument("--sat-secs", type=float, default=4.0, help="seconds per saturation point")
@@ -609,6 +619,8 @@ def main() -> int:
     args.session_modes = [m.strip() for m in args.session_modes.split(",") if m.strip()]
     args.session_clients = [int(c) for c in args.session_clients.split(",") if c.strip()]
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if args.udpring_before and BEFORE not in args.servers:
+        args.servers.insert(1, BEFORE)
     args.sizes = [int(s) for s in args.sizes.split(",")]
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
