@@ -38,8 +38,12 @@ pub struct ServerConfig {
     pub recv_buffer_bytes: usize,
     /// SO_SNDBUF to ask for, in bytes.
     pub send_buffer_bytes: usize,
-    /// Send consecutive replies to the same peer as one UDP GSO train (`UDP_SEGMENT`).
+    /// Send a turn's replies to one peer as UDP GSO trains (`UDP_SEGMENT`, Linux 4.18).
     pub gso: bool,
+    /// Enable `UDP_GRO` (Linux 5.0) on the workers' sockets: the kernel merges same-size
+    /// datagrams of one flow into one receive, which the worker splits again (handlers see
+    /// one datagram each unless they take whole trains). Receive buffers then hold 64 KiB.
+    pub gro: bool,
     /// When set, each wait asks the kernel for `batch_size` completions and lets it hold the
     /// worker asleep up to this long to gather them (DEFER_TASKRUN then wakes the worker
     /// once per batch instead of once per datagram). Trades latency for CPU; off by default.
@@ -92,6 +96,7 @@ impl Default for ServerConfig {
             recv_buffer_bytes: 4 << 20,
             send_buffer_bytes: 4 << 20,
             gso: true,
+            gro: true,
             batch_wait: None,
             batch_size: 32,
             busy_poll: None,

@@ -182,6 +182,21 @@ pub fn find_pktinfo(control: &[u8]) -> Option<IpAddr> {
     None
 }
 
+/// The segment size of a coalesced receive: the `UDP_GRO` control message (`SOL_UDP`,
+/// `UDP_GRO`, an `int`) the kernel adds when it merged several datagrams of one flow into one
+/// buffer (`udp_cmsg_recv`, Linux 5.0). Every segment has this size but the last, which may
+/// be shorter. `None` without one (the buffer is one datagram) or for a size of 0.
+pub fn find_gro_segment_size(control: &[u8]) -> Option<u16> {
+    cmsgs(control)
+        .find(|&(level, kind, data)| {
+            level == libc::SOL_UDP && kind == libc::UDP_GRO && data.len() >= 4
+        })
+        .and_then(|(_, _, data)| {
+            let size = i32::from_ne_bytes(data[..4].try_into().ok()?);
+            u16::try_from(size).ok().filter(|&s| s > 0)
+        })
+}
+
 /// Iterates over `(level, type, data)` of each control message, stopping at the first
 /// malformed header instead of trusting its length.
 pub fn cmsgs(control: &[u8]) -> impl Iterator<Item = (i32, i32, &[u8])> {
@@ -386,6 +401,32 @@ mod tests {
         let mut v6 = [0u8; 28];
         encode_sockaddr("[::1]:1".parse().unwrap(), true, &mut v6);
         assert!(decode_sockaddr(&v6[..20]).is_err());
+    }
+
+    /// A control message as the kernel lays it out: cmsghdr (len, level, type) then data.
+    fn cmsg(level: i32, kind: i32, data: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&(CMSG_HDR_LEN + data.len()).to_ne_bytes());
+        v.extend_from_slice(&level.to_ne_bytes());
+        v.extend_from_slice(&kind.to_ne_bytes());
+        v.extend_from_slice(data);
+        v.resize(cmsg_align(v.len()), 0);
+        v
+    }
+
+    #[test]
+    fn gro_segment_size_is_found_beside_packet_info() {
+        let mut control = cmsg(libc::IPPROTO_IP, libc::IP_PKTINFO, &[0u8; 12]);
+        control.extend(cmsg(libc::SOL_UDP, libc::UDP_GRO, &1200i32.to_ne_bytes()));
+        assert_eq!(find_gro_segment_size(&control), Some(1200));
+        assert!(find_pktinfo(&control).is_some());
+        assert_eq!(find_gro_segment_size(&control[..32]), None, "packet-info only");
+        let zero = cmsg(libc::SOL_UDP, libc::UDP_GRO, &0i32.to_ne_bytes());
+        assert_eq!(find_gro_segment_size(&zero), None);
+        let huge = cmsg(libc::SOL_UDP, libc::UDP_GRO, &70_000i32.to_ne_bytes());
+        assert_eq!(find_gro_segment_size(&huge), None);
+        let short = cmsg(libc::SOL_UDP, libc::UDP_GRO, &[1, 2]);
+        assert_eq!(find_gro_segment_size(&short), None);
     }
 
     #[test]

@@ -34,8 +34,23 @@ pub struct Datagram<'a> {
 /// to [`crate::Server::start`]; it lives on that worker's thread and so needs no
 /// synchronisation. Every `Handler` is also a [`SessionHandler`] whose state is `()`.
 pub trait Handler: 'static {
+    /// `true`: a UDP GRO receive (several same-size datagrams of one peer that the kernel
+    /// merged) goes to [`Handler::on_train`] whole, as QUIC stacks that take a batch prefer.
+    /// `false` (the default): the engine splits it and calls `on_datagram` once per
+    /// datagram, pausing between them while no reply slot is free.
+    const WHOLE_TRAINS: bool = false;
+
     /// Called once per received datagram, exactly once, in arrival order for that socket.
     fn on_datagram(&mut self, datagram: &Datagram<'_>, reply: &mut Reply<'_>);
+
+    /// With `WHOLE_TRAINS`: called once per GRO receive of more than one datagram. Every
+    /// datagram in `train.payload` is `segment_size` bytes but the last, which may be
+    /// shorter. The default hands each to `on_datagram`.
+    fn on_train(&mut self, train: &Datagram<'_>, segment_size: usize, reply: &mut Reply<'_>) {
+        for payload in train.payload.chunks(segment_size.max(1)) {
+            self.on_datagram(&Datagram { payload, ..*train }, reply);
+        }
+    }
 }
 
 /// What a session handler is told about a session.
@@ -60,6 +75,8 @@ pub struct SessionInfo {
 /// session: opened at start (peer unspecified) and closed at shutdown.
 pub trait SessionHandler: 'static {
     type State: 'static;
+    /// As [`Handler::WHOLE_TRAINS`]: whether GRO trains go to `session_train` whole.
+    const WHOLE_TRAINS: bool = false;
     /// A new peer's first datagram arrived (it is passed to `session_datagram` next).
     fn session_open(&mut self, session: &SessionInfo) -> Self::State;
     /// One datagram of the session, exactly once.
@@ -69,6 +86,20 @@ pub trait SessionHandler: 'static {
         datagram: &Datagram<'_>,
         reply: &mut Reply<'_>,
     );
+    /// With `WHOLE_TRAINS`: a GRO receive of several datagrams of `segment_size` bytes (the
+    /// last may be shorter). The default hands each to `session_datagram`.
+    fn session_train(
+        &mut self,
+        state: &mut Self::State,
+        train: &Datagram<'_>,
+        segment_size: usize,
+        reply: &mut Reply<'_>,
+    ) {
+        for payload in train.payload.chunks(segment_size.max(1)) {
+            self.session_datagram(state, &Datagram { payload, ..*train }, reply);
+        }
+    }
+
     /// The session ended; its socket (if any) is being closed.
     fn session_close(&mut self, state: Self::State, session: &SessionInfo, reason: CloseReason) {
         let _ = (state, session, reason);
@@ -77,12 +108,24 @@ pub trait SessionHandler: 'static {
 
 impl<H: Handler> SessionHandler for H {
     type State = ();
+    const WHOLE_TRAINS: bool = H::WHOLE_TRAINS;
 
     fn session_open(&mut self, _session: &SessionInfo) {}
 
     #[inline]
     fn session_datagram(&mut self, _: &mut (), datagram: &Datagram<'_>, reply: &mut Reply<'_>) {
         self.on_datagram(datagram, reply)
+    }
+
+    #[inline]
+    fn session_train(
+        &mut self,
+        _: &mut (),
+        train: &Datagram<'_>,
+        segment_size: usize,
+        reply: &mut Reply<'_>,
+    ) {
+        self.on_train(train, segment_size, reply)
     }
 }
 

@@ -62,6 +62,7 @@ impl Server {
             config.bind,
             config.recv_buffer_bytes,
             config.send_buffer_bytes,
+            config.gro,
         )?;
         let local_addr = first.local_addr;
         let mut sockets = vec![first];
@@ -70,6 +71,7 @@ impl Server {
                 local_addr,
                 config.recv_buffer_bytes,
                 config.send_buffer_bytes,
+                config.gro,
             )?);
         }
         let listeners = Arc::new(

@@ -20,6 +20,8 @@ pub struct BoundSocket {
     pub wants_pktinfo: bool,
     /// SO_RCVBUF as the kernel reports it (twice what was granted, see socket(7)).
     pub recv_buffer: usize,
+    /// `UDP_GRO` is on: a receive may hold a train of datagrams.
+    pub gro: bool,
 }
 
 /// Opens a UDP socket with SO_REUSEPORT, sized buffers and packet-info, and binds it.
@@ -27,6 +29,7 @@ pub fn bind_worker_socket(
     addr: SocketAddr,
     recv_buffer: usize,
     send_buffer: usize,
+    gro: bool,
 ) -> io::Result<BoundSocket> {
     let domain = Domain::for_address(addr);
     let socket = Socket::new(domain, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
@@ -67,6 +70,9 @@ pub fn bind_worker_socket(
     {
         socket.set_send_buffer_size(send_buffer)?;
     }
+    // A kernel without UDP_GRO (before 5.0) refuses the option: serve without it (the probe
+    // reports the feature missing).
+    let gro = gro && set_int(&socket, libc::SOL_UDP, libc::UDP_GRO, 1).is_ok();
     socket
         .bind(&addr.into())
         .map_err(|e| explain_bind_error(addr, e))?;
@@ -81,6 +87,7 @@ pub fn bind_worker_socket(
         is_v6,
         wants_pktinfo: wildcard,
         recv_buffer,
+        gro,
     })
 }
 

@@ -85,13 +85,17 @@ define_counters! {
     enters,
     /// Replies sent as UDP GSO trains of more than one datagram.
     gso_trains,
+    /// GSO trains the kernel refused (EIO/EINVAL); GSO is off for the worker after the first.
+    gso_refused,
+    /// Receives that carried a UDP GRO train of more than one datagram.
+    gro_trains,
     /// Sessions open now (a level, not a running total).
     sessions_open,
     /// Sessions opened.
     sessions_opened,
     /// Sessions closed after `--idle-timeout` without a datagram.
     closed_idle,
-    /// Sessions closed by the handler or to make room.
+    /// Sessions closed because the handler asked (`Reply::close_session`).
     closed_by_handler,
     /// Sessions closed at shutdown.
     closed_shutdown,

@@ -1,146 +1,213 @@
-//! Pushing the turn's replies: GSO trains built from consecutive replies to one peer, one
-//! `SENDMSG` per train, and the accounting when the ring refuses an entry.
+//! Pushing the turn's replies. Replies to one peer anywhere in the turn's batch (per-peer
+//! order kept) form a UDP GSO train: one `SENDMSG` whose iovec list points at each reply's
+//! own slot (nothing is copied) with a `UDP_SEGMENT` control message, which the kernel
+//! segments back into the same datagrams, in the same order. A train keeps the GSO rules
+//! (kernel `udp_send_skb`): every segment but the last has the first one's size, at most
+//! 64 segments and 65,507 bytes.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use io_uring::{opcode, squeue, types};
 
-use super::{FlushError, SendPool, SlotState, Submit};
+use super::{Dest, FlushError, SendPool, SlotState, Submit, NO_SLOT};
+use crate::config::MAX_UDP4_PAYLOAD;
 use crate::datagram::{encode_udp_segment, MAX_GSO_SEGMENTS};
 use crate::op::{OpKind, UserData};
 
-impl SendPool {
-    /// Pushes every queued reply to `sink`, joining consecutive replies to the same peer into
-    /// GSO trains. Returns the number of `SENDMSG` entries pushed. When a push fails, that
-    /// entry and every one after it are dropped: their slots go back to the free list (each
-    /// exactly once) and `FlushError::dropped` counts their datagrams.
-    pub fn flush(&mut self, sink: &mut impl Submit) -> Result<usize, FlushError> {
-        let mut pushed = 0;
-        let mut i = 0;
-        while i < self.queued.len() {
-            let head = self.queued[i];
-            // The replies after the head that joined its train are already free again.
-            let next = if self.gso {
-                self.extend_train(head, i + 1)
-            } else {
-                i + 1
-            };
-            let entry = self.seal(head);
-            let meta = &mut self.meta[head as usize];
-            debug_assert_eq!(meta.state, SlotState::Queued);
-            meta.state = SlotState::InFlight;
-            self.in_flight += 1;
-            // SAFETY: the entry points at slot `head`'s headers and data, inside allocations
-            // that are freed only by `Drop` and only when no slot is in flight (else leaked);
-            // the slot is `InFlight` from here until `complete` sees its completion, and no
-            // method writes an `InFlight` slot (`headers_mut`/`data_mut` assert it).
-            if let Err(error) = unsafe { sink.push(&entry) } {
-                // Not pushed: the head and everything queued after its train are dropped.
-                let meta = &mut self.meta[head as usize];
-                meta.state = SlotState::Queued;
-                self.in_flight -= 1;
-                let mut dropped = u64::from(meta.segments);
-                self.release(head);
-                let rest = std::mem::take(&mut self.queued);
-                for &index in &rest[next..] {
-                    dropped += 1;
-                    self.release(index);
-                }
-                self.queued = rest;
-                self.queued.clear();
-                return Err(FlushError { error, dropped });
-            }
-            pushed += 1;
-            i = next;
+/// A train being assembled: a chain of slots through `SlotMeta::next`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Train {
+    head: u32,
+    tail: u32,
+    count: u16,
+    /// The first segment's size: later ones may not be larger, and a smaller one ends it.
+    segment: usize,
+    bytes: usize,
+}
+
+/// The newest train of each destination that can still take segments.
+pub(crate) type OpenTrains = HashMap<Dest, usize, BuildHasherDefault<FoldHasher>>;
+
+/// A multiply-and-fold hash for the per-turn destination table: the keys are ours (a
+/// descriptor and an address), not attacker-chosen collisions worth SipHash's cost, and the
+/// table lives for one flush.
+#[derive(Default)]
+pub(crate) struct FoldHasher(u64);
+
+impl Hasher for FoldHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
         }
-        self.queued.clear();
-        Ok(pushed)
     }
 
-    /// Writes the slot's control messages and builds its `SENDMSG` entry.
-    fn seal(&mut self, index: u32) -> squeue::Entry {
-        let meta = &self.meta[index as usize];
-        let (fd, pktinfo_len, segments, segment_len, len) = (
-            meta.dest.fd,
-            meta.pktinfo_len,
-            meta.segments,
-            meta.segment_len,
-            meta.len,
-        );
-        let user_data = UserData::new(OpKind::Send, meta.generation, index).encode();
-        let h = self.headers_mut(index);
-        let mut control_len = pktinfo_len;
-        if segments > 1 {
-            // CONTROL_LEN holds packet-info and UDP_SEGMENT together (tested in datagram).
-            control_len =
-                encode_udp_segment(&mut h.control, control_len, segment_len).unwrap_or(control_len);
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl SendPool {
+    /// Pushes every queued reply to `sink`, grouping replies to one destination into GSO
+    /// trains when GSO is on. Returns the number of `SENDMSG` entries pushed. When a push
+    /// fails, that entry and every one after it are dropped: their slots go back to the free
+    /// list (each exactly once) and `FlushError::dropped` counts their datagrams.
+    pub fn flush(&mut self, sink: &mut impl Submit) -> Result<usize, FlushError> {
+        self.build_trains();
+        let trains = std::mem::take(&mut self.trains);
+        let mut result = Ok(trains.len());
+        for (n, train) in trains.iter().enumerate() {
+            let entry = self.seal(train);
+            self.in_flight += 1;
+            // SAFETY: the entry points at the head's headers (msghdr, iovec list, address,
+            // control) and at every member's data, inside allocations that are freed only by
+            // `Drop` and only when nothing is in flight (else leaked). `seal` marked the head
+            // and every member `InFlight`; they stay so until `complete` sees the entry's
+            // completion, and no method writes an `InFlight` slot (`headers_mut`/`data_mut`
+            // assert it).
+            if let Err(error) = unsafe { sink.push(&entry) } {
+                self.in_flight -= 1;
+                let mut dropped = self.release_train(train.head, SlotState::InFlight);
+                for later in &trains[n + 1..] {
+                    dropped += self.release_train(later.head, SlotState::Queued);
+                }
+                result = Err(FlushError { error, dropped });
+                break;
+            }
         }
-        h.iov.iov_len = len;
+        self.trains = trains;
+        self.trains.clear();
+        self.queued.clear();
+        result
+    }
+
+    /// Chains the queued replies into trains, in the order of each train's first reply.
+    fn build_trains(&mut self) {
+        self.trains.clear();
+        self.open_trains.clear();
+        for i in 0..self.queued.len() {
+            let index = self.queued[i];
+            let (dest, len) = {
+                let m = &mut self.meta[index as usize];
+                m.next = NO_SLOT;
+                (m.dest, m.len)
+            };
+            let joinable = self.gso && len > 0 && len <= usize::from(u16::MAX);
+            if joinable {
+                if let Some(&t) = self.open_trains.get(&dest) {
+                    let train = &mut self.trains[t];
+                    if len <= train.segment && train.bytes + len <= MAX_UDP4_PAYLOAD {
+                        self.meta[train.tail as usize].next = index;
+                        train.tail = index;
+                        train.count += 1;
+                        train.bytes += len;
+                        if len < train.segment || usize::from(train.count) == MAX_GSO_SEGMENTS {
+                            // A shorter segment ends a train, and so does the 64th.
+                            self.open_trains.remove(&dest);
+                        }
+                        continue;
+                    }
+                }
+            }
+            let t = self.trains.len();
+            self.trains.push(Train {
+                head: index,
+                tail: index,
+                count: 1,
+                segment: len,
+                bytes: len,
+            });
+            if joinable {
+                // A newer train replaces an older one that could not take this reply, so a
+                // later reply never joins a train sent before one it follows.
+                self.open_trains.insert(dest, t);
+            }
+        }
+    }
+
+    /// Fills the head's iovec list and control messages, marks the train `InFlight` and
+    /// builds its `SENDMSG` entry.
+    fn seal(&mut self, train: &Train) -> squeue::Entry {
+        let head = train.head;
+        let (fd, pktinfo_len, generation) = {
+            let m = &self.meta[head as usize];
+            (m.dest.fd, m.pktinfo_len, m.generation)
+        };
+        let data = self.data.as_ptr();
+        let capacity = self.slot_capacity;
+        let mut iovs = [(std::ptr::null_mut::<u8>(), 0usize); MAX_GSO_SEGMENTS];
+        let mut index = head;
+        let mut n = 0;
+        while index != NO_SLOT {
+            let m = &mut self.meta[index as usize];
+            debug_assert_eq!(m.state, SlotState::Queued);
+            // Pointer arithmetic only: the kernel dereferences it, within the slot's stretch.
+            iovs[n] = (data.wrapping_add(index as usize * capacity), m.len);
+            n += 1;
+            index = m.next;
+        }
+        debug_assert_eq!(n, usize::from(train.count));
+        let h = self.headers_mut(head);
+        for (iov, &(base, len)) in h.iov.iter_mut().zip(&iovs[..n]) {
+            iov.iov_base = base.cast();
+            iov.iov_len = len;
+        }
+        h.msg.msg_iovlen = n as _;
+        let mut control_len = pktinfo_len;
+        if n > 1 {
+            // CONTROL_LEN holds packet-info and UDP_SEGMENT together (tested in datagram).
+            control_len = encode_udp_segment(&mut h.control, control_len, train.segment as u16)
+                .unwrap_or(control_len);
+        }
         h.msg.msg_controllen = control_len;
         h.msg.msg_control = if control_len == 0 {
             std::ptr::null_mut()
         } else {
             h.control.as_mut_ptr().cast()
         };
-        opcode::SendMsg::new(types::Fd(fd), &h.msg)
+        let entry = opcode::SendMsg::new(types::Fd(fd), &h.msg)
             .build()
-            .user_data(user_data)
-    }
-
-    /// Appends the replies queued after `head` (from `next` on) to `head`'s train while they
-    /// go to the same peer from the same address and keep the train valid: every segment but
-    /// the last has the first one's size, at most 64 segments and 65,507 bytes. Joined slots
-    /// are released (their bytes now live in the head's buffer). Returns the index of the
-    /// first reply not taken.
-    fn extend_train(&mut self, head: u32, mut next: usize) -> usize {
-        let cap = self.slot_capacity.min(crate::config::MAX_UDP4_PAYLOAD);
-        let (dest, segment) = {
-            let h = &self.meta[head as usize];
-            (h.dest, h.len)
-        };
-        if segment == 0 || segment > usize::from(u16::MAX) {
-            return next;
+            .user_data(UserData::new(OpKind::Send, generation, head).encode());
+        self.meta[head as usize].segments = train.count;
+        let mut index = head;
+        while index != NO_SLOT {
+            let m = &mut self.meta[index as usize];
+            m.state = SlotState::InFlight;
+            index = m.next;
         }
-        let mut total = segment;
-        let mut count = 1usize;
-        while next < self.queued.len() && count < MAX_GSO_SEGMENTS {
-            let index = self.queued[next];
-            let s = &self.meta[index as usize];
-            let len = s.len;
-            if s.dest != dest || len == 0 || len > segment || total + len > cap {
-                break;
-            }
-            debug_assert_eq!(s.state, SlotState::Queued);
-            // SAFETY: both slots are `Queued` (ours, not read by the kernel) and distinct, so
-            // the two stretches of the data area do not overlap; `total + len <= cap <=
-            // slot_capacity` keeps the write inside the head's stretch.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    self.data.as_ptr().add(index as usize * self.slot_capacity),
-                    self.data
-                        .as_ptr()
-                        .add(head as usize * self.slot_capacity + total),
-                    len,
-                );
-            }
-            total += len;
-            count += 1;
-            next += 1;
-            self.release(index);
-            if len < segment {
-                // A shorter segment ends a train.
-                break;
-            }
-        }
-        let h = &mut self.meta[head as usize];
-        h.len = total;
-        h.segments = count as u16;
-        h.segment_len = segment as u16;
-        next
+        entry
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::test_util::*;
+    use super::*;
+
+    /// The trains `build_trains` made: each as the list of slot payload first bytes.
+    fn trains(p: &mut SendPool) -> Vec<(Vec<u8>, usize)> {
+        p.build_trains();
+        let trains = p.trains.clone();
+        trains
+            .iter()
+            .map(|t| {
+                let mut firsts = Vec::new();
+                let mut index = t.head;
+                while index != NO_SLOT {
+                    firsts.push(p.data_mut(index)[0]);
+                    index = p.meta[index as usize].next;
+                }
+                assert_eq!(firsts.len(), usize::from(t.count));
+                (firsts, t.segment)
+            })
+            .collect()
+    }
 
     /// Issue 8, finding 1: a push that fails after a train was joined released the last
     /// joined slot twice and left the head in flight forever.
@@ -173,49 +240,87 @@ mod tests {
     }
 
     #[test]
-    fn consecutive_same_peer_replies_form_one_train() {
-        let mut p = pool(8, 64);
-        for b in [b"aaaa", b"bbbb", b"cccc"] {
-            queue_bytes(&mut p, "127.0.0.1:5", b).unwrap();
+    fn replies_to_one_peer_anywhere_in_the_batch_form_one_train_in_order() {
+        let mut p = pool(16, 64);
+        // A and B interleaved; A's third is shorter (ends its train); A's fourth starts a new one.
+        for (peer, byte, len) in [
+            ("127.0.0.1:5", 1u8, 4),
+            ("127.0.0.1:6", 2, 4),
+            ("127.0.0.1:5", 3, 4),
+            ("127.0.0.1:6", 4, 4),
+            ("127.0.0.1:5", 5, 2),
+            ("127.0.0.1:5", 7, 4),
+            ("127.0.0.1:6", 6, 4),
+        ] {
+            queue_bytes(&mut p, peer, &vec![byte; len]).unwrap();
         }
-        queue_bytes(&mut p, "127.0.0.1:5", b"dd").unwrap(); // shorter: ends the train
-        queue_bytes(&mut p, "127.0.0.1:5", b"eeee").unwrap(); // new train
-        queue_bytes(&mut p, "127.0.0.1:6", b"ffff").unwrap(); // other peer
-        let head = p.queued[0];
-        let next = p.extend_train(head, 1);
-        assert_eq!(next, 4);
-        let h = &p.meta[head as usize];
-        assert_eq!(h.segments, 4);
-        assert_eq!(h.segment_len, 4);
-        assert_eq!(h.len, 14);
-        assert_eq!(&p.data_mut(head)[..14], b"aaaabbbbccccdd");
-        // The three joined slots went back to the free list.
-        assert_eq!(p.free_slots(), 2 + 3);
-        let head2 = p.queued[4];
-        assert_eq!(p.extend_train(head2, 5), 5, "different peer does not join");
+        assert_eq!(
+            trains(&mut p),
+            vec![(vec![1, 3, 5], 4), (vec![2, 4, 6], 4), (vec![7], 4)]
+        );
     }
 
     #[test]
-    fn longer_or_empty_replies_do_not_join_and_trains_respect_limits() {
+    fn trains_keep_the_gso_rules() {
+        // A longer reply does not join; empty replies never join.
         let mut p = pool(4, 64);
         queue_bytes(&mut p, "127.0.0.1:5", b"aa").unwrap();
         queue_bytes(&mut p, "127.0.0.1:5", b"bbb").unwrap();
-        assert_eq!(p.extend_train(p.queued[0], 1), 1);
+        assert_eq!(trains(&mut p).len(), 2);
         let mut p = pool(4, 64);
         queue_bytes(&mut p, "127.0.0.1:5", b"").unwrap();
         queue_bytes(&mut p, "127.0.0.1:5", b"").unwrap();
-        assert_eq!(p.extend_train(p.queued[0], 1), 1);
-        // Capacity: 3 x 30 bytes do not fit a 64-byte slot; the train stops at 2.
-        let mut p = pool(4, 64);
-        for _ in 0..3 {
-            queue_bytes(&mut p, "127.0.0.1:5", &[1u8; 30]).unwrap();
-        }
-        assert_eq!(p.extend_train(p.queued[0], 1), 2);
+        assert_eq!(trains(&mut p).len(), 2);
         // At most 64 segments.
-        let mut p = pool(70, 65_536);
+        let mut p = pool(70, 16);
         for _ in 0..70 {
             queue_bytes(&mut p, "127.0.0.1:5", &[1u8; 10]).unwrap();
         }
-        assert_eq!(p.extend_train(p.queued[0], 1), 64);
+        let t = trains(&mut p);
+        assert_eq!((t[0].0.len(), t[1].0.len()), (64, 6));
+        // At most 65,507 bytes: 1,400-byte segments, 46 fit (64,400), the 47th does not.
+        let mut p = pool(50, 1400);
+        for _ in 0..50 {
+            queue_bytes(&mut p, "127.0.0.1:5", &[1u8; 1400]).unwrap();
+        }
+        let t = trains(&mut p);
+        assert_eq!((t[0].0.len(), t[1].0.len()), (46, 4));
+        // Different source address or socket: different trains.
+        let mut p = pool(4, 64);
+        let mut d = dest("127.0.0.1:5");
+        p.queue_bytes(d, b"x").unwrap();
+        d.fd = 4;
+        p.queue_bytes(d, b"x").unwrap();
+        assert_eq!(trains(&mut p).len(), 2);
+    }
+
+    #[test]
+    fn a_train_is_one_entry_over_its_members_own_buffers() {
+        let mut p = pool(8, 64);
+        for b in [&b"aaaa"[..], b"bbbb", b"cc"] {
+            queue_bytes(&mut p, "127.0.0.1:5", b).unwrap();
+        }
+        let mut sink = FailingSink {
+            room: 8,
+            accepted: Vec::new(),
+        };
+        assert_eq!(p.flush(&mut sink).unwrap(), 1);
+        let ud = sink.accepted[0];
+        let head = ud.slot as usize;
+        // SAFETY: reading the head's headers without a reference; the test plays the kernel.
+        let (iovlen, lens) = unsafe {
+            let h = p.headers_ptr(head);
+            let lens: Vec<usize> = (0..3).map(|i| (*h).iov[i].iov_len).collect();
+            ((*h).msg.msg_iovlen, lens)
+        };
+        assert_eq!(iovlen, 3);
+        assert_eq!(lens, vec![4, 4, 2]);
+        assert_eq!(p.free_slots(), 5, "members stay in flight with the head");
+        assert_eq!(
+            p.complete(ud),
+            Some(super::super::Completed { segments: 3 })
+        );
+        assert_eq!(p.free_slots(), 8);
+        free_list_is_a_set(&p);
     }
 }

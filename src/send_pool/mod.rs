@@ -22,10 +22,13 @@ use std::ptr::NonNull;
 
 use io_uring::squeue;
 
-use crate::datagram::{encode_pktinfo, encode_sockaddr, CONTROL_LEN};
+use crate::datagram::{encode_pktinfo, encode_sockaddr, CONTROL_LEN, MAX_GSO_SEGMENTS};
+use crate::op::{next_generation, UserData};
+
 mod flush;
 
-use crate::op::{next_generation, UserData};
+/// End of a train's member chain.
+const NO_SLOT: u32 = u32::MAX;
 
 /// Why a reply was not queued. Each case is counted in `send_dropped`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +60,7 @@ impl std::fmt::Display for SendError {
 impl std::error::Error for SendError {}
 
 /// Where a reply goes: which socket, to whom, from which local address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Dest {
     pub fd: RawFd,
     pub peer: SocketAddr,
@@ -81,7 +84,8 @@ pub trait Submit {
 #[repr(C)]
 struct SlotHeaders {
     msg: libc::msghdr,
-    iov: libc::iovec,
+    /// `iov[0]` is the slot's own data; a train head lists its members' data after it.
+    iov: [libc::iovec; MAX_GSO_SEGMENTS],
     name: [u8; 28],
     control: [u8; CONTROL_LEN],
 }
@@ -100,16 +104,16 @@ enum SlotState {
 struct SlotMeta {
     state: SlotState,
     dest: Dest,
-    /// Bytes of the reply (of the whole train, for a train head).
+    /// Bytes of this slot's reply.
     len: usize,
+    /// The next member of this slot's GSO train (`NO_SLOT`: none), from flush to completion.
+    next: u32,
     /// Bytes of `control` the packet-info message uses (0 without one).
     pktinfo_len: usize,
     /// `name` holds `dest.peer` encoded (it is re-encoded only when the peer changes).
     name_valid: bool,
-    /// Datagrams this slot carries (more than one for a GSO train).
+    /// Datagrams this slot's send carries (more than one for a GSO train head).
     segments: u16,
-    /// Size of every segment but the last, for a train.
-    segment_len: u16,
     generation: u32,
 }
 
@@ -144,6 +148,9 @@ pub struct SendPool {
     in_flight: usize,
     socket_is_v6: bool,
     gso: bool,
+    /// Scratch space of `flush`, kept to avoid allocating per turn.
+    trains: Vec<flush::Train>,
+    open_trains: flush::OpenTrains,
 }
 
 // SAFETY: the pointers are the pool's own heap allocations, used only through `&mut self`
@@ -186,10 +193,10 @@ impl SendPool {
                         connected: false,
                     },
                     len: 0,
+                    next: NO_SLOT,
                     pktinfo_len: 0,
                     name_valid: false,
                     segments: 1,
-                    segment_len: 0,
                     generation: 0,
                 })
                 .collect(),
@@ -199,6 +206,8 @@ impl SendPool {
             in_flight: 0,
             socket_is_v6,
             gso,
+            trains: Vec::with_capacity(count),
+            open_trains: flush::OpenTrains::default(),
         };
         for index in 0..count {
             let h = pool.headers_ptr(index);
@@ -206,9 +215,9 @@ impl SendPool {
             // reference covers; the pointers stored are into the same slot (name, iov) and
             // into the slot's own stretch of the data area (index < count).
             unsafe {
-                (*h).iov.iov_base = pool.data.as_ptr().add(index * slot_capacity).cast();
+                (*h).iov[0].iov_base = pool.data.as_ptr().add(index * slot_capacity).cast();
                 (*h).msg.msg_name = std::ptr::addr_of_mut!((*h).name).cast();
-                (*h).msg.msg_iov = std::ptr::addr_of_mut!((*h).iov);
+                (*h).msg.msg_iov = std::ptr::addr_of_mut!((*h).iov).cast();
                 (*h).msg.msg_iovlen = 1;
             }
         }
@@ -220,7 +229,7 @@ impl SendPool {
         self.free.len()
     }
 
-    /// Sends the kernel still has to complete.
+    /// `SENDMSG`s the kernel still has to complete (a train is one).
     pub fn in_flight(&self) -> usize {
         self.in_flight
     }
@@ -364,13 +373,20 @@ impl SendPool {
 
     /// Returns a queued slot to the free list under a new generation.
     fn release(&mut self, index: u32) {
+        self.release_from(index, SlotState::Queued);
+    }
+
+    /// Returns a slot in state `from` to the free list under a new generation. Any other
+    /// state is a bookkeeping bug (a slot released twice, or one the kernel may be reading):
+    /// caught here before the free list can hand the slot out twice.
+    fn release_from(&mut self, index: u32, from: SlotState) {
         let meta = &mut self.meta[index as usize];
         assert_eq!(
-            meta.state,
-            SlotState::Queued,
+            meta.state, from,
             "send slot {index} released while {:?}",
             meta.state
         );
+        meta.next = NO_SLOT;
         meta.state = SlotState::Free;
         meta.generation = next_generation(meta.generation);
         self.free.push(index);
@@ -379,15 +395,28 @@ impl SendPool {
     /// Frees the slot a `Send` completion names. `None` when the completion is stale (its
     /// generation no longer matches, or the slot is not in flight): the caller counts it.
     pub fn complete(&mut self, ud: UserData) -> Option<Completed> {
-        let meta = self.meta.get_mut(ud.slot as usize)?;
+        let meta = self.meta.get(ud.slot as usize)?;
         if meta.state != SlotState::InFlight || meta.generation != ud.generation {
             return None;
         }
-        meta.state = SlotState::Queued;
-        self.in_flight -= 1;
         let segments = meta.segments;
-        self.release(ud.slot);
+        self.in_flight -= 1;
+        self.release_train(ud.slot, SlotState::InFlight);
         Some(Completed { segments })
+    }
+
+    /// Releases a train's head and every member, each from state `from`; returns how many
+    /// slots (datagrams) that was.
+    fn release_train(&mut self, head: u32, from: SlotState) -> u64 {
+        let mut index = head;
+        let mut released = 0;
+        while index != NO_SLOT {
+            let next = self.meta[index as usize].next;
+            self.release_from(index, from);
+            released += 1;
+            index = next;
+        }
+        released
     }
 }
 

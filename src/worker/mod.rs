@@ -120,6 +120,8 @@ pub struct Worker<H: SessionHandler> {
     socks: SessionSockets,
     posted: Vec<Posted>,
     amplification_factor: u64,
+    /// `--max-datagram`: longer datagrams are counted as truncated, even inside a GRO train.
+    max_datagram: usize,
     started: Instant,
     now_ms: Millis,
 }
@@ -146,8 +148,20 @@ impl<H: SessionHandler> Worker<H> {
         } else {
             SOCKADDR_IN_LEN
         };
-        let control_space = if socket.wants_pktinfo { CONTROL_LEN } else { 0 };
-        let buf_len = RECVMSG_OUT_LEN + name_space + control_space + config.max_datagram;
+        let control_space = if socket.wants_pktinfo || socket.gro {
+            CONTROL_LEN
+        } else {
+            0
+        };
+        // A GRO receive holds up to 64 KiB of merged datagrams whatever --max-datagram says
+        // (a shorter buffer would truncate the train). The buffers are anonymous memory: a
+        // page is resident only once a receive has written into it.
+        let payload_room = if socket.gro {
+            config.max_datagram.max(usize::from(u16::MAX))
+        } else {
+            config.max_datagram
+        };
+        let buf_len = RECVMSG_OUT_LEN + name_space + control_space + payload_room;
         let buffers = usize::from(config.buffers);
         // Every buffer and every send slot can have a completion outstanding at once, plus
         // the wake-up read, the tick, cancels and slack: size the completion queue for all of
@@ -212,6 +226,7 @@ impl<H: SessionHandler> Worker<H> {
             socks: SessionSockets::new(config.max_connected, config.recv_buffer_bytes.min(1 << 20)),
             posted: Vec::new(),
             amplification_factor: u64::from(config.amplification_factor),
+            max_datagram: config.max_datagram,
             started,
             now_ms: 0,
         };
@@ -388,6 +403,9 @@ impl<H: SessionHandler> Worker<H> {
                 let errno = -c.result;
                 // A kernel or device that cannot segment says EIO or EINVAL to a train: stop
                 // building trains (one log line) and carry on with plain sends.
+                if segments > 1 && (errno == libc::EIO || errno == libc::EINVAL) {
+                    self.stats.gso_refused += 1;
+                }
                 if segments > 1
                     && (errno == libc::EIO || errno == libc::EINVAL)
                     && self.io.sends.gso()

@@ -10,7 +10,7 @@ use super::router::{Route, Source};
 use super::{State, Worker};
 use crate::buf_ring::{BufRing, RecvBuf};
 use crate::config::SessionMode;
-use crate::datagram::{decode_sockaddr, find_pktinfo, parse_recvmsg_out};
+use crate::datagram::{decode_sockaddr, find_gro_segment_size, find_pktinfo, parse_recvmsg_out};
 use crate::handler::{Datagram, Reply, SessionCtx, SessionHandler};
 use crate::ring::Completion;
 use crate::send_pool::Dest;
@@ -18,8 +18,14 @@ use crate::session::{CloseReason, SessionId};
 
 /// A datagram waiting for the handler.
 pub(super) enum Pending {
-    /// In a receive buffer (the usual case); recycled once the handler has seen it.
-    Buffer { buf: RecvBuf, source: Source },
+    /// In a receive buffer (the usual case); recycled once the handler has seen it. A GRO
+    /// train is handed over one datagram at a time: `delivered` counts those already seen,
+    /// so backpressure can pause in the middle of a train and resume where it stopped.
+    Buffer {
+        buf: RecvBuf,
+        source: Source,
+        delivered: u16,
+    },
     /// Copied out: read from a closing session socket, or forwarded by another worker.
     Owned {
         peer: SocketAddr,
@@ -57,7 +63,11 @@ impl<H: SessionHandler> Worker<H> {
         if c.result >= 0 {
             match self.io.take_buffer(&c) {
                 // Never grows past the buffer count: each pending entry holds a buffer.
-                Some(buf) => self.backlog.push_back(Pending::Buffer { buf, source }),
+                Some(buf) => self.backlog.push_back(Pending::Buffer {
+                    buf,
+                    source,
+                    delivered: 0,
+                }),
                 None => self.stats.malformed += 1,
             }
             return;
@@ -83,67 +93,125 @@ impl<H: SessionHandler> Worker<H> {
     pub(super) fn process_backlog(&mut self) {
         while !self.backlog.is_empty() {
             if self.io.sends.free_slots() == 0 {
-                if !self.backpressured {
-                    self.backpressured = true;
-                    self.stats.backpressure += 1;
-                }
+                self.note_backpressure();
                 return;
             }
             self.backpressured = false;
             match self.backlog.pop_front() {
-                Some(Pending::Buffer { buf, source }) => {
-                    self.handle_buffer(&buf, source);
-                    self.io.bufs.recycle(buf);
+                Some(Pending::Buffer {
+                    buf,
+                    source,
+                    mut delivered,
+                }) => {
+                    if self.handle_buffer(&buf, source, &mut delivered) {
+                        self.io.bufs.recycle(buf);
+                    } else {
+                        // Out of reply slots in the middle of a GRO train: resume later.
+                        self.backlog.push_front(Pending::Buffer {
+                            buf,
+                            source,
+                            delivered,
+                        });
+                        self.note_backpressure();
+                        return;
+                    }
                 }
                 Some(Pending::Owned {
                     peer,
                     local,
                     payload,
                     source,
-                }) => self.route(source, peer, local, Bytes::Owned(&payload)),
+                }) => self.route(source, peer, local, Bytes::Owned(&payload), None),
                 None => return,
             }
         }
     }
 
-    /// Parses one received buffer, counts it and routes its datagram.
-    fn handle_buffer(&mut self, buf: &RecvBuf, source: Source) {
+    fn note_backpressure(&mut self) {
+        if !self.backpressured {
+            self.backpressured = true;
+            self.stats.backpressure += 1;
+        }
+    }
+
+    /// Parses one received buffer, counts it and routes its datagram, or the datagrams of a
+    /// GRO train from number `delivered` on. Returns `false` when it stopped in the middle of
+    /// a train because no reply slot is free (`delivered` then says where to resume).
+    fn handle_buffer(&mut self, buf: &RecvBuf, source: Source, delivered: &mut u16) -> bool {
         let bytes = self.io.bufs.bytes(buf);
-        let (peer, local, at) = match parse_recvmsg_out(bytes, self.name_space, self.control_space)
-        {
-            Ok(out) if out.is_truncated() => {
-                self.stats.truncated += 1;
-                return;
-            }
-            Ok(out) => {
-                let Ok(peer) = decode_sockaddr(out.name) else {
+        let (peer, local, at, segment) =
+            match parse_recvmsg_out(bytes, self.name_space, self.control_space) {
+                Ok(out) if out.is_truncated() => {
+                    self.stats.truncated += 1;
+                    return true;
+                }
+                Ok(out) => {
+                    let Ok(peer) = decode_sockaddr(out.name) else {
+                        self.stats.malformed += 1;
+                        return true;
+                    };
+                    let local = if self.socket.wants_pktinfo && source == Source::Listener {
+                        find_pktinfo(out.control)
+                    } else {
+                        None
+                    };
+                    let segment = find_gro_segment_size(out.control).map(usize::from);
+                    // Where the payload sits in the buffer, so the borrow of `bytes` can end.
+                    let start = out.payload.as_ptr() as usize - bytes.as_ptr() as usize;
+                    (peer, local, start..start + out.payload.len(), segment)
+                }
+                Err(_) => {
                     self.stats.malformed += 1;
-                    return;
-                };
-                let local = if self.socket.wants_pktinfo && source == Source::Listener {
-                    find_pktinfo(out.control)
-                } else {
-                    None
-                };
-                // Where the payload sits in the buffer, so the borrow of `bytes` can end.
-                let start = out.payload.as_ptr() as usize - bytes.as_ptr() as usize;
-                (peer, local, start..start + out.payload.len())
+                    return true;
+                }
+            };
+        // A "train" of one datagram is a plain receive.
+        let segment = segment.filter(|&s| s < at.len());
+        if *delivered == 0 {
+            let count = segment.map_or(1, |s| at.len().div_ceil(s));
+            if segment.unwrap_or(at.len()) > self.max_datagram {
+                self.stats.truncated += count as u64;
+                return true;
             }
-            Err(_) => {
-                self.stats.malformed += 1;
-                return;
+            self.stats.rx_datagrams += count as u64;
+            self.stats.rx_bytes += at.len() as u64;
+            if count > 1 {
+                self.stats.gro_trains += 1;
             }
+        }
+        let Some(segment) = segment else {
+            self.route(source, peer, local, Bytes::range(at, buf), None);
+            return true;
         };
-        self.stats.rx_datagrams += 1;
-        self.stats.rx_bytes += at.len() as u64;
-        self.route(source, peer, local, Bytes::range(at, buf));
+        if H::WHOLE_TRAINS {
+            self.route(source, peer, local, Bytes::range(at, buf), Some(segment));
+            return true;
+        }
+        let mut start = at.start + usize::from(*delivered) * segment;
+        while start < at.end {
+            if *delivered > 0 && self.io.sends.free_slots() == 0 {
+                return false;
+            }
+            let end = (start + segment).min(at.end);
+            self.route(source, peer, local, Bytes::Buffer(buf, start, end), None);
+            *delivered += 1;
+            start = end;
+        }
+        true
     }
 
     /// Routes one datagram (see `router`) and carries the decision out.
-    fn route(&mut self, source: Source, peer: SocketAddr, local: Option<IpAddr>, bytes: Bytes) {
+    fn route(
+        &mut self,
+        source: Source,
+        peer: SocketAddr,
+        local: Option<IpAddr>,
+        bytes: Bytes,
+        train: Option<usize>,
+    ) {
         if self.mode == SessionMode::None {
             if source != Source::Forwarded {
-                self.deliver_stateless(peer, local, bytes);
+                self.deliver_stateless(peer, local, bytes, train);
             }
             return;
         }
@@ -157,9 +225,11 @@ impl<H: SessionHandler> Worker<H> {
             &self.server,
             &mut self.stats,
         ) {
-            Route::Session { id, strip } => self.deliver_to_session(id, peer, local, bytes, strip),
+            Route::Session { id, strip } => {
+                self.deliver_to_session(id, peer, local, bytes, strip, train)
+            }
             Route::Open { validated, strip } => match self.open_session(peer, local, validated) {
-                Some(id) => self.deliver_to_session(id, peer, local, bytes, strip),
+                Some(id) => self.deliver_to_session(id, peer, local, bytes, strip, train),
                 None => self.router.abandon(peer, &self.server),
             },
             Route::Forward(owner) => {
@@ -179,7 +249,13 @@ impl<H: SessionHandler> Worker<H> {
         }
     }
 
-    fn deliver_stateless(&mut self, peer: SocketAddr, local: Option<IpAddr>, bytes: Bytes) {
+    fn deliver_stateless(
+        &mut self,
+        peer: SocketAddr,
+        local: Option<IpAddr>,
+        bytes: Bytes,
+        train: Option<usize>,
+    ) {
         let payload = bytes.view(&self.io.bufs);
         let Some(state) = self.stateless.as_mut() else {
             return; // closed at shutdown
@@ -205,7 +281,12 @@ impl<H: SessionHandler> Worker<H> {
             session: None,
             budget: (self.amplification_factor > 0).then_some(&mut budget),
         };
-        self.handler.session_datagram(state, &datagram, &mut reply);
+        match train {
+            Some(segment) => self
+                .handler
+                .session_train(state, &datagram, segment, &mut reply),
+            None => self.handler.session_datagram(state, &datagram, &mut reply),
+        }
     }
 
     /// Calls the handler for session `id` with the payload past its first `strip` bytes;
@@ -217,6 +298,7 @@ impl<H: SessionHandler> Worker<H> {
         local: Option<IpAddr>,
         bytes: Bytes,
         strip: usize,
+        train: Option<usize>,
     ) {
         let payload = bytes.view(&self.io.bufs);
         let payload = &payload[strip.min(payload.len())..];
@@ -259,7 +341,12 @@ impl<H: SessionHandler> Worker<H> {
                 None
             },
         };
-        self.handler.session_datagram(state, &datagram, &mut reply);
+        match train {
+            Some(segment) => self
+                .handler
+                .session_train(state, &datagram, segment, &mut reply),
+            None => self.handler.session_datagram(state, &datagram, &mut reply),
+        }
         let close = reply.session.is_some_and(|s| s.close_requested);
         if close {
             // Only queues the socket for closing: nothing is routed from here.

@@ -85,6 +85,10 @@ pub struct ServeArgs {
     /// into UDP GSO trains.
     #[arg(long)]
     no_gso: bool,
+    /// Do not enable UDP_GRO: every datagram is its own receive (no kernel coalescing of
+    /// same-size datagrams from one client, and smaller receive buffers).
+    #[arg(long)]
+    no_gro: bool,
     /// Let the kernel hold a worker asleep up to this long (e.g. 20us) to gather
     /// --batch-size completions per wake-up: fewer wake-ups and less CPU per datagram under
     /// load, at the cost of that much added latency. 0 wakes on every completion.
@@ -162,6 +166,7 @@ impl ServeArgs {
             recv_buffer_bytes: self.recv_buffer,
             send_buffer_bytes: self.send_buffer,
             gso: d.gso && !self.no_gso,
+            gro: d.gro && !self.no_gro,
             batch_wait: self.batch_wait.or_off(),
             batch_size: self.batch_size,
             busy_poll: self.busy_poll.or_off(),
