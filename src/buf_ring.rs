@@ -102,6 +102,11 @@ impl BufRing {
     /// 5.19). From now on the kernel may write into any buffer in the ring; `Drop` leaks the
     /// memory rather than unmap it unless [`BufRing::unregister`] ran first.
     pub fn register(&mut self, uring: &IoUring) -> io::Result<()> {
+        self.register_with_flags(uring, 0)
+    }
+
+    /// `register` with `IOU_PBUF_RING_*` flags (for the kernel probe).
+    pub fn register_with_flags(&mut self, uring: &IoUring, flags: u16) -> io::Result<()> {
         // SAFETY: the descriptor mapping is page-aligned, holds `entries` descriptors and is
         // never unmapped while `registered` is set (see `Drop`), so the kernel's pointer into
         // it stays valid for as long as the registration lasts.
@@ -110,7 +115,7 @@ impl BufRing {
                 self.ring.ptr.as_ptr() as u64,
                 self.entries,
                 self.bgid,
-                0,
+                flags,
             )
         }?;
         self.registered = true;

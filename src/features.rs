@@ -152,6 +152,27 @@ impl Features {
                 required: true,
                 fallback: "none",
             },
+            Feature {
+                name: "UDP_SEGMENT (GSO reply trains)",
+                since: "4.18",
+                present: probe_udp_option(libc::UDP_SEGMENT, false),
+                required: false,
+                fallback: "one SENDMSG per reply",
+            },
+            Feature {
+                name: "UDP_GRO (coalesced receives)",
+                since: "5.0",
+                present: probe_udp_option(libc::UDP_GRO, true),
+                required: false,
+                fallback: "one receive per datagram",
+            },
+            Feature {
+                name: "IOU_PBUF_RING_INC (probed, not used: truncates datagrams)",
+                since: "6.12",
+                present: buf_ring && probe_buf_ring_flags(IOU_PBUF_RING_INC),
+                required: false,
+                fallback: "whole 64 KiB buffers, resident only where written",
+            },
         ];
         Features {
             kernel_version: sys::kernel_version(&kernel_release),
@@ -220,18 +241,59 @@ impl Features {
     }
 }
 
+/// `IOU_PBUF_RING_INC` from include/uapi/linux/io_uring.h (not in the libc crate).
+const IOU_PBUF_RING_INC: u16 = 2;
+
 fn probe_buf_ring() -> bool {
+    probe_buf_ring_flags(0)
+}
+
+/// Whether a provided-buffer ring registers with `flags`.
+fn probe_buf_ring_flags(flags: u16) -> bool {
     let Ok(mut bufs) = BufRing::new(2, 64, 0) else {
         return false;
     };
     let Ok(ring) = Ring::new(8, 16) else {
         return false;
     };
-    if bufs.register(ring.uring()).is_err() {
+    if bufs.register_with_flags(ring.uring(), flags).is_err() {
         return false;
     }
     // SAFETY: no request was ever submitted on `ring`, so none selects from the group.
     unsafe { bufs.unregister(ring.uring()) }.is_ok()
+}
+
+/// Whether a UDP socket knows the `SOL_UDP` option `name`: set to 1 when `set`, else read.
+fn probe_udp_option(name: libc::c_int, set: bool) -> bool {
+    let Ok(socket) = UdpSocket::bind("127.0.0.1:0") else {
+        return false;
+    };
+    let mut value: libc::c_int = 1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let rc = if set {
+        // SAFETY: `value` is a live local of the length passed.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_UDP,
+                name,
+                (&value as *const libc::c_int).cast(),
+                len,
+            )
+        }
+    } else {
+        // SAFETY: `value` and `len` are live locals; the kernel writes at most `len` bytes.
+        unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_UDP,
+                name,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        }
+    };
+    rc == 0
 }
 
 /// Multishot recvmsg shares its opcode with plain recvmsg, so IORING_REGISTER_PROBE cannot

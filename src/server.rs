@@ -44,7 +44,7 @@ impl Server {
     /// Probes the kernel, binds every worker's socket, builds every ring and starts serving.
     /// `factory(i)` makes worker `i`'s handler on that worker's thread. Every set-up error
     /// (address in use, io_uring blocked, kernel too old) is returned before anything serves.
-    pub fn start<H, F>(config: ServerConfig, factory: F) -> io::Result<Server>
+    pub fn start<H, F>(mut config: ServerConfig, factory: F) -> io::Result<Server>
     where
         H: SessionHandler,
         F: Fn(usize) -> H + Send + Sync + 'static,
@@ -56,6 +56,9 @@ impl Server {
         features
             .check_required()
             .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e))?;
+        // The documented fallbacks of the optional socket features.
+        config.gso &= features.has("UDP_SEGMENT");
+        config.gro &= features.has("UDP_GRO");
         // Bind in this thread so errors surface here, and so port 0 is resolved by the first
         // socket and shared by the rest.
         let first = bind_worker_socket(
