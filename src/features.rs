@@ -153,6 +153,13 @@ impl Features {
                 fallback: "none",
             },
             Feature {
+                name: "IORING_REGISTER_RING_FDS (enter by registered index)",
+                since: "5.18",
+                present: ring.ring_fd_registered(),
+                required: false,
+                fallback: "enter by descriptor (one file lookup per enter)",
+            },
+            Feature {
                 name: "UDP_SEGMENT (GSO reply trains)",
                 since: "4.18",
                 present: probe_udp_option(libc::UDP_SEGMENT, false),

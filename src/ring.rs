@@ -4,6 +4,7 @@
 //! (a `msghdr`, a buffer) that the kernel will read or write until the operation completes.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use io_uring::{cqueue, squeue, types, IoUring};
@@ -42,6 +43,55 @@ pub struct Completion {
 pub struct Ring {
     uring: IoUring,
     mode: TaskRunMode,
+    /// The ring's own descriptor registered with `IORING_REGISTER_RING_FDS` (5.18): every enter
+    /// passes this index with `IORING_ENTER_REGISTERED_RING`, which skips the kernel's file
+    /// lookup (`fdget`/`fdput`) on each `io_uring_enter`. `None` where the kernel refused it.
+    registered_index: Option<u32>,
+}
+
+// From include/uapi/linux/io_uring.h; the libc crate does not carry them.
+const IORING_ENTER_GETEVENTS: u32 = 1 << 0;
+const IORING_ENTER_EXT_ARG: u32 = 1 << 3;
+const IORING_ENTER_REGISTERED_RING: u32 = 1 << 4;
+const IORING_REGISTER_RING_FDS: libc::c_uint = 20;
+
+/// `struct io_uring_rsrc_update`.
+#[repr(C)]
+struct RsrcUpdate {
+    offset: u32,
+    resv: u32,
+    data: u64,
+}
+
+/// `struct io_uring_getevents_arg` (with `IORING_ENTER_EXT_ARG`).
+#[repr(C)]
+struct GeteventsArg {
+    sigmask: u64,
+    sigmask_sz: u32,
+    min_wait_usec: u32,
+    ts: u64,
+}
+
+/// Registers `uring`'s descriptor for `IORING_ENTER_REGISTERED_RING`; its index, or `None`.
+fn register_ring_fd(uring: &IoUring) -> Option<u32> {
+    let mut update = RsrcUpdate {
+        // u32::MAX: let the kernel pick a free slot and write it back here.
+        offset: u32::MAX,
+        resv: 0,
+        data: uring.as_raw_fd() as u64,
+    };
+    // SAFETY: `update` is a live local holding one `io_uring_rsrc_update`, the count passed;
+    // the kernel reads it and writes the chosen index back into `offset` during the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            uring.as_raw_fd(),
+            IORING_REGISTER_RING_FDS,
+            &mut update as *mut RsrcUpdate,
+            1,
+        )
+    };
+    (rc == 1).then_some(update.offset)
 }
 
 /// Explains an io_uring set-up failure in terms of what the user can do about it.
@@ -78,7 +128,14 @@ impl Ring {
                 TaskRunMode::Plain => {}
             }
             match builder.build(sq_entries) {
-                Ok(uring) => return Ok(Ring { uring, mode }),
+                Ok(uring) => {
+                    let registered_index = register_ring_fd(&uring);
+                    return Ok(Ring {
+                        uring,
+                        mode,
+                        registered_index,
+                    });
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last_err = Some(e),
                 Err(e) => return Err(e),
             }
@@ -122,26 +179,77 @@ impl Ring {
 
     /// Submits what is queued and waits for at least `want` completions, or until `timeout`.
     /// Interrupted and timed-out waits return normally: the caller just drains what is there.
+    ///
+    /// One raw `io_uring_enter`, so that it can use the registered ring index (the crate's
+    /// `Submitter` forgets a registration between calls).
     pub fn submit_and_wait(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<()> {
-        let res = match timeout {
-            None => self.uring.submit_and_wait(want),
+        let (to_submit, cq_overflow, taskrun) = {
+            let sq = self.uring.submission();
+            (sq.len() as u32, sq.cq_overflow(), sq.taskrun())
+        };
+        let mut flags = 0;
+        // Deferred task work (the receives) runs only in an enter that asks for events.
+        if want > 0 || cq_overflow || taskrun {
+            flags |= IORING_ENTER_GETEVENTS;
+        }
+        let ts;
+        let arg;
+        let (arg_ptr, arg_len) = match timeout {
+            None => (std::ptr::null(), 0),
             Some(t) => {
-                let ts = types::Timespec::new()
+                ts = types::Timespec::new()
                     .sec(t.as_secs())
                     .nsec(t.subsec_nanos());
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.uring.submitter().submit_with_args(want, &args)
+                arg = GeteventsArg {
+                    sigmask: 0,
+                    sigmask_sz: 8, // _NSIG / 8; ignored without a mask
+                    min_wait_usec: 0,
+                    ts: &ts as *const types::Timespec as u64,
+                };
+                flags |= IORING_ENTER_EXT_ARG;
+                (
+                    &arg as *const GeteventsArg as *const libc::c_void,
+                    std::mem::size_of::<GeteventsArg>(),
+                )
             }
         };
-        match res {
-            Ok(_) => Ok(()),
-            Err(e) => match e.raw_os_error() {
-                Some(libc::EINTR) | Some(libc::ETIME) | Some(libc::EBUSY) | Some(libc::EAGAIN) => {
-                    Ok(())
-                }
-                _ => Err(e),
-            },
+        let fd = match self.registered_index {
+            Some(index) => {
+                flags |= IORING_ENTER_REGISTERED_RING;
+                index as libc::c_int
+            }
+            None => self.uring.as_raw_fd(),
+        };
+        // SAFETY: `fd` is this ring's descriptor or its registered index (flagged as such);
+        // `arg_ptr` is null or points at `arg`, a live local whose `ts` points at `ts`, also a
+        // live local, both read by the kernel only during the call; the entries submitted were
+        // pushed under `push`'s contract.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_enter,
+                fd,
+                to_submit,
+                want as u32,
+                flags,
+                arg_ptr,
+                arg_len,
+            )
+        };
+        if rc >= 0 {
+            return Ok(());
         }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) | Some(libc::ETIME) | Some(libc::EBUSY) | Some(libc::EAGAIN) => {
+                Ok(())
+            }
+            _ => Err(e),
+        }
+    }
+
+    /// Whether enters use the registered ring index.
+    pub fn ring_fd_registered(&self) -> bool {
+        self.registered_index.is_some()
     }
 
     /// Submits what is queued without waiting.
