@@ -389,9 +389,14 @@ fn garbage_of_every_size_is_counted_and_never_stops_the_server() {
             };
             let (reply, _) = round_trip(&client, to, &msg).expect("still serving");
             assert_eq!(reply.len(), 64, "{mode:?}/{app:?}");
-            let c = server.shutdown().expect("clean shutdown");
-            let truncated: u64 = c.iter().map(|c| c.truncated).sum();
-            assert!(truncated >= 41, "{mode:?}/{app:?}");
+            let c = sum(&server.shutdown().expect("clean shutdown"));
+            // 41 datagrams were over 1,500 bytes: each is counted truncated unless the
+            // kernel dropped it first.
+            assert!(
+                c.truncated <= 41 && c.truncated + c.kernel_drops >= 41,
+                "{mode:?}/{app:?}: {}",
+                c.summary()
+            );
         }
     }
 }

@@ -65,6 +65,11 @@ fn thousand_clients(mode: SessionMode) {
     // receive buffer (at least net.core.rmem_default, 208 KiB), so none can be dropped and
     // every count below is exact. A lost datagram would be a bug, and fails the test.
     const GROUP: usize = 100;
+    assert!(
+        server.recv_buffer() >= 200 << 10,
+        "the receive buffer ({} bytes) must hold {GROUP} datagrams",
+        server.recv_buffer()
+    );
     for round in 1..=3u64 {
         for first in (0..clients.len()).step_by(GROUP) {
             let group = first..(first + GROUP).min(clients.len());
@@ -301,7 +306,14 @@ fn answered(server: &Server, ip: &str, n: usize) -> usize {
         "the server took {n} datagrams: {}",
         server.total_counters().summary()
     );
-    let opened = (server.total_counters().sessions_opened - before.sessions_opened) as usize;
+    let now = server.total_counters();
+    assert_eq!(
+        now.kernel_drops,
+        before.kernel_drops,
+        "{n} datagrams should fit the receive buffer ({} bytes)",
+        server.recv_buffer()
+    );
+    let opened = (now.sessions_opened - before.sessions_opened) as usize;
     let mut got = collect_replies(&clients, opened, WAIT);
     // Refused clients get nothing: a fixed wait, because it checks that nothing happens.
     let late = collect_replies(&clients, 1, Duration::from_millis(100));
