@@ -10,7 +10,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn have(tool: &str) -> bool {
     Command::new("sh")
@@ -57,19 +57,14 @@ fn loss_in_namespaces_is_retransmitted_and_sessions_close() {
         .expect("run scripts/faults.sh");
     // Bounded: the script normally takes ~15 s; its EXIT trap removes the namespaces even
     // when it is stopped with SIGTERM.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if child.try_wait().expect("wait for faults.sh").is_some() {
-            break;
+    let finished = common::wait_until(Duration::from_secs(90), || {
+        child.try_wait().expect("wait for faults.sh").is_some()
+    });
+    if !finished {
+        // SAFETY: kill with a valid signal on our own child's PID.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
         }
-        if Instant::now() >= deadline {
-            // SAFETY: kill with a valid signal on our own child's PID.
-            unsafe {
-                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-            }
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
     let out = child.wait_with_output().expect("faults.sh output");
     let stdout = String::from_utf8_lossy(&out.stdout);
