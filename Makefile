@@ -12,9 +12,19 @@ build:
 run: build
 	./target/release/udpring serve --bind $(BIND) $(ARGS)
 
+# Unit tests, loopback integration tests, examples, benches built as tests, doc tests:
+# under 2 minutes, no root needed.
 test:
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
+
+# The tests marked #[ignore = "stress: make stress"]: long, root-only or heavy (nftables loss
+# injection in network namespaces, a 10,000-peer flood, a 3,000-source spoofed flood,
+# descriptor exhaustion). Release build, so the load is real. Those that need root or
+# nftables skip locally with a reason and fail under CI=true.
+.PHONY: stress
+stress:
+	$(CARGO) test --release --tests -- --ignored
 
 # The last two keep the library free of the command line: it builds without warnings on its
 # own, and none of the CLI's crates is in its dependency tree.

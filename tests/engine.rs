@@ -86,31 +86,47 @@ fn two_hundred_clients_each_get_exactly_their_own_replies() {
             c.send_to(msg.as_bytes(), to).expect("send");
         }
     }
-    let mut buf = [0u8; 256];
-    for (id, c) in clients.iter().enumerate() {
-        let mut got = Vec::new();
-        while got.len() < PER_CLIENT as usize {
-            let (n, from) = recv_retrying(c, &mut buf)
-                .unwrap_or_else(|e| panic!("client {id} missing replies after {got:?}: {e}"));
-            assert_eq!(from, to);
-            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-        got.sort();
-        let want: Vec<String> = (0..PER_CLIENT)
-            .map(|r| format!("client {id} msg {r}"))
+    // 1,000 datagrams in flight at once: the server's receive queue may overflow (its buffer
+    // is 4 MiB only with CAP_NET_ADMIN), so each one must be handled or counted as a kernel
+    // drop, and every handled one answered.
+    let sent = 200 * u64::from(PER_CLIENT);
+    assert!(
+        wait_until(WAIT, || {
+            let c = server.total_counters();
+            arrived(&c) == sent && c.tx_datagrams == c.rx_datagrams
+        }),
+        "sent {sent}, not all handled or dropped and answered: {}",
+        server.total_counters().summary()
+    );
+    let handled = server.total_counters().rx_datagrams;
+    let replies = collect_replies(&clients, handled as usize, WAIT);
+    let mut received = 0;
+    for (id, got) in replies.iter().enumerate() {
+        let mut texts: Vec<String> = got
+            .iter()
+            .map(|(bytes, from)| {
+                assert_eq!(*from, to, "client {id}: reply from the server's address");
+                String::from_utf8_lossy(bytes).into_owned()
+            })
             .collect();
-        assert_eq!(got, want, "client {id}");
-        // Nothing extra.
-        c.set_read_timeout(Some(Duration::from_millis(5)))
-            .expect("timeout");
-        assert!(
-            recv_retrying(c, &mut buf).is_err(),
-            "client {id} got a stray reply"
-        );
+        let n = texts.len();
+        texts.sort();
+        texts.dedup();
+        assert_eq!(texts.len(), n, "client {id} got a reply twice: {got:?}");
+        for t in &texts {
+            assert!(
+                t.starts_with(&format!("client {id} msg ")),
+                "client {id} got another client's reply {t:?}"
+            );
+        }
+        received += n as u64;
     }
-    let total = server.shutdown().expect("shutdown");
-    let rx: u64 = total.iter().map(|c| c.rx_datagrams).sum();
-    assert_eq!(rx, 200 * u64::from(PER_CLIENT));
+    assert_eq!(received, handled, "every handled datagram answered once");
+    // Nothing extra arrives later: a fixed wait, because it checks that nothing happens.
+    let extra = collect_replies(&clients, 1, Duration::from_millis(50));
+    assert!(extra.iter().all(Vec::is_empty), "stray replies: {extra:?}");
+    let total = sum(&server.shutdown().expect("shutdown"));
+    assert_eq!(total.rx_datagrams + total.kernel_drops, sent);
 }
 
 #[test]
@@ -127,13 +143,15 @@ fn busy_polling_serves_the_same() {
     );
     let to = server.local_addr();
     let clients: Vec<UdpSocket> = (0..50).map(|_| client_for(to)).collect();
+    // At most 50 small datagrams are in flight (each round waits for its replies), a small
+    // fraction of any receive buffer: none can be dropped, so the count is exact.
     for round in 0..20u8 {
         for c in &clients {
             c.send_to(&[round; 32], to).expect("send");
         }
         let mut buf = [0u8; 64];
         for c in &clients {
-            let (n, _) = recv_retrying(c, &mut buf).expect("reply");
+            let (n, _) = recv_within(c, &mut buf, WAIT).expect("reply");
             assert_eq!(&buf[..n], &[round; 32]);
         }
     }
@@ -148,13 +166,10 @@ fn many_source_ports_reach_every_worker() {
     }
     let server = start(config("127.0.0.1:0", 2), |_| Echo);
     let to = server.local_addr();
-    let clients: Vec<UdpSocket> = (0..256).map(|_| client_for(to)).collect();
-    for c in &clients {
-        c.send_to(b"hi", to).expect("send");
-    }
-    let mut buf = [0u8; 16];
-    for c in &clients {
-        recv_retrying(c, &mut buf).expect("reply");
+    // One request in flight at a time, so none can be dropped: every source port counts.
+    for i in 0..256 {
+        let client = client_for(to);
+        round_trip(&client, to, b"hi").unwrap_or_else(|| panic!("client {i}: no reply"));
     }
     let per_worker: Vec<u64> = server
         .shutdown()
@@ -200,9 +215,11 @@ fn buffer_ring_exhaustion_is_counted_and_service_resumes() {
             s.send_to(&[0u8; 32], to).expect("send");
         }
     }
+    // The burst overruns the socket's receive queue as well: what the kernel dropped is
+    // counted in kernel_drops.
     assert!(
-        eventually(|| server.total_counters().rx_datagrams == 2000),
-        "every datagram of the burst is eventually handled: {}",
+        wait_until(WAIT, || arrived(&server.total_counters()) == 2000),
+        "every datagram of the burst is handled or counted as a kernel drop: {}",
         server.total_counters().summary()
     );
     let c = server.total_counters();
@@ -238,14 +255,16 @@ fn oversized_datagrams_are_counted_as_truncated_and_not_echoed() {
     );
     let to = server.local_addr();
     let client = client_for(to);
-    client
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("timeout");
-    assert!(
-        round_trip(&client, to, &[7u8; 101]).is_none(),
+    // No echo within 200 ms: these check that something does not happen.
+    let quiet = Duration::from_millis(200);
+    assert_eq!(
+        no_reply_within(&client, to, &[7u8; 101], quiet),
+        None,
         "101 bytes must not be echoed"
     );
-    assert!(round_trip(&client, to, &[7u8; 5000]).is_none());
+    assert_eq!(no_reply_within(&client, to, &[7u8; 5000], quiet), None);
+    // One worker handles its datagrams in order: once this one is answered, the two before
+    // it have been counted, so the counts below are exact.
     let (reply, _) = round_trip(&client, to, &[9u8; 100]).expect("100 bytes fit");
     assert_eq!(reply.len(), 100);
     let c = server.shutdown().expect("shutdown");
@@ -273,19 +292,36 @@ fn full_send_pool_applies_backpressure_without_dropping() {
             c.send_to(&[round; 64], to).expect("send");
         }
     }
-    let mut buf = [0u8; 128];
-    for (i, c) in clients.iter().enumerate() {
-        for _ in 0..20 {
-            recv_retrying(c, &mut buf).unwrap_or_else(|e| panic!("client {i} lost a reply: {e}"));
-        }
+    // While the pool is full the worker takes no datagrams, so the socket's receive queue
+    // may overflow: the kernel's drops are counted, and every datagram the worker took must
+    // be answered (backpressure, not a dropped reply).
+    let sent = 800;
+    assert!(
+        wait_until(WAIT, || {
+            let c = server.total_counters();
+            arrived(&c) == sent && c.tx_datagrams == c.rx_datagrams
+        }),
+        "sent {sent}: {}",
+        server.total_counters().summary()
+    );
+    let handled = server.total_counters().rx_datagrams;
+    let replies = collect_replies(&clients, handled as usize, WAIT);
+    for (i, got) in replies.iter().enumerate() {
+        assert!(got.len() <= 20, "client {i}: {} replies to 20", got.len());
+        assert!(got
+            .iter()
+            .all(|(r, _)| r.len() == 64 && r.iter().all(|&b| b == r[0])));
     }
+    let received: usize = replies.iter().map(Vec::len).sum();
+    assert_eq!(received as u64, handled, "every handled datagram answered");
     let c = server.shutdown().expect("shutdown");
-    assert_eq!(c[0].rx_datagrams, 800);
-    assert_eq!(c[0].tx_datagrams, 800);
+    assert_eq!(c[0].rx_datagrams + c[0].kernel_drops, sent);
+    assert_eq!(c[0].tx_datagrams, c[0].rx_datagrams);
     assert_eq!(c[0].send_dropped, 0);
     assert!(
         c[0].backpressure > 0,
-        "two slots cannot absorb 800 replies: {}",
+        "two slots cannot absorb {} replies: {}",
+        c[0].rx_datagrams,
         c[0].summary()
     );
 }
@@ -298,9 +334,6 @@ fn sockperf_handler_answers_pong_requests_and_counts_bad_input() {
     let server = start(config("127.0.0.1:0", 1), |_| Sockperf);
     let to = server.local_addr();
     let client = client_for(to);
-    client
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("timeout");
     let mut msg = vec![0u8; 64];
     udpring::sockperf::Header {
         sequence: 42,
@@ -312,12 +345,20 @@ fn sockperf_handler_answers_pong_requests_and_counts_bad_input() {
     let h = udpring::sockperf::Header::parse(&reply).expect("header");
     assert_eq!((h.sequence, h.flags, h.length), (42, 2, 64));
     assert_eq!(reply.len(), 64);
+    // No reply within 200 ms to what follows: these check that something does not happen.
+    let quiet = Duration::from_millis(200);
     // No PONG_REQUEST flag: counted as received, no reply.
     msg[9] = 1;
-    assert!(round_trip(&client, to, &msg).is_none());
+    assert_eq!(no_reply_within(&client, to, &msg, quiet), None);
     // Too short for a header: bad input, no reply, no panic.
-    assert!(round_trip(&client, to, b"short").is_none());
-    assert!(round_trip(&client, to, b"").is_none());
+    assert_eq!(no_reply_within(&client, to, b"short", quiet), None);
+    assert_eq!(no_reply_within(&client, to, b"", quiet), None);
+    // Nothing answers the last three, so wait for the counters to show them handled.
+    assert!(
+        wait_until(WAIT, || server.total_counters().rx_datagrams == 4),
+        "{}",
+        server.total_counters().summary()
+    );
     let c = server.shutdown().expect("shutdown");
     assert_eq!(c[0].bad_input, 2);
     assert_eq!(c[0].rx_datagrams, 4);
@@ -416,7 +457,7 @@ fn gso_trains_arrive_as_separate_datagrams_in_order() {
                 format!("{req}-3"),
                 "end".to_string(),
             ] {
-                let (n, _) = recv_retrying(&client, &mut buf).expect("reply");
+                let (n, _) = recv_within(&client, &mut buf, WAIT).expect("reply");
                 assert_eq!(&buf[..n], want.as_bytes(), "gso={gso}");
             }
         }
@@ -443,6 +484,7 @@ fn starting_a_server_does_not_interrupt_the_caller() {
     idle.set_read_timeout(Some(Duration::from_millis(150)))
         .expect("timeout");
     let mut buf = [0u8; 8];
+    // Nothing is ever sent to `idle`: each call must end by its 150 ms timeout, not by EINTR.
     for _ in 0..3 {
         let err = idle.recv_from(&mut buf).expect_err("nothing to receive");
         assert_ne!(

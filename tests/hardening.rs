@@ -76,23 +76,36 @@ fn forged_expired_replayed_and_tiny_requests_are_counted() {
     let to = server.local_addr();
     let a = client_for(to);
     let b = client_for(to);
-    b.set_read_timeout(Some(Duration::from_millis(150)))
-        .expect("timeout");
+    // The three requests from B get no answer within 150 ms: these check that something
+    // does not happen. (One worker handles datagrams in order, so once A's next request is
+    // answered they have all been counted.)
+    let quiet = Duration::from_millis(150);
     let cookie = get_cookie(&a, to);
     // B presents A's cookie: bound to A's address, so forged for B. No answer at all.
-    assert!(round_trip(&b, to, &with_cookie(&cookie, b"steal")).is_none());
+    assert_eq!(
+        no_reply_within(&b, to, &with_cookie(&cookie, b"steal"), quiet),
+        None
+    );
     // Flipped bits.
     let mut bad = cookie;
     bad[20] ^= 0x40;
-    assert!(round_trip(&b, to, &with_cookie(&bad, b"forge")).is_none());
+    assert_eq!(
+        no_reply_within(&b, to, &with_cookie(&bad, b"forge"), quiet),
+        None
+    );
     // Too short to earn a 32-byte Retry under the 3x limit: silence.
-    assert!(round_trip(&b, to, b"hi").is_none());
+    assert_eq!(no_reply_within(&b, to, b"hi", quiet), None);
     // A uses its cookie: session. After it closes (idle), the same cookie is a replay: Retry.
     round_trip(&a, to, &with_cookie(&cookie, b"first")).expect("echo");
-    assert!(eventually(|| server.total_counters().closed_idle == 1));
+    assert!(
+        wait_until(WAIT, || server.total_counters().closed_idle == 1),
+        "{}",
+        server.total_counters().summary()
+    );
     let (retry, _) = round_trip(&a, to, &with_cookie(&cookie, b"replay")).expect("Retry");
     assert!(parse_retry(&retry).is_some(), "a replay gets a fresh Retry");
-    // Expired: two rotations later the first cookie cannot be checked any more.
+    // Expired: two rotations later the first cookie cannot be checked any more. A fixed
+    // wait, because time passing is the condition: rotations follow the clock.
     std::thread::sleep(Duration::from_millis(2100));
     let (retry, _) = round_trip(&a, to, &with_cookie(&cookie, b"stale")).expect("Retry");
     assert!(parse_retry(&retry).is_some());
@@ -104,7 +117,9 @@ fn forged_expired_replayed_and_tiny_requests_are_counted() {
     assert_eq!(c[0].sessions_opened, 1);
 }
 
+/// Stress (3,000 sockets, one after another): `make stress`.
 #[test]
+#[ignore = "stress: make stress"]
 fn spoofed_source_flood_costs_no_state_with_validation() {
     if !kernel_supports_udpring() {
         return;
@@ -112,13 +127,23 @@ fn spoofed_source_flood_costs_no_state_with_validation() {
     let server = start(validating(SessionMode::Connected), |_| Echo);
     let to = server.local_addr();
     // 3,000 distinct source addresses, each sending one datagram and never answering.
-    for i in 0..3000u32 {
+    const SOURCES: u64 = 3000;
+    for i in 0..SOURCES {
         let ip = format!("127.3.{}.{}", i / 250, i % 250 + 1);
         let s = UdpSocket::bind(format!("{ip}:0")).expect("bind");
         s.send_to(b"spoofed first datagram", to).expect("send");
     }
-    assert!(eventually(|| server.total_counters().retries_sent == 3000));
+    // The kernel may drop part of the burst; every datagram the worker took gets a Retry.
+    assert!(
+        wait_until(WAIT, || {
+            let c = server.total_counters();
+            arrived(&c) == SOURCES && c.retries_sent == c.rx_datagrams
+        }),
+        "{}",
+        server.total_counters().summary()
+    );
     let c = server.total_counters();
+    assert!(c.retries_sent > 0, "{}", c.summary());
     assert_eq!(c.sessions_opened, 0, "{}", c.summary());
     assert_eq!(c.sessions_open, 0);
     server.shutdown().expect("shutdown");
@@ -165,7 +190,7 @@ fn unvalidated_peers_never_get_more_than_three_times_what_they_sent() {
         .send_to(&with_cookie(&cookie, &[1u8; 100]), to)
         .expect("send");
     let mut buf = [0u8; 2000];
-    let (n, _) = recv_retrying(&client, &mut buf).expect("big reply");
+    let (n, _) = recv_within(&client, &mut buf, WAIT).expect("big reply");
     assert_eq!(n, 1000);
     let c = server.shutdown().expect("shutdown");
     assert_eq!(c[0].amplification_limited, 0);
@@ -196,8 +221,9 @@ fn p99(samples: &mut [Duration]) -> Duration {
 
 /// A flood of 10,000 new source addresses within about a second, beside eight established
 /// clients measuring round trips: limits hold, nothing crashes, established clients keep
-/// being served. Prints their p99 without and during the flood.
+/// being served. Prints their p99 without and during the flood. Stress: `make stress`.
 #[test]
+#[ignore = "stress: make stress"]
 fn new_peer_flood_beside_established_clients() {
     if !kernel_supports_udpring() {
         return;
@@ -224,7 +250,8 @@ fn new_peer_flood_beside_established_clients() {
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                     let during = flooding.load(Ordering::Relaxed);
                     let t = Instant::now();
-                    match round_trip(&sock, to, b"established") {
+                    // A reply later than 500 ms counts as lost (what a client would resend).
+                    match round_trip_within(&sock, to, b"established", Duration::from_millis(500)) {
                         Some(_) if during => loud.push(t.elapsed()),
                         Some(_) => quiet.push(t.elapsed()),
                         None => lost += 1,
@@ -235,6 +262,8 @@ fn new_peer_flood_beside_established_clients() {
             })
         })
         .collect();
+    // Fixed phases, not counts: 700 ms of round trips without the flood, then the flood
+    // and 300 ms after it.
     std::thread::sleep(Duration::from_millis(700));
     flooding.store(true, Ordering::Relaxed);
     let flood_started = Instant::now();
@@ -335,12 +364,11 @@ fn garbage_of_every_size_is_counted_and_never_stops_the_server() {
             let big = vec![0x5Au8; 65_507];
             senders[0].send_to(&big, to).expect("send");
             sent += 1;
-            let accounted = || {
-                let c = server.total_counters();
-                c.rx_datagrams + c.truncated + c.malformed
-            };
+            // Each datagram is handled, counted as truncated or malformed, or dropped by the
+            // kernel. Drops are counted on the listening socket; a per-client socket gets
+            // about 20 datagrams of at most 65,507 bytes here, well under its receive buffer.
             assert!(
-                eventually(|| accounted() == sent),
+                wait_until(WAIT, || arrived(&server.total_counters()) == sent),
                 "{mode:?}/{app:?}: every datagram counted once: sent {sent}, {}",
                 server.total_counters().summary()
             );
@@ -361,9 +389,14 @@ fn garbage_of_every_size_is_counted_and_never_stops_the_server() {
             };
             let (reply, _) = round_trip(&client, to, &msg).expect("still serving");
             assert_eq!(reply.len(), 64, "{mode:?}/{app:?}");
-            let c = server.shutdown().expect("clean shutdown");
-            let truncated: u64 = c.iter().map(|c| c.truncated).sum();
-            assert!(truncated >= 41, "{mode:?}/{app:?}");
+            let c = sum(&server.shutdown().expect("clean shutdown"));
+            // 41 datagrams were over 1,500 bytes: each is counted truncated unless the
+            // kernel dropped it first.
+            assert!(
+                c.truncated <= 41 && c.truncated + c.kernel_drops >= 41,
+                "{mode:?}/{app:?}: {}",
+                c.summary()
+            );
         }
     }
 }

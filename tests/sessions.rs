@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use parking_lot::Mutex;
 use udpring::{
-    Datagram, DeferredError, Reply, ServerConfig, SessionHandle, SessionHandler, SessionInfo,
-    SessionMode,
+    Datagram, DeferredError, Reply, Server, ServerConfig, SessionHandle, SessionHandler,
+    SessionInfo, SessionMode,
 };
 
 /// Replies `"<payload>#<n>"`, n = this session's datagram count: a reply can only be right
@@ -45,14 +45,6 @@ impl SessionHandler for Counting {
     }
 }
 
-fn session_config(mode: SessionMode, workers: usize) -> ServerConfig {
-    ServerConfig {
-        sessions: mode,
-        buffers: 4096,
-        ..config("127.0.0.1:0", workers)
-    }
-}
-
 /// 1,000 clients, three rounds each; in port-per-client mode each client switches to the
 /// address its first reply came from.
 fn thousand_clients(mode: SessionMode) {
@@ -68,36 +60,53 @@ fn thousand_clients(mode: SessionMode) {
     let clients: Vec<UdpSocket> = (0..1000).map(|_| client_for(main)).collect();
     let mut targets = vec![main; clients.len()];
     let mut buf = [0u8; 128];
+    // Clients take turns in groups of 100, each group waiting for its replies: at most 100
+    // small datagrams (about 100 KiB of kernel memory) are in flight, under any socket's
+    // receive buffer (at least net.core.rmem_default, 208 KiB), so none can be dropped and
+    // every count below is exact. A lost datagram would be a bug, and fails the test.
+    const GROUP: usize = 100;
+    assert!(
+        server.recv_buffer() >= 200 << 10,
+        "the receive buffer ({} bytes) must hold {GROUP} datagrams",
+        server.recv_buffer()
+    );
     for round in 1..=3u64 {
-        for (i, c) in clients.iter().enumerate() {
-            c.send_to(format!("c{i}").as_bytes(), targets[i])
-                .expect("send");
-        }
-        for (i, c) in clients.iter().enumerate() {
-            let (n, from) = recv_retrying(c, &mut buf)
-                .unwrap_or_else(|e| panic!("{mode:?}: client {i} round {round}: {e}"));
-            assert_eq!(
-                std::str::from_utf8(&buf[..n]).expect("utf8"),
-                format!("c{i}#{round}"),
-                "{mode:?}: client {i}"
-            );
-            match mode {
-                SessionMode::PortPerClient => {
-                    assert_ne!(from.port(), main.port(), "reply must come from a new port");
-                    if round > 1 {
-                        assert_eq!(from, targets[i], "the session keeps its port");
+        for first in (0..clients.len()).step_by(GROUP) {
+            let group = first..(first + GROUP).min(clients.len());
+            for i in group.clone() {
+                clients[i]
+                    .send_to(format!("c{i}").as_bytes(), targets[i])
+                    .expect("send");
+            }
+            for i in group {
+                let (n, from) = recv_within(&clients[i], &mut buf, WAIT).unwrap_or_else(|e| {
+                    panic!(
+                        "{mode:?}: client {i} round {round}: {e}; {}",
+                        server.total_counters().summary()
+                    )
+                });
+                assert_eq!(
+                    std::str::from_utf8(&buf[..n]).expect("utf8"),
+                    format!("c{i}#{round}"),
+                    "{mode:?}: client {i}"
+                );
+                match mode {
+                    SessionMode::PortPerClient => {
+                        assert_ne!(from.port(), main.port(), "reply must come from a new port");
+                        if round > 1 {
+                            assert_eq!(from, targets[i], "the session keeps its port");
+                        }
+                        targets[i] = from;
                     }
-                    targets[i] = from;
+                    _ => assert_eq!(from, main, "{mode:?}: reply from the listening address"),
                 }
-                _ => assert_eq!(from, main, "{mode:?}: reply from the listening address"),
             }
         }
     }
-    let c = server.shutdown().expect("shutdown");
-    let opened: u64 = c.iter().map(|c| c.sessions_opened).sum();
-    let closed: u64 = c.iter().map(|c| c.closed_shutdown).sum();
-    assert_eq!(opened, 1000, "{mode:?}");
-    assert_eq!(closed, 1000, "{mode:?}");
+    let c = sum(&server.shutdown().expect("shutdown"));
+    assert_eq!(c.kernel_drops, 0, "{mode:?}: {}", c.summary());
+    assert_eq!(c.sessions_opened, 1000, "{mode:?}");
+    assert_eq!(c.closed_shutdown, 1000, "{mode:?}");
     assert_eq!(mismatched.load(Ordering::Relaxed), 0);
 }
 
@@ -171,13 +180,15 @@ fn connect_race_loses_nothing_and_misroutes_nothing() {
         .map(|b| b.join().expect("blaster"))
         .collect();
     let sent = CLIENTS as u64 * u64::from(EACH);
-    let _ = eventually(|| server.total_counters().rx_datagrams >= sent);
-    std::thread::sleep(Duration::from_millis(100));
-    let counters = server.shutdown().expect("shutdown");
-    let mut total = udpring::Stats::default();
-    for c in &counters {
-        total.add(c);
-    }
+    // The listening socket's queue may overflow under the blast: every datagram must be
+    // handled or counted as a kernel drop. (A per-client socket receives at most 25 of its
+    // peer's datagrams, far under its receive buffer, so drops happen only on the listener.)
+    assert!(
+        wait_until(WAIT, || arrived(&server.total_counters()) == sent),
+        "sent {sent}: {}",
+        server.total_counters().summary()
+    );
+    let total = sum(&server.shutdown().expect("shutdown"));
     let seen = seen.lock();
     let handled: usize = seen.values().map(|v| v.len()).sum();
     assert_eq!(mismatched.load(Ordering::Relaxed), 0, "misrouted datagrams");
@@ -197,15 +208,19 @@ fn connect_race_loses_nothing_and_misroutes_nothing() {
         "every datagram received is handled exactly once: {}",
         total.summary()
     );
-    assert!(
-        handled as u64 * 100 >= sent * 99,
-        "loopback should deliver nearly all {sent}: handled {handled}, {}",
+    assert_eq!(total.rx_datagrams + total.kernel_drops, sent);
+    assert_eq!(
+        total.sessions_opened,
+        seen.len() as u64,
+        "one session per peer that was heard: {}",
         total.summary()
     );
-    assert_eq!(total.sessions_opened, CLIENTS as u64, "{}", total.summary());
     eprintln!(
-        "connect race: sent {sent}, handled {handled}, strays {}, forwarded {}",
-        total.strays, total.forwarded
+        "connect race: sent {sent}, handled {handled}, kernel drops {}, peers {}, strays {}, forwarded {}",
+        total.kernel_drops,
+        seen.len(),
+        total.strays,
+        total.forwarded
     );
 }
 
@@ -253,13 +268,13 @@ fn deferred_reply_arrives_and_a_closed_session_refuses_cleanly() {
         let sent_at = Instant::now();
         client.send_to(b"ask", to).expect("send");
         let mut buf = [0u8; 16];
-        let (n, _) = recv_retrying(&client, &mut buf).expect("deferred reply");
+        let (n, _) = recv_within(&client, &mut buf, WAIT).expect("deferred reply");
         assert_eq!(&buf[..n], b"later", "{mode:?}");
         assert!(sent_at.elapsed() >= Duration::from_millis(100));
         // After the idle timeout the session is closed: the handle says so.
         let handle = handles.lock()[0].clone();
         assert!(
-            eventually(|| handle.is_closed()),
+            wait_until(WAIT, || handle.is_closed()),
             "{mode:?}: session closes"
         );
         assert_eq!(handle.send(b"too late"), Err(DeferredError::SessionClosed));
@@ -271,25 +286,48 @@ fn deferred_reply_arrives_and_a_closed_session_refuses_cleanly() {
     }
 }
 
-/// Sends one datagram from each of `n` new clients bound to `ip` and counts the replies.
-fn answered(to: SocketAddr, ip: &str, n: usize) -> usize {
+/// Sends one datagram from each of `n` new clients bound to `ip` and returns how many got
+/// an answer. At most 40 small datagrams are in flight, far under the receive buffer, so
+/// none is dropped: it waits until the server has taken all `n`, then for one reply per
+/// session opened, then checks that no refused client gets one.
+fn answered(server: &Server, ip: &str, n: usize) -> usize {
+    let before = server.total_counters();
     let clients: Vec<UdpSocket> = (0..n)
-        .map(|_| {
-            let s = UdpSocket::bind(format!("{ip}:0")).expect("bind");
-            s.set_nonblocking(true).expect("nonblocking");
-            s
-        })
+        .map(|_| UdpSocket::bind(format!("{ip}:0")).expect("bind"))
         .collect();
+    let to = server.local_addr();
     for c in &clients {
         c.send_to(b"x", to).expect("send");
     }
-    // One bounded wait for everyone, then count who got an answer.
-    std::thread::sleep(Duration::from_millis(300));
-    let mut buf = [0u8; 16];
-    clients
-        .iter()
-        .filter(|c| c.recv_from(&mut buf).is_ok())
-        .count()
+    assert!(
+        wait_until(WAIT, || arrived(&server.total_counters())
+            - arrived(&before)
+            == n as u64),
+        "the server took {n} datagrams: {}",
+        server.total_counters().summary()
+    );
+    let now = server.total_counters();
+    assert_eq!(
+        now.kernel_drops,
+        before.kernel_drops,
+        "{n} datagrams should fit the receive buffer ({} bytes)",
+        server.recv_buffer()
+    );
+    let opened = (now.sessions_opened - before.sessions_opened) as usize;
+    let mut got = collect_replies(&clients, opened, WAIT);
+    // Refused clients get nothing: a fixed wait, because it checks that nothing happens.
+    let late = collect_replies(&clients, 1, Duration::from_millis(100));
+    for (g, l) in got.iter_mut().zip(late) {
+        g.extend(l);
+    }
+    for (i, g) in got.iter().enumerate() {
+        assert!(
+            g.len() <= 1,
+            "client {i} got {} replies to one datagram",
+            g.len()
+        );
+    }
+    got.iter().filter(|g| !g.is_empty()).count()
 }
 
 #[test]
@@ -306,7 +344,7 @@ fn admission_limits_are_enforced_and_counted() {
         },
         move |_| echo(),
     );
-    assert_eq!(answered(server.local_addr(), "127.0.0.1", 12), 5);
+    assert_eq!(answered(&server, "127.0.0.1", 12), 5);
     let c = server.shutdown().expect("shutdown");
     assert_eq!(c[0].refused_worker_full, 7);
     // Total across workers.
@@ -317,7 +355,7 @@ fn admission_limits_are_enforced_and_counted() {
         },
         move |_| echo(),
     );
-    assert_eq!(answered(server.local_addr(), "127.0.0.1", 15), 6);
+    assert_eq!(answered(&server, "127.0.0.1", 15), 6);
     let total: u64 = server
         .shutdown()
         .expect("shutdown")
@@ -333,8 +371,8 @@ fn admission_limits_are_enforced_and_counted() {
         },
         move |_| echo(),
     );
-    assert_eq!(answered(server.local_addr(), "127.0.0.2", 8), 3);
-    assert_eq!(answered(server.local_addr(), "127.0.0.3", 2), 2);
+    assert_eq!(answered(&server, "127.0.0.2", 8), 3);
+    assert_eq!(answered(&server, "127.0.0.3", 2), 2);
     let c = server.shutdown().expect("shutdown");
     assert_eq!(c[0].refused_source, 5);
     // New sessions per second.
@@ -345,7 +383,7 @@ fn admission_limits_are_enforced_and_counted() {
         },
         move |_| echo(),
     );
-    let got = answered(server.local_addr(), "127.0.0.1", 40);
+    let got = answered(&server, "127.0.0.1", 40);
     assert!((10..=12).contains(&got), "about one second's burst: {got}");
     let c = server.shutdown().expect("shutdown");
     assert_eq!(c[0].refused_rate as usize, 40 - got);
@@ -357,7 +395,7 @@ fn admission_limits_are_enforced_and_counted() {
         },
         move |_| echo(),
     );
-    assert_eq!(answered(server.local_addr(), "127.0.0.1", 30), 30);
+    assert_eq!(answered(&server, "127.0.0.1", 30), 30);
     let c = server.shutdown().expect("shutdown");
     assert_eq!(c[0].connected_cap, 20);
     assert_eq!(c[0].sessions_opened, 30);
@@ -395,10 +433,8 @@ fn handler_can_close_its_session() {
     );
     // A new session starts from zero. Like any UDP client, retransmit: a datagram that
     // reaches the old socket in the instant it closes is lost (kernel-notes/sessions.md).
-    client
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("timeout");
-    let third = (0..3).find_map(|_| round_trip(&client, to, b"hello"));
+    let third =
+        (0..3).find_map(|_| round_trip_within(&client, to, b"hello", Duration::from_millis(500)));
     if third.is_none() {
         let c = server.total_counters();
         panic!("no reply after close: {}", c.summary());

@@ -1,26 +1,43 @@
-//! Helpers shared by the integration tests: servers on port 0, clients with bounded waits,
-//! and the feature gate that skips locally but fails under CI.
+//! Helpers shared by the integration tests: servers on port 0, clients whose every wait has a
+//! deadline, polling for a condition instead of sleeping, datagram accounting that includes
+//! the kernel's drops, and the gate that skips locally but fails under CI.
 #![allow(dead_code)]
 
+use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use udpring::{Features, Server, ServerConfig, SessionHandler};
+use udpring::{Features, Server, ServerConfig, SessionHandler, SessionMode, Stats};
 
-/// Every wait in the tests is bounded by this.
+/// Every wait for something that must happen is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(5);
+
+/// How often a condition is polled.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Whether the tests run in CI (`CI=true`), where every prerequisite must be present.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// The project rule for tests that need something the machine may lack (a kernel feature,
+/// root, a tool): skip locally with one line saying why, fail under `CI=true`.
+#[track_caller]
+pub fn skip_or_fail(reason: &str) {
+    if in_ci() {
+        panic!("CI=true and a prerequisite is missing: {reason}");
+    }
+    eprintln!("skipped: {reason}");
+}
 
 /// Returns `false` (after printing why) when a test must be skipped because the kernel lacks
 /// what udpring needs. Under `CI=true` it panics instead: the CI kernel has every feature.
+#[track_caller]
 pub fn kernel_supports_udpring() -> bool {
-    let features = Features::probe();
-    match features.check_required() {
+    match Features::probe().check_required() {
         Ok(()) => true,
         Err(reason) => {
-            if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
-                panic!("CI=true and a required kernel feature is missing: {reason}");
-            }
-            eprintln!("skipped: {reason}");
+            skip_or_fail(&reason.to_string());
             false
         }
     }
@@ -35,6 +52,15 @@ pub fn config(bind: &str, workers: usize) -> ServerConfig {
     }
 }
 
+/// A session-mode config on 127.0.0.1:0, with buffers for a thousand peers at once.
+pub fn session_config(mode: SessionMode, workers: usize) -> ServerConfig {
+    ServerConfig {
+        sessions: mode,
+        buffers: 4096,
+        ..config("127.0.0.1:0", workers)
+    }
+}
+
 pub fn start<H: SessionHandler>(
     config: ServerConfig,
     factory: impl Fn(usize) -> H + Send + Sync + 'static,
@@ -42,8 +68,8 @@ pub fn start<H: SessionHandler>(
     Server::start(config, factory).expect("server starts")
 }
 
-/// A client socket of the server's family on loopback, with a read timeout and a big
-/// receive buffer.
+/// A client socket of the server's family on loopback with a big receive buffer (so that
+/// replies cannot be dropped on the client's side). Waits on it go through [`recv_within`].
 pub fn client_for(server: SocketAddr) -> UdpSocket {
     let bind = if server.is_ipv4() {
         "127.0.0.1:0"
@@ -51,10 +77,7 @@ pub fn client_for(server: SocketAddr) -> UdpSocket {
         "[::1]:0"
     };
     let sock = UdpSocket::bind(bind).expect("client binds");
-    sock.set_read_timeout(Some(Duration::from_millis(500)))
-        .expect("timeout set");
-    let s2 = socket2::SockRef::from(&sock);
-    let _ = s2.set_recv_buffer_size(4 << 20);
+    let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(4 << 20);
     sock
 }
 
@@ -71,38 +94,134 @@ pub fn target(addr: SocketAddr) -> SocketAddr {
     t
 }
 
-/// Sends `payload` and waits (bounded) for one reply.
-pub fn round_trip(
+/// Receives one datagram, waiting at most `limit`. A signal interrupting the wait (a socket
+/// with a read timeout returns EINTR instead of restarting) does not end it early.
+pub fn recv_within(
     sock: &UdpSocket,
-    to: SocketAddr,
-    payload: &[u8],
-) -> Option<(Vec<u8>, SocketAddr)> {
-    sock.send_to(payload, to).expect("send");
-    let mut buf = vec![0u8; 70_000];
-    recv_retrying(sock, &mut buf)
-        .ok()
-        .map(|(n, from)| (buf[..n].to_vec(), from))
-}
-
-/// `recv_from` that retries when a signal interrupts it (a socket with a read timeout
-/// returns EINTR instead of restarting).
-pub fn recv_retrying(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    buf: &mut [u8],
+    limit: Duration,
+) -> std::io::Result<(usize, SocketAddr)> {
+    let deadline = Instant::now() + limit;
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        sock.set_read_timeout(Some(left))?;
         match sock.recv_from(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(ErrorKind::TimedOut.into())
+            }
             other => return other,
         }
     }
 }
 
-/// Polls `cond` until it holds or `WAIT` passes.
-pub fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
+/// Sends `payload` and waits up to `limit` for one reply.
+pub fn round_trip_within(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    payload: &[u8],
+    limit: Duration,
+) -> Option<(Vec<u8>, SocketAddr)> {
+    sock.send_to(payload, to).expect("send");
+    let mut buf = vec![0u8; 70_000];
+    recv_within(sock, &mut buf, limit)
+        .ok()
+        .map(|(n, from)| (buf[..n].to_vec(), from))
+}
+
+/// Sends `payload` and waits up to [`WAIT`] for one reply.
+pub fn round_trip(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    payload: &[u8],
+) -> Option<(Vec<u8>, SocketAddr)> {
+    round_trip_within(sock, to, payload, WAIT)
+}
+
+/// Sends `payload` and checks that NO reply arrives within `quiet`. The fixed wait is the
+/// point: this checks that something does not happen. Returns the unexpected reply, if any.
+pub fn no_reply_within(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    payload: &[u8],
+    quiet: Duration,
+) -> Option<Vec<u8>> {
+    round_trip_within(sock, to, payload, quiet).map(|(reply, _)| reply)
+}
+
+/// Polls `cond` until it holds or `limit` passes; returns whether it held. Callers assert on
+/// the result with a message that shows the state at the deadline.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
         if cond() {
             return true;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(POLL);
     }
-    cond()
+}
+
+/// Datagrams that reached the server's listening sockets, whatever became of them: handed to
+/// the handler, dropped as truncated or malformed, or dropped by the kernel because the
+/// receive queue was full (`SO_MEMINFO` drops). Under load the kernel may drop, so tests
+/// compare this, not `rx_datagrams`, with what they sent.
+pub fn arrived(c: &Stats) -> u64 {
+    c.rx_datagrams + c.truncated + c.malformed + c.kernel_drops
+}
+
+/// The field-by-field sum of per-worker counters.
+pub fn sum(per_worker: &[Stats]) -> Stats {
+    let mut total = Stats::default();
+    for c in per_worker {
+        total.add(c);
+    }
+    total
+}
+
+/// Receives on every client (without blocking on any one of them) until `expected`
+/// datagrams have arrived in all, or `limit` passes. Returns what each client got, in order.
+pub fn collect_replies(
+    clients: &[UdpSocket],
+    expected: usize,
+    limit: Duration,
+) -> Vec<Vec<(Vec<u8>, SocketAddr)>> {
+    let mut got: Vec<Vec<(Vec<u8>, SocketAddr)>> = vec![Vec::new(); clients.len()];
+    let mut total = 0;
+    let mut buf = vec![0u8; 70_000];
+    for c in clients {
+        c.set_nonblocking(true).expect("nonblocking");
+    }
+    wait_until(limit, || {
+        for (i, c) in clients.iter().enumerate() {
+            loop {
+                match c.recv_from(&mut buf) {
+                    Ok((n, from)) => {
+                        got[i].push((buf[..n].to_vec(), from));
+                        total += 1;
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("client {i}: recv: {e}"),
+                }
+            }
+        }
+        total >= expected
+    });
+    for c in clients {
+        c.set_nonblocking(false).expect("blocking");
+    }
+    got
+}
+
+/// Descriptors open in this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
