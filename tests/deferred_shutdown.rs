@@ -50,7 +50,10 @@ fn deferred_replies_posted_during_shutdown_are_sent_or_refused() {
         let to = server.local_addr();
         let client = client_for(to);
         client.send_to(b"open", to).expect("send");
-        assert!(eventually(|| !handles.lock().is_empty()), "session opened");
+        assert!(
+            wait_until(WAIT, || !handles.lock().is_empty()),
+            "session opened"
+        );
         let handle = handles.lock()[0].clone();
         let stop = Arc::new(AtomicBool::new(false));
         let posters: Vec<_> = (0..3)
@@ -71,7 +74,7 @@ fn deferred_replies_posted_during_shutdown_are_sent_or_refused() {
             })
             .collect();
         // Let some replies through before shutting down in the middle of the stream.
-        assert!(eventually(|| server.total_counters().deferred_sent > 100));
+        assert!(wait_until(WAIT, || server.total_counters().deferred_sent > 100));
         let stats = server.shutdown().expect("shutdown");
         stop.store(true, Ordering::Release);
         let (accepted, refused) = posters

@@ -70,7 +70,7 @@ fn receive(client: &UdpSocket, n: usize) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     let mut buf = vec![0u8; 70_000];
     while out.len() < n {
-        match recv_retrying(client, &mut buf) {
+        match recv_within(client, &mut buf, WAIT) {
             Ok((len, _)) => out.push(buf[..len].to_vec()),
             Err(e) => panic!("after {} of {n} replies: {e}", out.len()),
         }
@@ -205,7 +205,7 @@ fn datagrams_longer_than_max_datagram_inside_a_train_are_counted_truncated() {
     let ok = b"fits".to_vec();
     client.send_to(&ok, to).expect("send");
     assert_eq!(receive(&client, 1), vec![ok], "only the datagram that fits");
-    assert!(eventually(|| server.total_counters().truncated == 4));
+    assert!(wait_until(WAIT, || server.total_counters().truncated == 4));
     server.shutdown().expect("shutdown");
 }
 
@@ -254,7 +254,7 @@ fn a_kernel_that_refuses_gso_turns_it_off_counted_and_replies_keep_flowing() {
     let client = client_for(to);
     // The first train's replies are refused (counted as send errors)...
     send_train(&client, to, &train(100, 8, 100, 1));
-    assert!(eventually(|| server.total_counters().gso_refused == 1));
+    assert!(wait_until(WAIT, || server.total_counters().gso_refused == 1));
     // ... after which every reply goes out on its own.
     let datagrams = train(100, 8, 100, 2);
     send_train(&client, to, &datagrams);
