@@ -277,6 +277,8 @@ fn read_u32_ne(buf: &[u8], at: usize) -> u32 {
 /// enabled on the socket (Linux 5.0), `udp_cmsg_recv` adds a `SOL_UDP` / `UDP_GRO` message (an
 /// `int`) when the buffer holds several datagrams of that size, the last possibly shorter.
 /// `None` means the buffer is one datagram.
+// Only `udpring load --gso` uses it (through `internals`); the engine does not enable UDP_GRO.
+#[cfg_attr(not(feature = "internals"), allow(dead_code))]
 pub fn find_gro_segment_size(control: &[u8]) -> Option<u16> {
     cmsgs(control)
         .find(|&(level, kind, data)| {
