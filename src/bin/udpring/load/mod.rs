@@ -507,6 +507,31 @@ mod tests {
         assert!(r.retransmitted >= 200, "{r}");
     }
 
+    /// --gso: trains reach a plain socket as single datagrams (the kernel segments them);
+    /// with the first copy of every request dropped, the single resends still settle every
+    /// request exactly once.
+    #[test]
+    fn gso_trains_and_single_resends_settle_every_request() {
+        let mut seen = std::collections::HashSet::new();
+        let (target, stop, h) = echo_thread(move |req, from, _| {
+            let key = (req[..12].to_vec(), from);
+            seen.insert(key).then_some(()).map_or(Some(0), |()| None)
+        });
+        let args = LoadArgs {
+            requests: Some(300),
+            settle: true,
+            window: 21,
+            gso: Some(8),
+            ..test_args(target)
+        };
+        let r = run(&args).expect("load run");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        h.join().expect("echo thread");
+        assert_eq!((r.sent, r.answered), (300, 300), "{r}");
+        assert_eq!((r.given_up, r.outstanding), (0, 0), "{r}");
+        assert!(r.retransmitted >= 300, "{r}");
+    }
+
     /// --follow-reply-port: the server answers the first request of a client from its main
     /// port's sibling and expects everything after it there (like port-per-client).
     #[test]

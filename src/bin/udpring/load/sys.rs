@@ -477,3 +477,55 @@ impl Epoll {
         Ok(rc as usize)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    /// A window of 37 requests leaves as trains of 16, 16 and 5; on a socket with `UDP_GRO`
+    /// the kernel hands each train over whole (`udp_unexpected_gso` lets a GRO socket take
+    /// GSO packets as they are), and splitting the receives gives back every request in
+    /// order.
+    #[test]
+    fn trains_arrive_coalesced_and_split_back_into_the_requests() {
+        let size = 100;
+        let receiver =
+            open_client("127.0.0.1:9".parse().expect("literal"), false).expect("receiver socket");
+        enable_gro(&receiver).expect("UDP_GRO (Linux 5.0+)");
+        let to = receiver
+            .local_addr()
+            .expect("bound")
+            .as_socket()
+            .expect("an inet address");
+        let sender = open_client(to, true).expect("sender socket");
+        let mut io = Io::new(size, true);
+        for (i, request) in io.send_buf.chunks_mut(size).enumerate() {
+            request.fill(i as u8);
+        }
+        let sent = io
+            .send_trains(sender.as_raw_fd(), 37, 16, None)
+            .expect("the kernel takes UDP GSO trains");
+        assert_eq!(sent, 37);
+
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        let mut receives = 0;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while got.len() < 37 && Instant::now() < deadline {
+            let n = io
+                .recv_batch(receiver.as_raw_fd(), false)
+                .expect("recvmmsg");
+            receives += n;
+            for i in 0..n {
+                got.extend(io.datagrams(i).map(<[u8]>::to_vec));
+            }
+            if n == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let want: Vec<Vec<u8>> = (0..37u8).map(|i| vec![i; size]).collect();
+        assert_eq!(got, want);
+        assert!(receives <= 3, "{receives} receives for 3 trains");
+    }
+}
