@@ -1,6 +1,7 @@
 //! `udpring load --gso`: clients that send GSO trains and read replies with UDP_GRO, against a
-//! real `udpring serve`, count every request and reply exactly as without `--gso`; and the
-//! option's limits are refused with a clear message.
+//! real `udpring serve`, count every request and reply exactly as without `--gso`; the
+//! option's limits are refused with a clear message; a train the kernel refuses ends the run
+//! with one line instead of a silent fallback.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -182,4 +183,58 @@ fn gso_limits_are_refused_with_a_clear_message() {
         help.contains("--gso <N>") && help.contains("UDP_SEGMENT") && help.contains("UDP_GRO"),
         "{help}"
     );
+}
+
+/// Whether `tool` is on the PATH.
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// In a private network namespace whose loopback MTU is 1,000 bytes, 1,200-byte segments
+/// cannot leave (a GSO segment is never fragmented): the first train is refused and the run
+/// ends at once with one line naming UDP GSO and the MTU, not with 100% loss.
+#[test]
+fn a_refused_first_train_ends_the_run_with_one_line() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    // Root alone is not enough in some containers: try the namespace once.
+    let can_unshare = root
+        && have("ip")
+        && Command::new("unshare")
+            .args(["-n", "true"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if !can_unshare {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "CI=true but this test needs root, unshare -n and ip"
+        );
+        eprintln!("skipped: needs root, `unshare -n` and `ip` (a private network namespace)");
+        return;
+    }
+    let script = format!(
+        "ip link set lo up && ip link set lo mtu 1000 && exec {} load --target 127.0.0.1:9 \
+         --gso 4 --size 1200 --requests 100 --quiet",
+        env!("CARGO_BIN_EXE_udpring")
+    );
+    let started = Instant::now();
+    let out = Command::new("unshare")
+        .args(["-n", "sh", "-c", &script])
+        .output()
+        .expect("unshare runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("UDP GSO") && stderr.contains("MTU"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "no report after a refusal");
+    assert!(started.elapsed() < WAIT);
 }

@@ -60,10 +60,16 @@ pub(super) fn split_gro(buf: &[u8], segment_len: Option<u16>) -> impl Iterator<I
 }
 
 /// The one-line error when the first train is refused: EIO and EINVAL are how a kernel (or a
-/// route) without UDP GSO answers `UDP_SEGMENT` (`udp_send_skb`); anything else is returned
-/// as it is.
+/// route) without UDP GSO answers `UDP_SEGMENT` (`udp_send_skb`), and EMSGSIZE comes back
+/// when a segment does not fit the route's MTU (a GSO segment is never fragmented, where a
+/// plain datagram of that size would be); anything else is returned as it is.
 pub(super) fn refused(e: io::Error) -> io::Error {
     match e.raw_os_error() {
+        Some(libc::EMSGSIZE) => io::Error::other(format!(
+            "--gso: the kernel refused a UDP GSO train (UDP_SEGMENT): {e}; each segment \
+             (--size plus the IP and UDP headers) must fit the route's MTU, since GSO \
+             segments are not fragmented: lower --size or leave out --gso"
+        )),
         Some(libc::EIO) => io::Error::other(format!(
             "--gso: the kernel refused a UDP GSO train (UDP_SEGMENT): {e}; UDP GSO needs \
              Linux 4.18+ and a route whose device offloads UDP checksums"
@@ -78,7 +84,10 @@ pub(super) fn refused(e: io::Error) -> io::Error {
 
 /// Whether a failed send of the first train means the kernel refuses UDP GSO.
 pub(super) fn is_refusal(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO | libc::EINVAL | libc::EMSGSIZE)
+    )
 }
 
 /// The one-line error when `setsockopt(UDP_GRO)` fails.
@@ -193,6 +202,8 @@ mod tests {
             );
             assert!(!msg.contains('\n'));
         }
+        let mtu = refused(io::Error::from_raw_os_error(libc::EMSGSIZE)).to_string();
+        assert!(mtu.contains("MTU") && !mtu.contains('\n'), "{mtu}");
         let again = io::Error::from_raw_os_error(libc::EAGAIN);
         assert!(!is_refusal(&again));
         let msg = gro_unavailable(&io::Error::from_raw_os_error(libc::ENOPROTOOPT)).to_string();
