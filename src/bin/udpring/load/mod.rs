@@ -128,14 +128,18 @@ pub struct LoadArgs {
     #[arg(long)]
     pub follow_reply_port: bool,
 
-    /// Batch like QUIC stacks: each client sends its new requests as UDP GSO trains of up to
-    /// N requests (one sendmsg with a UDP_SEGMENT control message, segment size = --size; a
-    /// window that is not a multiple of N ends with a shorter train) and reads replies with
-    /// UDP_GRO on, so one receive may carry several. Counting is unchanged: a train is N
-    /// requests, each reply split out of a coalesced receive is one reply; resends go out
-    /// singly. N is 1..=64 and N x --size at most 65507 bytes. Needs Linux 5.0+ (UDP GSO
-    /// came in 4.18, UDP GRO in 5.0); a kernel that refuses either ends the run with an error,
-    /// never a silent fallback.
+    /// Batch as QUIC stacks do: send new requests as UDP GSO trains of up to N (1..=64) and
+    /// read replies with UDP_GRO [default: off].
+    ///
+    /// Each train is one sendmsg with a UDP_SEGMENT control message (segment size = --size)
+    /// carrying up to N requests back to back; a window that is not a multiple of N ends with
+    /// a shorter train, and with --rate a train carries the requests due at once. Replies
+    /// are read with UDP_GRO on, so one receive may carry several. Counting is unchanged: a
+    /// train is as many requests as it carries, each reply split out of a coalesced receive
+    /// is one reply; resends go out singly. N x --size must not exceed 65507 bytes, and each
+    /// segment must fit the route's MTU (GSO segments are not fragmented). Needs UDP GSO
+    /// (Linux 4.18) and UDP GRO (Linux 5.0): a kernel that refuses either ends the run with
+    /// an error, never a silent fallback.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub gso: Option<u32>,
 }
