@@ -17,8 +17,9 @@
 //! each time, and given up after `--retries` resends.
 //!
 //! With `--gso N` clients batch as QUIC stacks do: new requests leave as UDP GSO trains of up
-//! to N requests and replies are read with `UDP_GRO` on; a train still counts as N requests
-//! and each reply split out of a coalesced receive as one reply. Resends go out singly.
+//! to N requests and replies are read with `UDP_GRO` on; a train counts as the requests it
+//! carries and each reply split out of a coalesced receive as one reply. Resends go out
+//! singly.
 
 //!
 //! Layout: `wire` holds the request/reply formats and sequence matching, `retransmit` the
@@ -375,6 +376,10 @@ pub fn run(args: &LoadArgs) -> io::Result<LoadReport> {
         }
     }
 
+    // A refusal in the last loop turn (the run's only train, say) still ends the run.
+    if let Some(e) = g.fatal.take() {
+        return Err(e);
+    }
     let end = Instant::now();
     let cpu1 = cpu_times();
     let measured_end = g.last_answer.map_or(send_stop, |t| t.max(send_stop));
