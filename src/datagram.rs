@@ -288,6 +288,23 @@ fn read_u32_ne(buf: &[u8], at: usize) -> u32 {
     u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
 }
 
+/// Finds the segment size of a coalesced receive in its control messages: with `UDP_GRO`
+/// enabled on the socket (Linux 5.0), `udp_cmsg_recv` adds a `SOL_UDP` / `UDP_GRO` message (an
+/// `int`) when the buffer holds several datagrams of that size, the last possibly shorter.
+/// `None` means the buffer is one datagram.
+// Only `udpring load --gso` uses it (through `internals`); the engine does not enable UDP_GRO.
+#[cfg_attr(not(feature = "internals"), allow(dead_code))]
+pub fn find_gro_segment_size(control: &[u8]) -> Option<u16> {
+    cmsgs(control)
+        .find(|&(level, kind, data)| {
+            level == libc::SOL_UDP && kind == libc::UDP_GRO && data.len() >= 4
+        })
+        .and_then(|(_, _, data)| {
+            let size = i32::from_ne_bytes(data[..4].try_into().ok()?);
+            u16::try_from(size).ok().filter(|&s| s > 0)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,5 +483,28 @@ mod tests {
         let mut tiny = [0u8; 24];
         tiny[..8].copy_from_slice(&1usize.to_ne_bytes());
         assert_eq!(cmsgs(&tiny).count(), 0);
+    }
+
+    #[test]
+    fn gro_segment_size_is_found() {
+        let mut out = [0u8; CONTROL_LEN];
+        let used = encode_pktinfo("192.0.2.1".parse().unwrap(), &mut out);
+        let end = encode_cmsg(
+            &mut out,
+            used,
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            &1200i32.to_ne_bytes(),
+        )
+        .unwrap();
+        assert_eq!(find_gro_segment_size(&out[..end]), Some(1200));
+        assert_eq!(find_gro_segment_size(&out[..used]), None);
+        // UDP_SEGMENT is not UDP_GRO; a size that is no u16 or not positive is no segment.
+        let end = encode_udp_segment(&mut out, 0, 1200).unwrap();
+        assert_eq!(find_gro_segment_size(&out[..end]), None);
+        for bad in [0i32, -1, 70_000] {
+            let end = encode_cmsg(&mut out, 0, libc::SOL_UDP, libc::UDP_GRO, &bad.to_ne_bytes());
+            assert_eq!(find_gro_segment_size(&out[..end.unwrap()]), None, "{bad}");
+        }
     }
 }

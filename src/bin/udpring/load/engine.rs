@@ -1,12 +1,14 @@
 //! The generator's state for one run and what it does on each event: issue new requests,
 //! refill closed-loop windows, fire retransmission timers and drain replies.
 
+use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
 use socket2::Socket;
 
+use super::gso;
 use super::report::{print_progress, record, Interval, RequestTally};
 use super::retransmit::{capped_backoff, Timers};
 use super::sys::{send_to, Io, RawAddr, BATCH};
@@ -42,6 +44,12 @@ pub(super) struct Gen<'a> {
     /// `--target` in the kernel's format (resends under --follow-reply-port).
     pub(super) target_raw: RawAddr,
     pub(super) refill_flag: Vec<bool>,
+    /// `--gso`: requests per train.
+    pub(super) gso: Option<usize>,
+    /// `--gso`: the kernel has taken a train, so UDP GSO works on this route.
+    pub(super) gso_confirmed: bool,
+    /// An error that ends the run (the kernel refused the first GSO train).
+    pub(super) fatal: Option<io::Error>,
 }
 
 impl<'a> Gen<'a> {
@@ -52,14 +60,16 @@ impl<'a> Gen<'a> {
         }
     }
 
-    /// Issues `origins.len()` new requests on client `ci` (batched `sendmmsg`).
+    /// Issues `origins.len()` new requests on client `ci` (batched `sendmmsg`; with `--gso`,
+    /// of trains: each chunk holds whole trains, so only the last train of a window is short).
     pub(super) fn issue(&mut self, ci: u32, origins: &[Instant]) {
         let size = self.args.size;
         let proto = self.args.proto;
         let counted = self.counting;
         let now = Instant::now();
         let first_timeout = self.args.timeout;
-        for chunk in origins.chunks(BATCH) {
+        let chunk_len = self.gso.map_or(BATCH, |per| gso::chunk_len(per, BATCH));
+        for chunk in origins.chunks(chunk_len) {
             let client = &mut self.clients[ci as usize];
             for (i, &origin) in chunk.iter().enumerate() {
                 let seq = client.out.push(origin, counted);
@@ -78,10 +88,27 @@ impl<'a> Gen<'a> {
                 self.issued_counted += n;
             }
             let fd = client.sock.as_raw_fd();
-            let took = self
-                .io
-                .send_batch(fd, chunk.len(), client.dest.as_ref())
-                .unwrap_or_default();
+            let dest = client.dest.as_ref();
+            let took = match self.gso {
+                None => self
+                    .io
+                    .send_batch(fd, chunk.len(), dest)
+                    .unwrap_or_default(),
+                Some(per) => match self.io.send_trains(fd, chunk.len(), per, dest) {
+                    Ok(took) => {
+                        self.gso_confirmed |= took > 0;
+                        took
+                    }
+                    // Probe once, on the first train: a kernel or route without UDP GSO
+                    // refuses every train, so falling back silently would measure other
+                    // traffic than asked for.
+                    Err(e) if !self.gso_confirmed && gso::is_refusal(&e) => {
+                        self.fatal.get_or_insert(gso::refused(e));
+                        0
+                    }
+                    Err(_) => 0,
+                },
+            };
             // Requests the kernel refused stay pending; the retransmit timer resends them.
             if counted {
                 self.c.send_errors += (chunk.len() - took) as u64;
@@ -183,13 +210,14 @@ impl<'a> Gen<'a> {
                 break;
             }
             let now = Instant::now();
-            for i in 0..n {
+            // With --gso one receive may hold several replies (UDP_GRO); each is one reply.
+            for (i, datagram) in (0..n).flat_map(|i| self.io.datagrams(i).map(move |d| (i, d))) {
                 // An unconnected socket hears from anyone: only the target's address counts.
                 let from = if follow { self.io.source(i) } else { None };
                 let seq = if follow && from.map(|a| a.ip()) != Some(self.args.target.ip()) {
                     None
                 } else {
-                    decode_reply(self.args.proto, self.io.received(i), ci)
+                    decode_reply(self.args.proto, datagram, ci)
                 };
                 let client = &mut self.clients[ci as usize];
                 let settled = seq.and_then(|s| client.out.settle(s));

@@ -50,6 +50,8 @@ pub struct LoadReport {
     pub size: usize,
     /// Open-loop rate, or `None` for closed loop.
     pub rate: Option<f64>,
+    /// `--gso`: requests per GSO train, or `None` when each request is its own send.
+    pub gso: Option<u32>,
     /// Measured interval (after warm-up, until the last answer or the end of sending).
     pub elapsed_s: f64,
     pub sent: u64,
@@ -91,13 +93,16 @@ impl LoadReport {
     pub fn to_json(&self) -> String {
         let l = &self.latency;
         let rate = self.rate.map_or_else(|| "null".to_string(), fmt_f);
+        let gso = self
+            .gso
+            .map_or_else(|| "null".to_string(), |n| n.to_string());
         let mut s = String::with_capacity(768);
         // Writing into a String cannot fail.
         let _ =
             write!(
             s,
             "{{\"target\":\"{}\",\"proto\":\"{}\",\"mode\":\"{}\",\"clients\":{},\"window\":{},\
-             \"size\":{},\"rate\":{},\"elapsed_s\":{},\"sent\":{},\"answered\":{},\
+             \"size\":{},\"rate\":{},\"gso\":{},\"elapsed_s\":{},\"sent\":{},\"answered\":{},\
              \"retransmitted\":{},\"given_up\":{},\"outstanding\":{},\"stray\":{},\
              \"send_errors\":{},\"recv_errors\":{},\"loss_pct\":{},\"throughput\":{},\
              \"p50_us\":{},\"p90_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\
@@ -110,6 +115,7 @@ impl LoadReport {
             self.window,
             self.size,
             rate,
+            gso,
             fmt_f(self.elapsed_s),
             self.sent,
             self.answered,
@@ -147,10 +153,14 @@ fn fmt_f(v: f64) -> String {
 
 impl std::fmt::Display for LoadReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mode = match self.rate {
+        let mut mode = match self.rate {
             Some(r) => format!("open loop {r:.0} req/s"),
             None => format!("closed loop, window {}", self.window),
         };
+        if let Some(n) = self.gso {
+            // Writing into a String cannot fail.
+            let _ = write!(mode, ", GSO trains of {n}");
+        }
         let l = &self.latency;
         writeln!(
             f,
@@ -269,6 +279,7 @@ mod tests {
             window: 4,
             size: 64,
             rate: None,
+            gso: Some(16),
             elapsed_s: 1.0,
             sent: 10,
             answered: 7,
@@ -290,6 +301,8 @@ mod tests {
         assert!(j.starts_with('{') && j.ends_with('}'));
         assert!(j.contains("\"answered\":7"));
         assert!(j.contains("\"rate\":null"));
+        assert!(j.contains("\"gso\":16"));
+        assert!(r.to_string().contains("GSO trains of 16"));
         assert!(j.contains("\"invariant_ok\":true"));
     }
 }

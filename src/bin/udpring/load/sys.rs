@@ -1,6 +1,7 @@
 //! The load generator's system calls: client sockets, socket addresses in the kernel's format,
-//! batched `sendmmsg` / `recvmmsg`, single resends, the epoll set and process CPU time. All of
-//! the load generator's `unsafe` code lives here.
+//! batched `sendmmsg` / `recvmmsg` (with `--gso`, of GSO trains and coalesced receives),
+//! single resends, the epoll set and process CPU time. All of the load generator's `unsafe`
+//! code lives here.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -8,7 +9,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use udpring::datagram::{decode_sockaddr, encode_sockaddr, SOCKADDR_IN6_LEN};
+use udpring::datagram::{
+    decode_sockaddr, encode_sockaddr, encode_udp_segment, find_gro_segment_size, CONTROL_LEN,
+    SOCKADDR_IN6_LEN,
+};
+
+use super::gso::{split_gro, train_lens, GRO_RECV_LEN};
 
 /// Messages per `recvmmsg` / `sendmmsg` call.
 pub(super) const BATCH: usize = 64;
@@ -117,6 +123,32 @@ pub(super) fn open_client(target: SocketAddr, connect: bool) -> io::Result<Socke
     Ok(sock)
 }
 
+/// Turns on `UDP_GRO` (Linux 5.0): the kernel may then hand several datagrams of one size
+/// from the same sender to one receive, with their size in a control message (udp(7)).
+pub(super) fn enable_gro(sock: &Socket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `sock` is an open socket; the option value is a valid c_int whose size is given,
+    // and the kernel only reads it during the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Room for one message's control data, aligned as `struct cmsghdr` must be (cmsg(3)).
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Control([u8; CONTROL_LEN]);
+
 fn errno_is(e: &io::Error, codes: &[i32]) -> bool {
     e.raw_os_error().is_some_and(|c| codes.contains(&c))
 }
@@ -128,22 +160,39 @@ pub(super) struct Io {
     pub(super) send_buf: Vec<u8>,
     recv_buf: Vec<u8>,
     recv_len: usize,
+    /// `--gso`: receives may be coalesced (`UDP_GRO`), so each has room for a whole GRO
+    /// buffer and for the control message that gives its segment size.
+    gro: bool,
     iov: Vec<libc::iovec>,
     msgs: Vec<libc::mmsghdr>,
+    /// Control data per message: the `UDP_SEGMENT` of each train sent, the `UDP_GRO` of each
+    /// receive. A call's pointers are rebuilt before it, so sends and receives share them.
+    controls: Vec<Control>,
+    /// Requests in each train of the last `send_trains`.
+    train_lens: [usize; BATCH],
     /// Source addresses of received datagrams (--follow-reply-port), as the kernel writes
     /// them: a UDP socket's peer is a `sockaddr_in` or `sockaddr_in6`, so this is room enough.
     names: Vec<[u8; SOCKADDR_IN6_LEN]>,
 }
 
 impl Io {
-    pub(super) fn new(size: usize) -> Self {
-        let recv_len = (size + 64).max(2048);
+    /// Buffers for `size`-byte requests; with `gro`, each receive has room for a coalesced
+    /// buffer (64 KiB each, touched only as far as the kernel writes).
+    pub(super) fn new(size: usize, gro: bool) -> Self {
+        let recv_len = if gro {
+            GRO_RECV_LEN
+        } else {
+            (size + 64).max(2048)
+        };
         Io {
             size,
             // Padding byte pattern; headers are written over it per request.
             send_buf: vec![0xA5; size * BATCH],
             recv_buf: vec![0; recv_len * BATCH],
             recv_len,
+            gro,
+            controls: vec![Control([0; CONTROL_LEN]); BATCH],
+            train_lens: [0; BATCH],
             // SAFETY: all-zero iovec/mmsghdr (null pointers, zero lengths) are valid values.
             iov: vec![unsafe { std::mem::zeroed() }; BATCH],
             // SAFETY: as above.
@@ -184,35 +233,59 @@ impl Io {
             &mut self.send_buf,
             self.size,
         );
-        if let Some(d) = dest {
-            for m in &mut self.msgs[..n] {
-                // The kernel only reads msg_name on send; `d` outlives the call.
-                m.msg_hdr.msg_name = d.as_ptr().cast_mut().cast();
-                m.msg_hdr.msg_namelen = d.len;
-            }
+        set_dest(&mut self.msgs[..n], dest);
+        // SAFETY: msgs[..n] were just pointed at `send_buf` (whole requests, inside it), with
+        // no control data, and at `dest` or no name; both outlive the call.
+        unsafe { sendmmsg_all(fd, &mut self.msgs[..n]) }
+    }
+
+    /// Sends the first `n` (<= BATCH) encoded requests of `send_buf` on `fd` as UDP GSO
+    /// trains of `per_train` requests (the last one shorter when `n` is not a multiple): one
+    /// message per train, its `UDP_SEGMENT` control message giving the request size, so the
+    /// kernel cuts it into exactly the requests laid out in it. Returns how many requests the
+    /// kernel took; the first error is returned only if nothing was sent.
+    pub(super) fn send_trains(
+        &mut self,
+        fd: RawFd,
+        n: usize,
+        per_train: usize,
+        dest: Option<&RawAddr>,
+    ) -> io::Result<usize> {
+        let n = n.min(BATCH);
+        let segment_len = u16::try_from(self.size)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "request too large"))?;
+        let mut trains = 0;
+        let mut start_bytes = 0;
+        for (t, len) in train_lens(n, per_train).enumerate() {
+            let bytes = len * self.size;
+            let v = &mut self.iov[t];
+            v.iov_base = self.send_buf[start_bytes..start_bytes + bytes]
+                .as_mut_ptr()
+                .cast();
+            v.iov_len = bytes;
+            start_bytes += bytes;
+            let control = &mut self.controls[t].0;
+            // CONTROL_LEN has room for one UDP_SEGMENT message (24 bytes) by construction.
+            let control_len = encode_udp_segment(control, 0, segment_len).unwrap_or(0);
+            let m = &mut self.msgs[t];
+            m.msg_hdr.msg_name = std::ptr::null_mut();
+            m.msg_hdr.msg_namelen = 0;
+            m.msg_hdr.msg_iov = v;
+            m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_control = control.as_mut_ptr().cast();
+            m.msg_hdr.msg_controllen = control_len;
+            m.msg_hdr.msg_flags = 0;
+            m.msg_len = 0;
+            self.train_lens[t] = len;
+            trains = t + 1;
         }
-        let mut done = 0;
-        while done < n {
-            let left = u32::try_from(n - done).unwrap_or(u32::MAX);
-            // SAFETY: msgs[done..n] are initialised mmsghdrs whose iovecs point into
-            // `send_buf`, which outlives the call; msg_name is null (connected socket) or
-            // points at `dest`, which outlives the call.
-            let rc = unsafe {
-                libc::sendmmsg(fd, self.msgs[done..].as_mut_ptr(), left, libc::MSG_DONTWAIT)
-            };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return if done > 0 { Ok(done) } else { Err(e) };
-            }
-            if rc == 0 {
-                break;
-            }
-            done += rc as usize;
-        }
-        Ok(done)
+        set_dest(&mut self.msgs[..trains], dest);
+        // SAFETY: msgs[..trains] were just pointed at `send_buf` (whole requests, inside it),
+        // at their aligned control buffers in `controls` (each holding one complete
+        // UDP_SEGMENT message of the length given) and at `dest` or no name; all outlive the
+        // call.
+        let sent = unsafe { sendmmsg_all(fd, &mut self.msgs[..trains]) }?;
+        Ok(self.train_lens[..sent].iter().sum())
     }
 
     /// One `recvmmsg` of up to BATCH datagrams; returns how many arrived (0 on EAGAIN).
@@ -230,11 +303,18 @@ impl Io {
                 m.msg_hdr.msg_namelen = SOCKADDR_IN6_LEN as libc::socklen_t;
             }
         }
+        if self.gro {
+            for (m, control) in self.msgs.iter_mut().zip(self.controls.iter_mut()) {
+                m.msg_hdr.msg_control = control.0.as_mut_ptr().cast();
+                m.msg_hdr.msg_controllen = CONTROL_LEN;
+            }
+        }
         loop {
             // SAFETY: msgs[..BATCH] are initialised mmsghdrs whose iovecs point into
-            // `recv_buf` (BATCH chunks of recv_len bytes) and whose msg_name is null or
-            // points into `names` (room for a sockaddr_in6 each, the namelen given); both
-            // outlive the call.
+            // `recv_buf` (BATCH chunks of recv_len bytes), whose msg_name is null or points
+            // into `names` (room for a sockaddr_in6 each, the namelen given) and whose
+            // msg_control is null or points at an aligned `controls` entry of CONTROL_LEN
+            // bytes; all outlive the call.
             let rc = unsafe {
                 libc::recvmmsg(
                     fd,
@@ -264,11 +344,60 @@ impl Io {
         decode_sockaddr(self.names[i].get(..len)?).ok()
     }
 
-    /// Payload of received datagram `i` of the last `recv_batch`.
-    pub(super) fn received(&self, i: usize) -> &[u8] {
+    /// The datagrams in receive `i` of the last `recv_batch`: one, or with `UDP_GRO` as many
+    /// as the kernel coalesced into it.
+    pub(super) fn datagrams(&self, i: usize) -> impl Iterator<Item = &[u8]> {
         let len = (self.msgs[i].msg_len as usize).min(self.recv_len);
-        &self.recv_buf[i * self.recv_len..i * self.recv_len + len]
+        let buf = &self.recv_buf[i * self.recv_len..i * self.recv_len + len];
+        let segment_len = if self.gro {
+            // The kernel sets msg_controllen to what it wrote.
+            let control_len = self.msgs[i].msg_hdr.msg_controllen.min(CONTROL_LEN);
+            find_gro_segment_size(&self.controls[i].0[..control_len])
+        } else {
+            None
+        };
+        split_gro(buf, segment_len)
     }
+}
+
+/// Points every message at `dest`, or at no name (the connected socket's peer) for `None`.
+fn set_dest(msgs: &mut [libc::mmsghdr], dest: Option<&RawAddr>) {
+    if let Some(d) = dest {
+        for m in msgs {
+            // The kernel only reads msg_name on send; `d` outlives the call.
+            m.msg_hdr.msg_name = d.as_ptr().cast_mut().cast();
+            m.msg_hdr.msg_namelen = d.len;
+        }
+    }
+}
+
+/// `sendmmsg` until every message is sent or the kernel refuses one; returns how many were
+/// sent, the first error only if none was.
+///
+/// # Safety
+/// Every message's `msg_iov`, `msg_name` and `msg_control` must point at memory that is valid
+/// for the lengths given and outlives the call.
+unsafe fn sendmmsg_all(fd: RawFd, msgs: &mut [libc::mmsghdr]) -> io::Result<usize> {
+    let n = msgs.len();
+    let mut done = 0;
+    while done < n {
+        let left = u32::try_from(n - done).unwrap_or(u32::MAX);
+        // SAFETY: msgs[done..] are `left` initialised mmsghdrs whose pointers the caller
+        // guarantees valid for the call.
+        let rc = unsafe { libc::sendmmsg(fd, msgs[done..].as_mut_ptr(), left, libc::MSG_DONTWAIT) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return if done > 0 { Ok(done) } else { Err(e) };
+        }
+        if rc == 0 {
+            break;
+        }
+        done += rc as usize;
+    }
+    Ok(done)
 }
 
 /// Level-triggered epoll set with microsecond timeouts (epoll_pwait2, falling back to
@@ -346,5 +475,57 @@ impl Epoll {
             return Err(e);
         }
         Ok(rc as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    /// A window of 37 requests leaves as trains of 16, 16 and 5; on a socket with `UDP_GRO`
+    /// the kernel hands each train over whole (`udp_unexpected_gso` lets a GRO socket take
+    /// GSO packets as they are), and splitting the receives gives back every request in
+    /// order.
+    #[test]
+    fn trains_arrive_coalesced_and_split_back_into_the_requests() {
+        let size = 100;
+        let receiver =
+            open_client("127.0.0.1:9".parse().expect("literal"), false).expect("receiver socket");
+        enable_gro(&receiver).expect("UDP_GRO (Linux 5.0+)");
+        let to = receiver
+            .local_addr()
+            .expect("bound")
+            .as_socket()
+            .expect("an inet address");
+        let sender = open_client(to, true).expect("sender socket");
+        let mut io = Io::new(size, true);
+        for (i, request) in io.send_buf.chunks_mut(size).enumerate() {
+            request.fill(i as u8);
+        }
+        let sent = io
+            .send_trains(sender.as_raw_fd(), 37, 16, None)
+            .expect("the kernel takes UDP GSO trains");
+        assert_eq!(sent, 37);
+
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        let mut receives = 0;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while got.len() < 37 && Instant::now() < deadline {
+            let n = io
+                .recv_batch(receiver.as_raw_fd(), false)
+                .expect("recvmmsg");
+            receives += n;
+            for i in 0..n {
+                got.extend(io.datagrams(i).map(<[u8]>::to_vec));
+            }
+            if n == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let want: Vec<Vec<u8>> = (0..37u8).map(|i| vec![i; size]).collect();
+        assert_eq!(got, want);
+        assert!(receives <= 3, "{receives} receives for 3 trains");
     }
 }
