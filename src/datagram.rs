@@ -288,23 +288,6 @@ fn read_u32_ne(buf: &[u8], at: usize) -> u32 {
     u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
 }
 
-/// Finds the segment size of a coalesced receive in its control messages: with `UDP_GRO`
-/// enabled on the socket (Linux 5.0), `udp_cmsg_recv` adds a `SOL_UDP` / `UDP_GRO` message (an
-/// `int`) when the buffer holds several datagrams of that size, the last possibly shorter.
-/// `None` means the buffer is one datagram.
-// Only `udpring load --gso` uses it (through `internals`); the engine does not enable UDP_GRO.
-#[cfg_attr(not(feature = "internals"), allow(dead_code))]
-pub fn find_gro_segment_size(control: &[u8]) -> Option<u16> {
-    cmsgs(control)
-        .find(|&(level, kind, data)| {
-            level == libc::SOL_UDP && kind == libc::UDP_GRO && data.len() >= 4
-        })
-        .and_then(|(_, _, data)| {
-            let size = i32::from_ne_bytes(data[..4].try_into().ok()?);
-            u16::try_from(size).ok().filter(|&s| s > 0)
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
