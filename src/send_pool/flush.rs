@@ -141,6 +141,7 @@ impl SendPool {
         };
         let data = self.data.as_ptr();
         let capacity = self.slot_capacity;
+        let fixed_file = self.fixed_file;
         let mut iovs = [(std::ptr::null_mut::<u8>(), 0usize); MAX_GSO_SEGMENTS];
         let mut index = head;
         let mut n = 0;
@@ -171,9 +172,13 @@ impl SendPool {
         } else {
             h.control.as_mut_ptr().cast()
         };
-        let entry = opcode::SendMsg::new(types::Fd(fd), &h.msg)
-            .build()
-            .user_data(UserData::new(OpKind::Send, generation, head).encode());
+        let entry = match fixed_file {
+            Some((fixed, slot)) if fixed == fd => {
+                opcode::SendMsg::new(types::Fixed(slot), &h.msg).build()
+            }
+            _ => opcode::SendMsg::new(types::Fd(fd), &h.msg).build(),
+        }
+        .user_data(UserData::new(OpKind::Send, generation, head).encode());
         self.meta[head as usize].segments = train.count;
         let mut index = head;
         while index != NO_SLOT {

@@ -148,6 +148,9 @@ pub struct SendPool {
     in_flight: usize,
     socket_is_v6: bool,
     gso: bool,
+    /// A descriptor registered in the ring's file table, and its slot: sends from it name the
+    /// slot (`IOSQE_FIXED_FILE`) instead of the descriptor.
+    fixed_file: Option<(RawFd, u32)>,
     /// Scratch space of `flush`, kept to avoid allocating per turn.
     trains: Vec<flush::Train>,
     open_trains: flush::OpenTrains,
@@ -206,6 +209,7 @@ impl SendPool {
             in_flight: 0,
             socket_is_v6,
             gso,
+            fixed_file: None,
             trains: Vec::with_capacity(count),
             open_trains: flush::OpenTrains::default(),
         };
@@ -241,6 +245,11 @@ impl SendPool {
     /// Whether GSO trains are in use.
     pub fn gso(&self) -> bool {
         self.gso
+    }
+
+    /// Sends from `fd` name registered file slot `slot` from now on.
+    pub fn use_fixed_file(&mut self, fd: RawFd, slot: u32) {
+        self.fixed_file = Some((fd, slot));
     }
 
     /// Stops building GSO trains (after the kernel refused one).

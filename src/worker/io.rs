@@ -24,6 +24,9 @@ use crate::session::SessionId;
 /// the ids do not collide).
 pub(super) const BUF_GROUP: u16 = 0;
 
+/// The listener's slot in the ring's registered file table.
+const LISTENER_SLOT: u32 = 0;
+
 /// The operations a worker has armed, besides sends (which the send pool counts): shutdown
 /// waits for all of them to complete, and `Io::drop` frees memory only when they have.
 #[derive(Debug, Default)]
@@ -61,6 +64,10 @@ pub(super) struct Io {
     tick_spec: ManuallyDrop<Box<types::Timespec>>,
     pub ledger: Ledger,
     listener_fd: RawFd,
+    /// The listener is slot 0 of the ring's registered file table (`IORING_REGISTER_FILES`,
+    /// 5.1): its receive and the replies sent from it name the slot, and the kernel skips the
+    /// per-request `fget`/`fput` of the descriptor.
+    listener_fixed: bool,
     wake_fd: RawFd,
 }
 
@@ -82,6 +89,15 @@ impl Io {
         listener_fd: RawFd,
         wake_fd: RawFd,
     ) -> io::Result<Io> {
+        let listener_fixed = ring
+            .uring()
+            .submitter()
+            .register_files(&[listener_fd])
+            .is_ok();
+        let mut sends = sends;
+        if listener_fixed {
+            sends.use_fixed_file(listener_fd, LISTENER_SLOT);
+        }
         bufs.register(ring.uring()).map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -101,6 +117,7 @@ impl Io {
             tick_spec: ManuallyDrop::new(Box::new(types::Timespec::new())),
             ledger: Ledger::default(),
             listener_fd,
+            listener_fixed,
             wake_fd,
         })
     }
@@ -148,10 +165,13 @@ impl Io {
     pub fn arm_recv(&mut self) -> io::Result<()> {
         let generation = next_generation(self.ledger.recv_generation);
         let ud = UserData::new(OpKind::Recv, generation, 0);
-        let entry =
-            opcode::RecvMsgMulti::new(types::Fd(self.listener_fd), &**self.recv_msg, BUF_GROUP)
-                .build()
-                .user_data(ud.encode());
+        let msg = &**self.recv_msg;
+        let entry = if self.listener_fixed {
+            opcode::RecvMsgMulti::new(types::Fixed(LISTENER_SLOT), msg, BUF_GROUP).build()
+        } else {
+            opcode::RecvMsgMulti::new(types::Fd(self.listener_fd), msg, BUF_GROUP).build()
+        }
+        .user_data(ud.encode());
         // SAFETY: `recv_msg` is boxed (it never moves) and freed only after the ring is closed
         // with nothing in flight (`Drop`); the kernel writes only into buffers of `BUF_GROUP`,
         // which `bufs` owns under the same rule.
