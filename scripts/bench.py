@@ -777,8 +777,9 @@ def main() -> int:
     cmdline = shlex.join([sys.executable, *sys.argv])
     log(f"Command: {cmdline}")
     log(
-        f"bench: {len(args.servers)} servers × {len(run_shapes)} shapes ({args.rounds} rounds headline, "
-        f"{min(args.rounds, args.rounds_other)} others) + session matrix, ~{estimate_s(args, run_shapes) / 60:.1f} min"
+        f"bench: {len(args.servers)} servers × {len(run_shapes)} shapes (rounds: {args.rounds} of the headline "
+        f"shapes, {min(args.rounds, args.rounds_other)} of the others) + session matrix, "
+        f"~{estimate_s(args, run_shapes) / 60:.1f} min"
     )
 
     results, failures, commands = run_all(args, run_shapes) if run_shapes else ({}, {}, [])
