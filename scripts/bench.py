@@ -778,7 +778,8 @@ def main() -> int:
     log(f"Command: {cmdline}")
     log(
         f"bench: {len(args.servers)} servers × {len(run_shapes)} shapes (rounds: {args.rounds} of the headline "
-        f"shapes, {min(args.rounds, args.rounds_other)} of the others) + session matrix, "
+        f"shapes, {min(args.rounds, args.rounds_other)} of the others)"
+        f"{' + session matrix' if args.session_modes and args.session_clients else ''}, "
         f"~{estimate_s(args, run_shapes) / 60:.1f} min"
     )
 
