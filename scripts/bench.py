@@ -661,7 +661,7 @@ def sessions_svg(summary: dict, args) -> str:
         panel("answered/s (higher is better)", "throughput"),
     ]
     return svg_panels(
-        "udpring session modes, N clients × 1 in flight, 64 B",
+        "udpring session modes, N clients × 1 in flight" + (" (1 client: × 64)" if 1 in args.session_clients else "") + ", 64 B",
         f"udpring serve --sessions MODE; row = mode and N; server on CPU 0, generator on CPU 1; "
         f"median of {args.rounds_sessions} round{'s' if args.rounds_sessions != 1 else ''}",
         rows,
