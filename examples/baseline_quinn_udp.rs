@@ -101,8 +101,8 @@ async fn echo(sock: &UdpSocket, state: &UdpSocketState, max_size: usize) -> io::
 }
 
 /// Sends one transmit, waiting while the socket's send buffer is full. `UdpSocketState::send`
-/// reports only `WouldBlock`; any other error was logged (rate-limited) and the train dropped,
-/// as UDP allows.
+/// reports only `WouldBlock`; on any other error it drops the train, as UDP allows, and logs
+/// it (rate-limited) through `tracing`, which this example does not subscribe to.
 async fn send(sock: &UdpSocket, state: &UdpSocketState, transmit: &Transmit<'_>) {
     loop {
         match sock.try_io(Interest::WRITABLE, || {
