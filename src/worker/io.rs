@@ -182,12 +182,23 @@ impl Io {
     }
 
     /// Arms the multishot receive of session `id`'s own socket `fd`. The caller keeps `fd`
-    /// open until the request's final completion.
-    pub fn arm_session_recv(&mut self, fd: RawFd, id: SessionId) -> io::Result<()> {
+    /// open until the request's final completion. A `connected` socket gets a multishot
+    /// `RECV` (payload only: after `connect()` the kernel delivers only its peer's datagrams,
+    /// so the source is known), cheaper per datagram than `RECVMSG`, which writes a header and
+    /// the source address; a port-per-client socket may hear anyone and gets `RECVMSG`.
+    pub fn arm_session_recv(
+        &mut self,
+        fd: RawFd,
+        id: SessionId,
+        connected: bool,
+    ) -> io::Result<()> {
         let ud = UserData::new(OpKind::SessionRecv, id.generation, id.slot);
-        let entry = opcode::RecvMsgMulti::new(types::Fd(fd), &**self.recv_msg, BUF_GROUP)
-            .build()
-            .user_data(ud.encode());
+        let entry = if connected {
+            opcode::RecvMulti::new(types::Fd(fd), BUF_GROUP).build()
+        } else {
+            opcode::RecvMsgMulti::new(types::Fd(fd), &**self.recv_msg, BUF_GROUP).build()
+        }
+        .user_data(ud.encode());
         // SAFETY: as in `arm_recv`; the descriptor's lifetime is the caller's promise.
         unsafe { self.ring.push(&entry) }?;
         self.ledger.session_recvs += 1;
