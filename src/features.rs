@@ -160,6 +160,13 @@ impl Features {
                 fallback: "enter by descriptor (one file lookup per enter)",
             },
             Feature {
+                name: "IORING_ENTER_NO_IOWAIT (idle waits are not iowait)",
+                since: "6.15",
+                present: params.is_feature_no_iowait(),
+                required: false,
+                fallback: "waits accounted as iowait",
+            },
+            Feature {
                 name: "UDP_SEGMENT (GSO reply trains)",
                 since: "4.18",
                 present: probe_udp_option(libc::UDP_SEGMENT, false),

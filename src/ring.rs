@@ -53,6 +53,7 @@ pub struct Ring {
 const IORING_ENTER_GETEVENTS: u32 = 1 << 0;
 const IORING_ENTER_EXT_ARG: u32 = 1 << 3;
 const IORING_ENTER_REGISTERED_RING: u32 = 1 << 4;
+const IORING_ENTER_NO_IOWAIT: u32 = 1 << 7;
 const IORING_REGISTER_RING_FDS: libc::c_uint = 20;
 
 /// `struct io_uring_rsrc_update`.
@@ -213,6 +214,12 @@ impl Ring {
                 )
             }
         };
+        // A worker waiting for datagrams is idle, not waiting for storage: without this flag
+        // (6.15, IORING_FEAT_NO_IOWAIT) every wait with requests in flight goes through
+        // `io_schedule_prepare`/`finish` and counts as iowait.
+        if flags & IORING_ENTER_GETEVENTS != 0 && self.uring.params().is_feature_no_iowait() {
+            flags |= IORING_ENTER_NO_IOWAIT;
+        }
         let fd = match self.registered_index {
             Some(index) => {
                 flags |= IORING_ENTER_REGISTERED_RING;
