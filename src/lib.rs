@@ -64,10 +64,12 @@ macro_rules! internal_modules {
 
 internal_modules!(buf_ring, datagram, op);
 
+pub mod activation;
 mod config;
 pub mod cookie;
 mod directory;
 mod features;
+mod guard;
 mod handler;
 mod ring;
 mod send_pool;
@@ -77,10 +79,14 @@ mod session_socket;
 mod socket;
 pub mod sockperf;
 mod stats;
+mod steer;
 mod sys;
+pub mod takeover;
 mod worker;
 
-pub use config::{parse_duration, ServerConfig, SessionMode, MAX_UDP4_PAYLOAD, MAX_UDP6_PAYLOAD};
+pub use config::{
+    parse_duration, ServerConfig, SessionMode, Steer, MAX_UDP4_PAYLOAD, MAX_UDP6_PAYLOAD,
+};
 pub use features::{Feature, Features};
 pub use handler::{
     App, Datagram, DeferredError, Discard, Echo, Handler, Harness, Reply, SessionHandle,
@@ -88,7 +94,7 @@ pub use handler::{
 };
 pub use ring::TaskRunMode;
 pub use send_pool::SendError;
-pub use server::Server;
+pub use server::{Server, SocketOrigin};
 pub use session::{CloseReason, SessionId};
 pub use stats::Stats;
 

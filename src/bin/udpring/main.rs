@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
-use udpring::{App, Discard, Echo, Server, SessionHandler, Sockperf, Stats};
+use udpring::{
+    App, Discard, Echo, Server, ServerConfig, SessionHandler, SocketOrigin, Sockperf, Stats,
+};
 
 use args::{Cli, Command, ServeArgs};
 
@@ -98,7 +100,7 @@ where
     // Block the shutdown signals before any worker exists so they inherit the mask and only
     // this thread sees SIGINT/SIGTERM.
     udpring::block_shutdown_signals().context("cannot block signals")?;
-    let server = Server::start(config, factory)?;
+    let (server, origin) = start(args, config, factory)?;
     let features: Vec<&str> = server
         .features()
         .list
@@ -109,14 +111,24 @@ where
     tracing::info!(
         addr = %server.local_addr(),
         workers = server.worker_count(),
+        sockets = %origin,
         app = %cli_name(&args.app),
         sessions = %cli_name(&sessions),
+        steer = %cli_name(&args.config().steer),
         ring = %server.task_run_mode().describe(),
         rcvbuf = server.recv_buffer(),
         kernel = %server.features().kernel_release,
         features = features.join(", "),
         "listening"
     );
+    // The next restart takes over from this process (`--takeover`).
+    let offer = match server.offer_takeover() {
+        Ok(offer) => Some(offer),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot offer takeover; a restart with --takeover will not find this process");
+            None
+        }
+    };
     // Off the datagram path: a scrape reads the counters the workers publish each loop turn.
     let metrics = args
         .metrics
@@ -129,8 +141,12 @@ where
     print_for_scripts(format_args!("udpring listening on {}", server.local_addr()));
 
     let started = Instant::now();
-    let signal = wait_logging_stats(&server, args.stats_interval())?;
-    tracing::info!(signal, "shutting down");
+    let handed_over = || offer.as_ref().is_some_and(|o| o.taken_over());
+    match wait_logging_stats(&server, args.stats_interval(), &handed_over)? {
+        Stop::Signal(signal) => tracing::info!(signal, "shutting down"),
+        Stop::Finished => tracing::info!("taken over: every worker has finished"),
+    }
+    drop(offer);
     // Scrapes stop before the workers do, so none reads counters of a server half gone.
     if let Some(m) = metrics {
         m.shutdown();
@@ -152,24 +168,109 @@ where
     Ok(ExitCode::SUCCESS)
 }
 
-/// Waits for SIGINT/SIGTERM and returns it, logging a counter summary every `interval`
-/// (never when `None`). A summary is skipped when nothing was counted since the previous
-/// tick: an idle server logs nothing, while a line that shows sessions closing on idle (no
-/// datagrams, but counters moved) is kept.
-fn wait_logging_stats(server: &Server, interval: Option<Duration>) -> Result<i32> {
-    let Some(interval) = interval else {
-        loop {
-            // Any timeout works: the wait returns early on a signal.
-            if let Some(sig) = udpring::wait_shutdown_signal(Duration::from_secs(3600))? {
-                return Ok(sig);
-            }
+/// Where the listening sockets came from, for the `listening` lines.
+enum Origin {
+    Bound,
+    SocketActivated(Vec<String>),
+    TakenOver(u32),
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Bound => write!(f, "bound"),
+            Origin::SocketActivated(names) if names.is_empty() => write!(f, "socket-activated"),
+            Origin::SocketActivated(names) => write!(f, "socket-activated: {}", names.join(",")),
+            Origin::TakenOver(pid) => write!(f, "taken over from pid {pid}"),
         }
-    };
+    }
+}
+
+/// Starts the server on the sockets systemd passed, on the sockets of the udpring it takes
+/// over from (`--takeover`), or on sockets of its own.
+fn start<H, F>(args: &ServeArgs, mut config: ServerConfig, factory: F) -> Result<(Server, Origin)>
+where
+    H: SessionHandler,
+    F: Fn(usize) -> H + Send + Sync + 'static,
+{
+    if let Some(fds) = udpring::activation::listen_fds().context("socket activation")? {
+        // The passed sockets define the address; --bind and --workers do not apply.
+        let first = socket2::SockRef::from(&fds[0])
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .context("the first passed socket is not a bound IPv4/IPv6 socket")?;
+        config.bind = first;
+        let server =
+            Server::start_with_sockets(config, fds, SocketOrigin::ServiceManager, factory)?;
+        return Ok((
+            server,
+            Origin::SocketActivated(udpring::activation::listen_fd_names()),
+        ));
+    }
+    if args.takeover {
+        match udpring::takeover::request(config.bind)
+            .with_context(|| format!("cannot take over from the udpring serving {}", config.bind))?
+        {
+            Some(mut handover) => {
+                let pid = handover.pid();
+                let sockets = handover.take_sockets();
+                // On an error here the handover is dropped without `go`: the old process
+                // keeps serving.
+                let server =
+                    Server::start_with_sockets(config, sockets, SocketOrigin::HandedOver, factory)?;
+                handover
+                    .complete()
+                    .with_context(|| format!("pid {pid} did not let go of the sockets"))?;
+                return Ok((server, Origin::TakenOver(pid)));
+            }
+            None => tracing::info!(
+                addr = %config.bind,
+                "--takeover: no udpring offers this address; starting on sockets of its own"
+            ),
+        }
+    }
+    Ok((Server::start(config, factory)?, Origin::Bound))
+}
+
+/// Why serving ended.
+enum Stop {
+    Signal(i32),
+    /// The listeners were handed over and every worker has finished what it still served.
+    Finished,
+}
+
+/// How often the wait looks whether the workers finished after a takeover. The look is
+/// cheap; the sooner the old process exits, the sooner a deploy script may go on.
+const FINISHED_POLL: Duration = Duration::from_millis(100);
+
+/// Waits for SIGINT/SIGTERM, or for every worker to finish after a takeover, logging a
+/// counter summary every `interval` (never when `None`). A summary is skipped when nothing
+/// was counted since the previous tick: an idle server logs nothing, while a line that shows
+/// sessions closing on idle (no datagrams, but counters moved) is kept.
+fn wait_logging_stats(
+    server: &Server,
+    interval: Option<Duration>,
+    handed_over: &dyn Fn() -> bool,
+) -> Result<Stop> {
     let mut last = Stats::default();
     let mut last_at = Instant::now();
     loop {
-        if let Some(sig) = udpring::wait_shutdown_signal(interval)? {
-            return Ok(sig);
+        let next_stats = interval.map(|i| last_at + i);
+        loop {
+            if handed_over() && server.is_finished() {
+                return Ok(Stop::Finished);
+            }
+            let wait = next_stats.map_or(FINISHED_POLL, |at| {
+                at.saturating_duration_since(Instant::now())
+                    .min(FINISHED_POLL)
+            });
+            if let Some(sig) = udpring::wait_shutdown_signal(wait)? {
+                return Ok(Stop::Signal(sig));
+            }
+            if next_stats.is_some_and(|at| Instant::now() >= at) {
+                break;
+            }
         }
         let now = Instant::now();
         let per_worker = server.worker_counters();
