@@ -356,7 +356,7 @@ impl Server {
     pub fn is_finished(&self) -> bool {
         self.workers
             .iter()
-            .all(|w| w.thread.as_ref().is_none_or(|t| t.is_finished()))
+            .all(|w| w.thread.as_ref().map_or(true, |t| t.is_finished()))
     }
 
     /// The listening sockets, one per worker in worker order (for handing them over).

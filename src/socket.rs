@@ -74,15 +74,15 @@ fn configure(
     if wildcard {
         // IPv4 datagrams (also those reaching a dual-stack socket) report IP_PKTINFO;
         // IPv6 ones report IPV6_PKTINFO.
-        set_int(&socket, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+        set_int(socket, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
         if is_v6 {
-            set_int(&socket, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+            set_int(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
         }
     }
     // SO_RCVBUFFORCE goes past net.core.rmem_max when we have CAP_NET_ADMIN; otherwise fall
     // back to the capped request. Under load a small receive buffer loses requests.
     if set_int(
-        &socket,
+        socket,
         libc::SOL_SOCKET,
         libc::SO_RCVBUFFORCE,
         clamp_int(recv_buffer),
@@ -92,7 +92,7 @@ fn configure(
         socket.set_recv_buffer_size(recv_buffer)?;
     }
     if set_int(
-        &socket,
+        socket,
         libc::SOL_SOCKET,
         libc::SO_SNDBUFFORCE,
         clamp_int(send_buffer),
