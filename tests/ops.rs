@@ -222,10 +222,10 @@ struct RestartRun {
 }
 
 /// `udpring load` at `rate` requests/s with no retransmission (`--retries 0`: a request not
-/// answered within 1 s is lost) while the `--sessions none` server is restarted `restarts`
+/// answered within 1 s is lost) while the server (`--sessions MODE`) is restarted `restarts`
 /// times with `--takeover`, evenly spread over the run.
-fn restart_under_load(rate: u32, secs: f64, restarts: usize) -> RestartRun {
-    let serve_args = ["--workers", "2", "--sessions", "none"];
+fn restart_under_load(mode: &str, rate: u32, secs: f64, restarts: usize) -> RestartRun {
+    let serve_args = ["--workers", "2", "--sessions", mode];
     let mut current = serve(&[&["--bind", "127.0.0.1:0"], &serve_args[..]].concat());
     let addr = current.addr.to_string();
     let load = udpring()
@@ -285,7 +285,7 @@ fn restart_under_load(rate: u32, secs: f64, restarts: usize) -> RestartRun {
     run.answered = json_u64(&json, "answered");
     run.lost = json_u64(&json, "given_up") + json_u64(&json, "outstanding");
     eprintln!(
-        "restart under load: rate={rate}/s for {secs}s, {restarts} restarts: sent={} answered={} lost={} takeover_ms={:.1?} old_exit_ms={:.1?} received_per_process={:?}",
+        "restart under load: --sessions {mode} rate={rate}/s for {secs}s, {restarts} restarts: sent={} answered={} lost={} takeover_ms={:.1?} old_exit_ms={:.1?} received_per_process={:?}",
         run.sent, run.answered, run.lost, run.takeover_ms, run.old_exit_ms, run.received
     );
     run
@@ -304,7 +304,19 @@ fn five_restarts_under_load_lose_nothing_in_none_mode() {
     if !kernel_supports_udpring() {
         return;
     }
-    let run = restart_under_load(5_000, 3.0, 5);
+    let run = restart_under_load("none", 5_000, 3.0, 5);
+    assert_nothing_lost(&run);
+}
+
+/// `shared` sessions live on the listener: at a takeover the old process answers what it
+/// received and closes them; the peers' next datagrams open sessions in the new process.
+/// No request is lost, only the session state.
+#[test]
+fn restarts_in_shared_mode_lose_no_request() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let run = restart_under_load("shared", 3_000, 2.0, 2);
     assert_nothing_lost(&run);
 }
 
@@ -314,7 +326,7 @@ fn five_restarts_at_50k_per_second_lose_nothing() {
     if !kernel_supports_udpring() {
         return;
     }
-    let run = restart_under_load(50_000, 10.0, 5);
+    let run = restart_under_load("none", 50_000, 10.0, 5);
     assert_nothing_lost(&run);
 }
 

@@ -1,11 +1,14 @@
 //! A worker whose listener was handed over to another process (issue 11). The two processes
 //! hold the same socket, so the datagrams queued on it move with it: this worker only has to
-//! stop receiving on it, answer what it already received, and keep serving the sessions that
-//! have sockets of their own (`connected`, `port-per-client`) until they close. Their peers'
-//! datagrams keep reaching those sockets, and so this process's state, while new peers reach
-//! the listener and the new process.
+//! stop receiving on it (cancel the multishot receive, never arm it again), answer what that
+//! receive already took (every completion up to its final one is in the backlog), and keep
+//! serving the sessions that have sockets of their own (`connected`, `port-per-client`) until
+//! they close. Their peers' datagrams keep reaching those sockets, and so this process's
+//! state, while new peers reach the listener and the new process. With nothing of that kind
+//! left (always in `none` and `shared` mode) the worker drains and ends.
 
 use std::io;
+use std::sync::atomic::Ordering;
 
 use super::{State, Worker};
 use crate::config::SessionMode;
@@ -19,53 +22,60 @@ impl<H: SessionHandler> Worker<H> {
         !matches!(self.state, State::Draining { .. })
     }
 
-    /// Stops receiving on the listener for good. Without per-client sockets there is nothing
-    /// left to serve afterwards: the worker drains (answers what it holds) and ends.
+    /// Stops receiving on the listener for good. What the receive already took (its
+    /// completions up to the final one the cancel brings) is answered before the worker
+    /// drains; only sessions with sockets of their own keep it serving after that.
     pub(super) fn release_listener(&mut self) -> io::Result<()> {
         if self.state != State::Running {
             return Ok(());
-        }
-        if !matches!(
-            self.mode,
-            SessionMode::Connected | SessionMode::PortPerClient
-        ) {
-            // `none` holds nothing; `shared` sessions live on the listener, which the new
-            // process now reads: they close here (reason Shutdown) and their peers get new
-            // sessions there.
-            return self.begin_drain();
         }
         self.state = State::Released;
         if self.io.ledger.recv_armed {
             let generation = self.io.ledger.recv_generation;
             self.io.cancel(UserData::new(OpKind::Recv, generation, 0))?;
         }
-        // Sessions served through the listener (over --max-connected, or a per-client socket
-        // that could not be opened) will never hear from their peer here again.
+        // Sessions served through the listener (`shared` mode, and in the other modes those
+        // over --max-connected or whose socket could not be opened) will never hear from
+        // their peer here again: their datagrams reach the new process, which opens sessions
+        // of its own for them.
         for id in self.router.sessions.ids() {
-            let on_listener = self
-                .router
-                .sessions
-                .get(id)
-                .is_some_and(|e| e.value.sock.is_none());
-            if on_listener {
+            if !self.has_own_socket(id) {
                 self.close_session(id, CloseReason::Shutdown);
             }
         }
         Ok(())
     }
 
-    /// A released worker with no session left and nothing pending asks itself to shut down
-    /// (through its own wake-up, so the drain starts from the one place that begins it).
+    fn has_own_socket(&self, id: crate::session::SessionId) -> bool {
+        self.router
+            .sessions
+            .get(id)
+            .is_some_and(|e| e.value.sock.is_some())
+    }
+
+    /// A released worker whose listener receive has ended, with nothing pending and no
+    /// session on a socket of its own left, asks itself to shut down (through its own
+    /// wake-up, so the drain starts from the one place that begins it). Sessions a datagram
+    /// from the backlog opened on the listener after the release are closed by that drain.
     pub(super) fn end_when_released_and_idle(&mut self) -> io::Result<()> {
-        if self.state == State::Released
-            && self.router.sessions.len() == 0
-            && self.backlog.is_empty()
-            && !self.socks.busy()
-            && !self
-                .shared
-                .shutdown
-                .load(std::sync::atomic::Ordering::Acquire)
+        if self.state != State::Released
+            || self.io.ledger.recv_armed
+            || !self.backlog.is_empty()
+            || self.socks.busy()
+            || self.shared.shutdown.load(Ordering::Acquire)
         {
+            return Ok(());
+        }
+        let own_sockets = matches!(
+            self.mode,
+            SessionMode::Connected | SessionMode::PortPerClient
+        ) && self
+            .router
+            .sessions
+            .ids()
+            .into_iter()
+            .any(|id| self.has_own_socket(id));
+        if !own_sockets {
             self.shared.request_shutdown()?;
         }
         Ok(())
