@@ -207,6 +207,9 @@ impl Server {
                 ));
             }
             crate::steer::attach(&sockets[0].socket, &crate::steer::cpu_program(allowed)?)?;
+        } else {
+            // Adopted sockets may come with the previous owner's program.
+            crate::steer::detach(&sockets[0].socket)?;
         }
         let config = Arc::new(config);
         let factory = Arc::new(factory);

@@ -33,6 +33,9 @@ use crate::sys::cvt;
 /// crate lists it for Android only).
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 
+/// `SO_DETACH_REUSEPORT_BPF` (Linux 5.3), from `asm-generic/socket.h`.
+const SO_DETACH_REUSEPORT_BPF: libc::c_int = 68;
+
 /// Returned for "not mine": out of any group's range, so the kernel uses its hash.
 pub(crate) const FALLBACK: u32 = u32::MAX;
 
@@ -120,6 +123,37 @@ pub(crate) fn attach(socket: &impl AsRawFd, program: &[libc::sock_filter]) -> io
         )
     })?;
     Ok(())
+}
+
+/// Removes a reuseport program from the group `socket` belongs to, if one is attached: a
+/// process that takes sockets over with `--steer none` must not be steered by the program its
+/// predecessor attached. No program (`ENOENT`), a socket without SO_REUSEPORT (`EINVAL`, e.g.
+/// a single socket from systemd) and a kernel without the option (before 5.3) are not errors.
+pub(crate) fn detach(socket: &impl AsRawFd) -> io::Result<()> {
+    let unused: libc::c_int = 0;
+    // SAFETY: the option value points at `unused`, a live local of the length passed (the
+    // kernel ignores it for this option).
+    let rc = cvt(unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_DETACH_REUSEPORT_BPF,
+            (&unused as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    });
+    match rc {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::EINVAL | libc::ENOPROTOOPT)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

@@ -628,3 +628,75 @@ fn steer_cpu_without_pinning_is_refused() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--steer cpu needs --pin-cpus"));
 }
+
+/// The `per_worker_rx=[a, b, ...]` of a `final total` log line.
+fn per_worker_rx(f: &Finished) -> Vec<u64> {
+    let list = f
+        .stderr
+        .split("per_worker_rx=[")
+        .last()
+        .and_then(|s| s.split(']').next())
+        .unwrap_or_else(|| panic!("no per_worker_rx:\n{}", f.stderr));
+    list.split(", ")
+        .map(|n| n.parse().expect("count"))
+        .collect()
+}
+
+/// Sends `count` requests from 16 sockets on a thread pinned to `cpu`, each answered.
+fn requests_from_cpu(addr: SocketAddr, cpu: usize, count: u64) {
+    std::thread::spawn(move || {
+        pin_to(cpu);
+        let clients: Vec<UdpSocket> = (0..16).map(|_| client_for(addr)).collect();
+        for i in 0..count {
+            let client = &clients[i as usize % clients.len()];
+            assert!(round_trip(client, addr, &i.to_le_bytes()).is_some());
+        }
+    })
+    .join()
+    .expect("client thread");
+}
+
+/// The program belongs to the socket group, which a takeover hands over: a successor with
+/// `--steer cpu` attaches its own; one without it removes the predecessor's.
+#[test]
+fn steering_follows_the_takeover() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let cpus = allowed_cpus();
+    if cpus.len() < 2 {
+        skip_or_fail("--steer cpu needs at least 2 CPUs to show anything");
+        return;
+    }
+    let workers = cpus.len().to_string();
+    let steered = ["--workers", &workers, "--pin-cpus", "--steer", "cpu"];
+    let first = serve(&[&["--bind", "127.0.0.1:0"], &steered[..]].concat());
+    let addr = first.addr;
+    let takeover = |extra: &[&str]| {
+        let mut cmd = udpring();
+        cmd.args(["serve", "--bind", &addr.to_string(), "--takeover"])
+            .args(extra);
+        spawn_serving(cmd)
+    };
+    let second = takeover(&steered);
+    assert_exit_0(&first.finish(WAIT), "first");
+    requests_from_cpu(addr, cpus[1], 100);
+    let third = takeover(&["--workers", &workers]);
+    let f2 = second.finish(WAIT);
+    assert_exit_0(&f2, "second");
+    let rx = per_worker_rx(&f2);
+    assert_eq!(
+        rx[1], 100,
+        "steered to the worker on CPU {}: {rx:?}",
+        cpus[1]
+    );
+    requests_from_cpu(addr, cpus[1], 100);
+    let f3 = third.term();
+    assert_exit_0(&f3, "third");
+    let rx = per_worker_rx(&f3);
+    // 16 source ports hashed over the workers: all on one worker has odds of 2 in 65,536.
+    assert!(
+        rx.iter().filter(|&&n| n > 0).count() > 1,
+        "without --steer the kernel's hash spreads the sockets: {rx:?}"
+    );
+}

@@ -96,7 +96,7 @@ where
     F: Fn(usize) -> H + Send + Sync + 'static,
 {
     let config = args.config();
-    let sessions = config.sessions;
+    let (sessions, steer) = (config.sessions, config.steer);
     // Block the shutdown signals before any worker exists so they inherit the mask and only
     // this thread sees SIGINT/SIGTERM.
     udpring::block_shutdown_signals().context("cannot block signals")?;
@@ -114,7 +114,7 @@ where
         sockets = %origin,
         app = %cli_name(&args.app),
         sessions = %cli_name(&sessions),
-        steer = %cli_name(&args.config().steer),
+        steer = %cli_name(&steer),
         ring = %server.task_run_mode().describe(),
         rcvbuf = server.recv_buffer(),
         kernel = %server.features().kernel_release,
