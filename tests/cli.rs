@@ -131,7 +131,7 @@ fn address_in_use_is_one_clear_line_and_exit_1() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let line = stderr.lines().last().unwrap_or("");
-    // The instance guard (tests/ops.rs) names the holder: this test process.
+    // The instance guard (tests/ops/) names the holder: this test process.
     assert_eq!(
         line,
         format!(
