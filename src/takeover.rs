@@ -95,7 +95,7 @@ impl Server {
                         let Ok((conn, _)) = listener.accept() else {
                             continue;
                         };
-                        match hand_over(&conn, &sockets) {
+                        match hand_over(&conn, &sockets, &stop) {
                             Ok(pid) => {
                                 // No one else may ask once the sockets are gone: stop
                                 // offering before saying `done`, which frees the name.
@@ -120,8 +120,10 @@ impl Server {
 }
 
 /// Serves one takeover request up to the `go`; returns the new process's pid.
-fn hand_over(conn: &Socket, sockets: &[Socket]) -> io::Result<u32> {
-    conn.set_read_timeout(Some(STEP_TIMEOUT))?;
+fn hand_over(conn: &Socket, sockets: &[Socket], stop: &AtomicBool) -> io::Result<u32> {
+    // Short read timeouts, so that a shutdown of this process (the offer dropped) is not held
+    // up by a new process that takes its time.
+    conn.set_read_timeout(Some(Duration::from_millis(POLL_MS as u64)))?;
     conn.set_write_timeout(Some(STEP_TIMEOUT))?;
     let cred = peer_cred(conn)?;
     // SAFETY: geteuid(2) takes no arguments and cannot fail.
@@ -136,7 +138,7 @@ fn hand_over(conn: &Socket, sockets: &[Socket]) -> io::Result<u32> {
         ));
     }
     let mut buf = [0u8; 64];
-    let (n, _) = recv(conn, &mut buf)?;
+    let (n, _) = recv_or_stop(conn, &mut buf, stop)?;
     if &buf[..n] != HELLO {
         return Err(io::Error::other(format!(
             "pid {} does not speak {}",
@@ -153,7 +155,7 @@ fn hand_over(conn: &Socket, sockets: &[Socket]) -> io::Result<u32> {
         sockets = sockets.len(),
         "listeners passed to a new process; serving until it says go"
     );
-    let (n, _) = recv(conn, &mut buf)?;
+    let (n, _) = recv_or_stop(conn, &mut buf, stop)?;
     match &buf[..n] {
         b"go" => Ok(cred.pid as u32),
         [] => Err(io::Error::other(format!(
@@ -239,6 +241,37 @@ pub fn request(addr: SocketAddr) -> io::Result<Option<Handover>> {
         })?);
     }
     Ok(Some(Handover { conn, sockets, pid }))
+}
+
+/// [`recv`] on a socket with a short read timeout, retried until a message arrives, `stop`
+/// is set, or [`STEP_TIMEOUT`] passes.
+fn recv_or_stop(
+    conn: &Socket,
+    buf: &mut [u8],
+    stop: &AtomicBool,
+) -> io::Result<(usize, Option<OwnedFd>)> {
+    let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+    loop {
+        match recv(conn, buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if stop.load(Ordering::Acquire) {
+                    return Err(io::Error::other("this server is shutting down"));
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the new process took too long",
+                    ));
+                }
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Waits up to `timeout_ms` for `socket` to be readable.

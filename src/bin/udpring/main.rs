@@ -219,9 +219,11 @@ where
                 // keeps serving.
                 let server =
                     Server::start_with_sockets(config, sockets, SocketOrigin::HandedOver, factory)?;
-                handover
-                    .complete()
-                    .with_context(|| format!("pid {pid} did not let go of the sockets"))?;
+                // The sockets are this process's now whatever the old one answers: a process
+                // that exited in the meantime cannot confirm, and that is no reason to stop.
+                if let Err(e) = handover.complete() {
+                    tracing::warn!(pid, error = %e, "the process taken over from did not confirm; serving anyway");
+                }
                 return Ok((server, Origin::TakenOver(pid)));
             }
             None => tracing::info!(
