@@ -17,6 +17,13 @@
 //! timeout SQE, admission limits, deferred replies through a `Send` [`SessionHandle`], and
 //! optional stateless address validation ([`cookie`]).
 //!
+//! Operations: [`Server::start`] refuses an address another socket already serves (a second
+//! `SO_REUSEPORT` bind would silently share its traffic); [`Server::offer_takeover`] and
+//! [`takeover::request`] hand the listening sockets to the next process for a restart that
+//! loses nothing queued; [`Server::start_with_sockets`] serves sockets bound elsewhere (handed
+//! over, or from systemd: [`activation::listen_fds`]); [`Steer::Cpu`] sends each datagram to
+//! the worker pinned to the CPU that received it.
+//!
 //! Minimum kernel: Linux 6.0 (multishot recvmsg); 6.1+ for DEFER_TASKRUN; 6.13+ for
 //! `Connected` sessions at scale (UDP 4-tuple hash).
 //!
