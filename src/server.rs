@@ -135,7 +135,14 @@ impl Server {
         config.bind = bound[0].local_addr;
         // Every worker's buffers must agree with the sockets: a handed-over socket keeps GRO
         // as the previous process set it.
-        config.gro = bound.iter().any(|s| s.gro);
+        let gro = bound.iter().any(|s| s.gro);
+        if gro != config.gro {
+            tracing::info!(
+                gro,
+                "UDP_GRO kept as the process that handed the sockets over set it"
+            );
+        }
+        config.gro = gro;
         Server::launch(config, features, bound, factory)
     }
 
