@@ -251,3 +251,62 @@ fn a_failed_takeover_leaves_the_old_process_serving() {
     assert!(round_trip(&client, addr, b"new one").is_some());
     assert_exit_0(&new.term(), "new");
 }
+
+/// `GET /metrics` on `addr`: the status line and body, or the error.
+fn scrape(addr: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(WAIT))?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// The metrics port moves too: the old process closes it once told to go, and the new one,
+/// already serving, binds it then (a bind failure after `go` must not stop the service).
+#[test]
+fn the_metrics_endpoint_moves_with_a_takeover() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .to_string();
+    let old = serve(&[
+        "--bind",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--metrics",
+        &metrics,
+    ]);
+    let addr = old.addr;
+    assert!(scrape(&metrics).is_ok_and(|r| r.starts_with("HTTP/1.0 200")));
+    let mut cmd = udpring();
+    cmd.args([
+        "serve",
+        "--bind",
+        &addr.to_string(),
+        "--takeover",
+        "--workers",
+        "1",
+    ])
+    .args(["--metrics", &metrics]);
+    let new = spawn_serving(cmd);
+    assert_exit_0(&old.finish(WAIT), "old");
+    let client = client_for(addr);
+    assert!(round_trip(&client, addr, b"counted").is_some());
+    let response = scrape(&metrics).expect("the new process serves metrics");
+    assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+    assert!(
+        response.contains("udpring_rx_datagrams_total{worker=\"0\"} 1"),
+        "the new process's counters: {response}"
+    );
+    let f = new.term();
+    assert_exit_0(&f, "new");
+    assert!(f
+        .stderr
+        .contains(&format!("metrics on http://{metrics}/metrics")));
+}

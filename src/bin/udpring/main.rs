@@ -130,11 +130,15 @@ where
         }
     };
     // Off the datagram path: a scrape reads the counters the workers publish each loop turn.
-    let metrics = args
-        .metrics
-        .map(|addr| metrics::serve(addr, server.counter_source()))
-        .transpose()
-        .context("cannot serve metrics")?;
+    let mut metrics = match args.metrics {
+        None => None,
+        // The process taken over from lets go of the port once it was told to go; the
+        // sockets are served already, so a late or missing endpoint must not stop that.
+        Some(addr) if matches!(origin, Origin::TakenOver(_)) => metrics_when_free(addr, &server),
+        Some(addr) => {
+            Some(metrics::serve(addr, server.counter_source()).context("cannot serve metrics")?)
+        }
+    };
     if let Some(m) = &metrics {
         tracing::info!("metrics on http://{}/metrics", m.local_addr());
     }
@@ -142,9 +146,19 @@ where
 
     let started = Instant::now();
     let handed_over = || offer.as_ref().is_some_and(|o| o.taken_over());
-    match wait_logging_stats(&server, args.stats_interval(), &handed_over)? {
-        Stop::Signal(signal) => tracing::info!(signal, "shutting down"),
-        Stop::Finished => tracing::info!("taken over: every worker has finished"),
+    let signal = match wait_logging_stats(&server, args.stats_interval(), &handed_over)? {
+        Some(signal) => Some(signal),
+        None => {
+            // The next process serves the metrics port from now on.
+            if let Some(m) = metrics.take() {
+                m.shutdown();
+            }
+            wait_logging_stats(&server, args.stats_interval(), &|| server.is_finished())?
+        }
+    };
+    match signal {
+        Some(signal) => tracing::info!(signal, "shutting down"),
+        None => tracing::info!("taken over: every worker has finished"),
     }
     drop(offer);
     // Scrapes stop before the workers do, so none reads counters of a server half gone.
@@ -235,40 +249,53 @@ where
     Ok((Server::start(config, factory)?, Origin::Bound))
 }
 
-/// Why serving ended.
-enum Stop {
-    Signal(i32),
-    /// The listeners were handed over and every worker has finished what it still served.
-    Finished,
+/// Serves metrics on `addr` as soon as the process taken over from has closed it (it does
+/// within 100 ms of being told to go); after 2 s, serves on without them, with a warning.
+fn metrics_when_free(
+    addr: std::net::SocketAddr,
+    server: &Server,
+) -> Option<metrics::MetricsServer> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match metrics::serve(addr, server.counter_source()) {
+            Ok(m) => return Some(m),
+            Err(e) if Instant::now() >= deadline => {
+                tracing::warn!(%addr, error = %e, "cannot serve metrics; serving without them");
+                return None;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
 
-/// How often the wait looks whether the workers finished after a takeover. The look is
-/// cheap; the sooner the old process exits, the sooner a deploy script may go on.
+/// How often the wait looks at its condition (handed over; every worker finished). The look
+/// is cheap; the sooner the old process exits, the sooner a deploy script may go on.
 const FINISHED_POLL: Duration = Duration::from_millis(100);
 
-/// Waits for SIGINT/SIGTERM, or for every worker to finish after a takeover, logging a
-/// counter summary every `interval` (never when `None`). A summary is skipped when nothing
-/// was counted since the previous tick: an idle server logs nothing, while a line that shows
-/// sessions closing on idle (no datagrams, but counters moved) is kept.
+/// Waits for SIGINT/SIGTERM (`Some(signal)`) or until `until()` holds (`None`; it is looked
+/// at every 100 ms), logging a counter summary every `interval` (never when `None`). A
+/// summary is skipped when nothing was counted since the previous tick: an idle server logs
+/// nothing, while a line that shows sessions closing on idle (no datagrams, but counters
+/// moved) is kept.
 fn wait_logging_stats(
     server: &Server,
     interval: Option<Duration>,
-    handed_over: &dyn Fn() -> bool,
-) -> Result<Stop> {
+    until: &dyn Fn() -> bool,
+) -> Result<Option<i32>> {
     let mut last = Stats::default();
     let mut last_at = Instant::now();
     loop {
         let next_stats = interval.map(|i| last_at + i);
         loop {
-            if handed_over() && server.is_finished() {
-                return Ok(Stop::Finished);
+            if until() {
+                return Ok(None);
             }
             let wait = next_stats.map_or(FINISHED_POLL, |at| {
                 at.saturating_duration_since(Instant::now())
                     .min(FINISHED_POLL)
             });
             if let Some(sig) = udpring::wait_shutdown_signal(wait)? {
-                return Ok(Stop::Signal(sig));
+                return Ok(Some(sig));
             }
             if next_stats.is_some_and(|at| Instant::now() >= at) {
                 break;
