@@ -20,7 +20,8 @@ test:
 
 # The tests marked #[ignore = "stress: make stress"]: long, root-only or heavy (nftables loss
 # injection in network namespaces, a 10,000-peer flood, a 3,000-source spoofed flood,
-# descriptor exhaustion). Release build, so the load is real. Those that need root or
+# descriptor exhaustion, restarts with --takeover at 50,000 requests/s, a thousand connected
+# sessions across a takeover). Release build, so the load is real. Those that need root or
 # nftables skip locally with a reason and fail under CI=true.
 .PHONY: stress
 stress:

@@ -19,6 +19,17 @@ pub enum SessionMode {
     PortPerClient,
 }
 
+/// Which worker a datagram from a new peer goes to (`--steer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+pub enum Steer {
+    /// The kernel's SO_REUSEPORT hash of the 4-tuple.
+    None,
+    /// The worker pinned to the CPU that received the packet (a reuseport program; needs
+    /// `pin_cpus` and one worker per allowed CPU).
+    Cpu,
+}
+
 /// Everything a server needs to start. `Default` gives what `udpring serve` uses with no flags.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -77,6 +88,12 @@ pub struct ServerConfig {
     pub amplification_factor: u32,
     /// How long shutdown may take to flush replies and drain in-flight operations.
     pub shutdown_timeout: Duration,
+    /// Refuse to start when another socket already serves `bind` (a second SO_REUSEPORT
+    /// bind would silently join its group and take a share of its traffic). Turn it off
+    /// only to run several processes in one group on purpose.
+    pub exclusive: bool,
+    /// How datagrams are spread over the workers.
+    pub steer: Steer,
 }
 
 /// Largest UDP payload over IPv4 (65,535 - 20 IP header - 8 UDP header).
@@ -111,6 +128,8 @@ impl Default for ServerConfig {
             cookie_rotation: Duration::from_secs(30),
             amplification_factor: 3,
             shutdown_timeout: Duration::from_millis(900),
+            exclusive: true,
+            steer: Steer::None,
         }
     }
 }
@@ -159,6 +178,11 @@ impl ServerConfig {
             if p > Duration::from_millis(10) {
                 return Err(format!("--busy-poll must be at most 10ms, got {p:?}"));
             }
+        }
+        if self.steer == Steer::Cpu && !self.pin_cpus {
+            return Err(
+                "--steer cpu needs --pin-cpus (and one worker per allowed CPU)".to_string(),
+            );
         }
         if self.idle_timeout < Duration::from_millis(1) {
             return Err("--idle-timeout must be at least 1ms".to_string());

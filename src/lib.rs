@@ -17,6 +17,13 @@
 //! timeout SQE, admission limits, deferred replies through a `Send` [`SessionHandle`], and
 //! optional stateless address validation ([`cookie`]).
 //!
+//! Operations: [`Server::start`] refuses an address another socket already serves (a second
+//! `SO_REUSEPORT` bind would silently share its traffic); [`Server::offer_takeover`] and
+//! [`takeover::request`] hand the listening sockets to the next process for a restart that
+//! loses nothing queued; [`Server::start_with_sockets`] serves sockets bound elsewhere (handed
+//! over, or from systemd: [`activation::listen_fds`]); [`Steer::Cpu`] sends each datagram to
+//! the worker pinned to the CPU that received it.
+//!
 //! Minimum kernel: Linux 6.0 (multishot recvmsg); 6.1+ for DEFER_TASKRUN; 6.13+ for
 //! `Connected` sessions at scale (UDP 4-tuple hash).
 //!
@@ -64,10 +71,12 @@ macro_rules! internal_modules {
 
 internal_modules!(buf_ring, datagram, op);
 
+pub mod activation;
 mod config;
 pub mod cookie;
 mod directory;
 mod features;
+mod guard;
 mod handler;
 mod ring;
 mod send_pool;
@@ -77,10 +86,14 @@ mod session_socket;
 mod socket;
 pub mod sockperf;
 mod stats;
+mod steer;
 mod sys;
+pub mod takeover;
 mod worker;
 
-pub use config::{parse_duration, ServerConfig, SessionMode, MAX_UDP4_PAYLOAD, MAX_UDP6_PAYLOAD};
+pub use config::{
+    parse_duration, ServerConfig, SessionMode, Steer, MAX_UDP4_PAYLOAD, MAX_UDP6_PAYLOAD,
+};
 pub use features::{Feature, Features};
 pub use handler::{
     App, Datagram, DeferredError, Discard, Echo, Handler, Harness, Reply, SessionHandle,
@@ -88,7 +101,7 @@ pub use handler::{
 };
 pub use ring::TaskRunMode;
 pub use send_pool::SendError;
-pub use server::Server;
+pub use server::{Server, SocketOrigin};
 pub use session::{CloseReason, SessionId};
 pub use stats::Stats;
 

@@ -3,17 +3,17 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crate::config::ServerConfig;
-use crate::config::SessionMode;
+use crate::config::{ServerConfig, SessionMode, Steer};
 use crate::directory::Directory;
 use crate::features::Features;
 use crate::handler::SessionHandler;
 use crate::ring::TaskRunMode;
-use crate::socket::bind_worker_socket;
+use crate::socket::{bind_worker_socket, BoundSocket};
 use crate::stats::Stats;
 use crate::sys;
 use crate::worker::{ServerShared, Worker, WorkerShared};
@@ -21,6 +21,18 @@ use crate::worker::{ServerShared, Worker, WorkerShared};
 struct WorkerHandle {
     shared: Arc<WorkerShared>,
     thread: Option<JoinHandle<io::Result<Stats>>>,
+}
+
+/// Where the sockets given to [`Server::start_with_sockets`] come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketOrigin {
+    /// A running server handed them over and still receives on them until told to go: their
+    /// `UDP_GRO` setting is kept as found, since changing it would change what that server's
+    /// receives return.
+    HandedOver,
+    /// A service manager (systemd) created them for this process alone: they are set up like
+    /// sockets the server binds itself.
+    ServiceManager,
 }
 
 /// A running server.
@@ -44,21 +56,18 @@ impl Server {
     /// Probes the kernel, binds every worker's socket, builds every ring and starts serving.
     /// `factory(i)` makes worker `i`'s handler on that worker's thread. Every set-up error
     /// (address in use, io_uring blocked, kernel too old) is returned before anything serves.
-    pub fn start<H, F>(mut config: ServerConfig, factory: F) -> io::Result<Server>
+    ///
+    /// With `config.exclusive` (the default) an address another socket already serves is
+    /// refused with [`io::ErrorKind::AddrInUse`] and a line naming the owner (`guard`).
+    pub fn start<H, F>(config: ServerConfig, factory: F) -> io::Result<Server>
     where
         H: SessionHandler,
         F: Fn(usize) -> H + Send + Sync + 'static,
     {
-        config
-            .validate()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let features = Features::probe();
-        features
-            .check_required()
-            .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e))?;
-        // The documented fallbacks of the optional socket features.
-        config.gso &= features.has("UDP_SEGMENT");
-        config.gro &= features.has("UDP_GRO");
+        let (config, features) = prepare(config)?;
+        if config.exclusive {
+            crate::guard::check_unserved(config.bind)?;
+        }
         // Bind in this thread so errors surface here, and so port 0 is resolved by the first
         // socket and shared by the rest.
         let first = bind_worker_socket(
@@ -77,6 +86,78 @@ impl Server {
                 config.gro,
             )?);
         }
+        Server::launch(config, features, sockets, factory)
+    }
+
+    /// Starts a server on sockets bound elsewhere, one worker per socket (`config.workers`
+    /// is ignored): the listeners a running server handed over ([`crate::takeover`]) or those
+    /// systemd passed ([`crate::activation`]). Each must be a bound UDP socket on
+    /// `config.bind` (port 0 there accepts any port), all on the same address, in the order
+    /// they joined their SO_REUSEPORT group (what `--steer cpu` maps CPUs onto). Nothing new
+    /// is bound and the instance guard does not apply: serving these sockets is the point.
+    pub fn start_with_sockets<H, F>(
+        config: ServerConfig,
+        sockets: Vec<OwnedFd>,
+        origin: SocketOrigin,
+        factory: F,
+    ) -> io::Result<Server>
+    where
+        H: SessionHandler,
+        F: Fn(usize) -> H + Send + Sync + 'static,
+    {
+        if sockets.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no sockets to serve on",
+            ));
+        }
+        let (mut config, features) = prepare(config)?;
+        config.workers = sockets.len();
+        let gro = match origin {
+            // The process handing them over still receives on them until it is told to go.
+            SocketOrigin::HandedOver => None,
+            SocketOrigin::ServiceManager => Some(config.gro),
+        };
+        let mut bound = Vec::with_capacity(sockets.len());
+        let mut expected = Some(config.bind);
+        for fd in sockets {
+            let socket = crate::socket::adopt_worker_socket(
+                socket2::Socket::from(fd),
+                expected,
+                config.recv_buffer_bytes,
+                config.send_buffer_bytes,
+                gro,
+            )?;
+            // The first one fixes the port for the rest.
+            expected = Some(socket.local_addr);
+            bound.push(socket);
+        }
+        config.bind = bound[0].local_addr;
+        // Every worker's buffers must agree with the sockets: a handed-over socket keeps GRO
+        // as the previous process set it.
+        let gro = bound.iter().any(|s| s.gro);
+        if gro != config.gro {
+            tracing::info!(
+                gro,
+                "UDP_GRO kept as the process that handed the sockets over set it"
+            );
+        }
+        config.gro = gro;
+        Server::launch(config, features, bound, factory)
+    }
+
+    /// Starts one worker per socket.
+    fn launch<H, F>(
+        config: ServerConfig,
+        features: Features,
+        sockets: Vec<BoundSocket>,
+        factory: F,
+    ) -> io::Result<Server>
+    where
+        H: SessionHandler,
+        F: Fn(usize) -> H + Send + Sync + 'static,
+    {
+        let local_addr = sockets[0].local_addr;
         let listeners = Arc::new(
             sockets
                 .iter()
@@ -119,6 +200,24 @@ impl Server {
         } else {
             None
         };
+        if config.steer == Steer::Cpu {
+            // Validated: steering implies pinning.
+            let allowed = cpus.as_deref().unwrap_or_default();
+            if allowed.len() != sockets.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "--steer cpu needs one worker per allowed CPU: {} CPUs ({allowed:?}), {} workers",
+                        allowed.len(),
+                        sockets.len()
+                    ),
+                ));
+            }
+            crate::steer::attach(&sockets[0].socket, &crate::steer::cpu_program(allowed)?)?;
+        } else {
+            // Adopted sockets may come with the previous owner's program.
+            crate::steer::detach(&sockets[0].socket)?;
+        }
         let config = Arc::new(config);
         let factory = Arc::new(factory);
         let mut workers = Vec::with_capacity(sockets.len());
@@ -248,6 +347,46 @@ impl Server {
         total
     }
 
+    /// Stops receiving on the listening sockets for good, keeping what else there is to
+    /// serve (after a takeover, the new process receives on them). Each worker stops its
+    /// listener's receive and never arms it again, answers what it already received, keeps
+    /// the sessions that have sockets of their own (`connected`, `port-per-client`) until
+    /// they close, closes the others at once (they could never hear from their peer again),
+    /// and ends when it has nothing left. [`Server::is_finished`] tells when all have ended;
+    /// [`Server::shutdown`] then returns their counters.
+    pub fn release_listeners(&self) {
+        for w in &self.workers {
+            if let Err(e) = w.shared.request_release() {
+                tracing::error!(error = %e, "cannot wake a worker to release its listener");
+            }
+        }
+    }
+
+    /// Whether every worker has ended (after [`Server::release_listeners`], or an error).
+    pub fn is_finished(&self) -> bool {
+        self.workers
+            .iter()
+            .all(|w| w.thread.as_ref().map_or(true, |t| t.is_finished()))
+    }
+
+    /// The listening sockets, one per worker in worker order (for handing them over).
+    pub(crate) fn listeners(&self) -> Arc<Vec<socket2::Socket>> {
+        self.listeners.clone()
+    }
+
+    /// What another thread needs to release the listeners ([`Server::release_listeners`]).
+    pub(crate) fn releaser(&self) -> impl Fn() + Send + 'static {
+        let shared: Vec<Arc<WorkerShared>> =
+            self.workers.iter().map(|w| w.shared.clone()).collect();
+        move || {
+            for w in &shared {
+                if let Err(e) = w.request_release() {
+                    tracing::error!(error = %e, "cannot wake a worker to release its listener");
+                }
+            }
+        }
+    }
+
     /// Stops every worker (stop receiving, flush replies, cancel, drain) and joins them.
     /// Returns each worker's final counters, or the first worker error.
     pub fn shutdown(mut self) -> io::Result<Vec<Stats>> {
@@ -288,6 +427,21 @@ impl Server {
             None => Ok(finals),
         }
     }
+}
+
+/// Validates the options and probes the kernel, applying the documented fallbacks of the
+/// optional socket features.
+fn prepare(mut config: ServerConfig) -> io::Result<(ServerConfig, Features)> {
+    config
+        .validate()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let features = Features::probe();
+    features
+        .check_required()
+        .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e))?;
+    config.gso &= features.has("UDP_SEGMENT");
+    config.gro &= features.has("UDP_GRO");
+    Ok((config, features))
 }
 
 /// Each worker's published counters, with the kernel's drop count for its socket.

@@ -40,36 +40,7 @@ pub fn bind_worker_socket(
         // `[::]` serves IPv4 too (dual-stack), whatever net.ipv6.bindv6only says.
         socket.set_only_v6(false)?;
     }
-    if wildcard {
-        // IPv4 datagrams (also those reaching a dual-stack socket) report IP_PKTINFO;
-        // IPv6 ones report IPV6_PKTINFO.
-        set_int(&socket, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
-        if is_v6 {
-            set_int(&socket, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
-        }
-    }
-    // SO_RCVBUFFORCE goes past net.core.rmem_max when we have CAP_NET_ADMIN; otherwise fall
-    // back to the capped request. Under load a small receive buffer loses requests.
-    if set_int(
-        &socket,
-        libc::SOL_SOCKET,
-        libc::SO_RCVBUFFORCE,
-        clamp_int(recv_buffer),
-    )
-    .is_err()
-    {
-        socket.set_recv_buffer_size(recv_buffer)?;
-    }
-    if set_int(
-        &socket,
-        libc::SOL_SOCKET,
-        libc::SO_SNDBUFFORCE,
-        clamp_int(send_buffer),
-    )
-    .is_err()
-    {
-        socket.set_send_buffer_size(send_buffer)?;
-    }
+    configure(&socket, wildcard, is_v6, recv_buffer, send_buffer)?;
     // A kernel without UDP_GRO (before 5.0) refuses the option: serve without it (the probe
     // reports the feature missing).
     let gro = gro && set_int(&socket, libc::SOL_UDP, libc::UDP_GRO, 1).is_ok();
@@ -80,6 +51,108 @@ pub fn bind_worker_socket(
         .local_addr()?
         .as_socket()
         .ok_or_else(|| io::Error::other("bound socket has no inet address"))?;
+    let recv_buffer = socket.recv_buffer_size()?;
+    Ok(BoundSocket {
+        socket,
+        local_addr,
+        is_v6,
+        wants_pktinfo: wildcard,
+        recv_buffer,
+        gro,
+    })
+}
+
+/// Packet-info for wildcard sockets and the buffer sizes: what every worker socket gets,
+/// bound here or adopted.
+fn configure(
+    socket: &Socket,
+    wildcard: bool,
+    is_v6: bool,
+    recv_buffer: usize,
+    send_buffer: usize,
+) -> io::Result<()> {
+    if wildcard {
+        // IPv4 datagrams (also those reaching a dual-stack socket) report IP_PKTINFO;
+        // IPv6 ones report IPV6_PKTINFO.
+        set_int(socket, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+        if is_v6 {
+            set_int(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+        }
+    }
+    // SO_RCVBUFFORCE goes past net.core.rmem_max when we have CAP_NET_ADMIN; otherwise fall
+    // back to the capped request. Under load a small receive buffer loses requests.
+    if set_int(
+        socket,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        clamp_int(recv_buffer),
+    )
+    .is_err()
+    {
+        socket.set_recv_buffer_size(recv_buffer)?;
+    }
+    if set_int(
+        socket,
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUFFORCE,
+        clamp_int(send_buffer),
+    )
+    .is_err()
+    {
+        socket.set_send_buffer_size(send_buffer)?;
+    }
+    Ok(())
+}
+
+/// Takes over a socket bound elsewhere (handed over by the process it replaces, or passed by
+/// systemd): checks that it is a bound UDP socket, bound to `expected` when that is given, and
+/// gives it what [`bind_worker_socket`] gives its own. `gro`: `Some(on)` sets `UDP_GRO`;
+/// `None` keeps what the socket has, because the process handing it over still receives on
+/// it: turning GRO on under a worker whose buffers were sized without it would truncate.
+pub fn adopt_worker_socket(
+    socket: Socket,
+    expected: Option<SocketAddr>,
+    recv_buffer: usize,
+    send_buffer: usize,
+    gro: Option<bool>,
+) -> io::Result<BoundSocket> {
+    let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+    if socket.r#type()? != Type::DGRAM {
+        return Err(invalid("a passed socket is not a datagram socket".into()));
+    }
+    if socket.protocol()? != Some(Protocol::UDP) {
+        return Err(invalid("a passed socket is not a UDP socket".into()));
+    }
+    let local_addr = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| invalid("a passed socket is not an IPv4 or IPv6 socket".into()))?;
+    if local_addr.port() == 0 {
+        return Err(invalid(format!(
+            "a passed socket is not bound ({local_addr})"
+        )));
+    }
+    if let Some(expected) = expected {
+        let port_ok = expected.port() == 0 || expected.port() == local_addr.port();
+        if !port_ok || expected.ip() != local_addr.ip() {
+            return Err(invalid(format!(
+                "a passed socket is bound to {local_addr}, not {expected}"
+            )));
+        }
+    }
+    // Descriptors passed by systemd are inherited without FD_CLOEXEC.
+    socket.set_cloexec(true)?;
+    let is_v6 = local_addr.is_ipv6();
+    let wildcard = local_addr.ip().is_unspecified();
+    configure(&socket, wildcard, is_v6, recv_buffer, send_buffer)?;
+    let gro = match gro {
+        // Read back where the kernel can say (getsockopt UDP_GRO); otherwise trust the set.
+        Some(on) => {
+            let set = set_int(&socket, libc::SOL_UDP, libc::UDP_GRO, libc::c_int::from(on));
+            get_int(&socket, libc::SOL_UDP, libc::UDP_GRO).map_or(on && set.is_ok(), |v| v != 0)
+        }
+        None => get_int(&socket, libc::SOL_UDP, libc::UDP_GRO).is_ok_and(|v| v != 0),
+    };
     let recv_buffer = socket.recv_buffer_size()?;
     Ok(BoundSocket {
         socket,
@@ -108,6 +181,23 @@ fn set_int(socket: &Socket, level: i32, name: i32, value: libc::c_int) -> io::Re
         )
     })?;
     Ok(())
+}
+
+fn get_int(socket: &Socket, level: i32, name: i32) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are live locals; the kernel writes at most `len` bytes into
+    // `value` and the length it wrote into `len`.
+    cvt(unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(value)
 }
 
 /// Datagrams the kernel dropped on `socket` (receive queue full, memory pressure):

@@ -15,6 +15,7 @@
 //! out at the end of the turn. Closing a session never routes a datagram; what its socket
 //! still held goes back into the backlog for the next pass.
 
+mod handover;
 mod io;
 mod receive;
 mod router;
@@ -53,7 +54,12 @@ const BUSY_TURN: usize = 8;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Running,
-    Draining { deadline: Instant },
+    /// The listener was handed over (`handover`): sessions with sockets of their own are
+    /// still served, nothing new arrives through the listener.
+    Released,
+    Draining {
+        deadline: Instant,
+    },
 }
 
 /// Limits an error log line to one per second, counting what it held back.
@@ -279,13 +285,17 @@ impl<H: SessionHandler> Worker<H> {
             }
             self.flush_sends();
             self.io.bufs.publish();
-            if self.state == State::Running {
-                if !self.io.ledger.recv_armed && self.io.bufs.available() > 0 {
+            if self.serving() {
+                if self.state == State::Running
+                    && !self.io.ledger.recv_armed
+                    && self.io.bufs.available() > 0
+                {
                     self.stats.rearms += 1;
                     self.io.arm_recv()?;
                 }
                 self.rearm_sessions()?;
             }
+            self.end_when_released_and_idle()?;
             self.stats.sessions_open = self.router.sessions.len() as u64;
             self.shared.counters.publish(&self.stats);
             if let State::Draining { deadline } = self.state {
@@ -314,17 +324,19 @@ impl<H: SessionHandler> Worker<H> {
             (!self.backlog.is_empty() && self.io.sends.free_slots() > 0) || self.socks.busy();
         let (want, timeout) = match (self.state, self.pacing.batch_wait) {
             _ if ready => (0, None),
-            (State::Running, None) => (1, None),
+            (State::Running | State::Released, None) => (1, None),
             // Gather a batch only while batches are coming: at low load a timed wait
             // would fire its timer for nothing on every turn.
-            (State::Running, Some(wait)) if self.completions.len() >= BUSY_TURN => {
+            (State::Running | State::Released, Some(wait))
+                if self.completions.len() >= BUSY_TURN =>
+            {
                 (self.pacing.batch_size, Some(wait))
             }
-            (State::Running, Some(_)) => (1, None),
+            (State::Running | State::Released, Some(_)) => (1, None),
             // While draining, wake up to notice the deadline even if nothing completes.
             (State::Draining { .. }, _) => (1, Some(Duration::from_millis(20))),
         };
-        if want == 1 && timeout.is_none() && self.state == State::Running && self.spin()? {
+        if want == 1 && timeout.is_none() && self.serving() && self.spin()? {
             return Ok(());
         }
         self.stats.enters += 1;
@@ -381,8 +393,13 @@ impl<H: SessionHandler> Worker<H> {
                 self.read_posted();
                 if self.shared.shutdown.load(Ordering::Acquire) {
                     self.begin_drain()?;
-                } else if self.state == State::Running {
-                    self.io.arm_wake()?;
+                } else {
+                    if self.shared.release.load(Ordering::Acquire) {
+                        self.release_listener()?;
+                    }
+                    if self.serving() {
+                        self.io.arm_wake()?;
+                    }
                 }
             }
             OpKind::Tick => {
@@ -439,7 +456,7 @@ impl<H: SessionHandler> Worker<H> {
     }
 
     fn begin_drain(&mut self) -> stdio::Result<()> {
-        if self.state != State::Running {
+        if !self.serving() {
             return Ok(());
         }
         self.state = State::Draining {

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 
 use super::router::{Route, Source};
-use super::{State, Worker};
+use super::Worker;
 use crate::buf_ring::{BufRing, RecvBuf};
 use crate::config::SessionMode;
 use crate::datagram::{decode_sockaddr, find_gro_segment_size, find_pktinfo, parse_recvmsg_out};
@@ -382,8 +382,9 @@ impl<H: SessionHandler> Worker<H> {
         }
     }
 
-    /// Whether the worker still opens sessions.
+    /// Whether the worker still opens sessions (also after its listener was released: a
+    /// datagram it received before that still gets its session here).
     pub(super) fn running(&self) -> bool {
-        self.state == State::Running
+        self.serving()
     }
 }

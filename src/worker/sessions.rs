@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 
 use super::receive::Pending;
 use super::router::{SessionEntry, SessionSock, Source};
-use super::{Posted, State, Worker};
+use super::{Posted, Worker};
 use crate::config::SessionMode;
 use crate::cookie;
 use crate::handler::{SessionHandler, SessionInfo};
@@ -339,7 +339,7 @@ impl<H: SessionHandler> Worker<H> {
             } else if let Some(entry) = self.router.sessions.get_mut(id) {
                 if let Some(sock) = entry.value.sock.as_mut() {
                     sock.recv_armed = false;
-                    if self.state == State::Running {
+                    if self.serving() {
                         self.socks.rearm.push(id);
                         if c.result >= 0 || c.result == -libc::ENOBUFS {
                             self.stats.rearms += 1;
@@ -387,7 +387,7 @@ impl<H: SessionHandler> Worker<H> {
             self.close_session(id, CloseReason::Idle);
         }
         self.socks.expired = expired;
-        if self.state == State::Running {
+        if self.serving() {
             if let Some(due) = self.router.sessions.next_check() {
                 self.io.arm_tick(due.saturating_sub(self.now_ms))?;
             }

@@ -44,6 +44,8 @@ pub struct WorkerShared {
     /// Written to wake the worker's ring from another thread.
     pub wake_fd: OwnedFd,
     pub shutdown: AtomicBool,
+    /// The listener is handed over: stop receiving on it for good (`Server::release_listeners`).
+    pub release: AtomicBool,
     mailbox: Mutex<Mailbox>,
 }
 
@@ -53,6 +55,7 @@ impl WorkerShared {
             counters: SharedStats::default(),
             wake_fd: crate::sys::eventfd()?,
             shutdown: AtomicBool::new(false),
+            release: AtomicBool::new(false),
             mailbox: Mutex::new(Mailbox {
                 posted: Vec::new(),
                 closed: false,
@@ -64,6 +67,13 @@ impl WorkerShared {
     /// flight and returns.
     pub fn request_shutdown(&self) -> io::Result<()> {
         self.shutdown.store(true, Ordering::Release);
+        crate::sys::eventfd_signal(&self.wake_fd)
+    }
+
+    /// Asks the worker to stop receiving on its listener and to end once its remaining
+    /// sessions have closed.
+    pub fn request_release(&self) -> io::Result<()> {
+        self.release.store(true, Ordering::Release);
         crate::sys::eventfd_signal(&self.wake_fd)
     }
 

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use udpring::{App, ServerConfig, SessionMode};
+use udpring::{App, ServerConfig, SessionMode, Steer};
 
 use crate::load::LoadArgs;
 
@@ -141,6 +141,16 @@ pub struct ServeArgs {
     /// from it, whatever the handler asks (RFC 9000 section 8 uses 3). 0 turns it off.
     #[arg(long, value_name = "N", default_value_t = defaults().amplification_factor)]
     amplification_factor: u32,
+    /// Take over from the udpring serving --bind: receive its listening sockets (and what is
+    /// queued on them), start serving, then tell it to finish what it still serves and exit 0.
+    /// Without a running udpring on the address, start as usual.
+    #[arg(long)]
+    pub takeover: bool,
+    /// How datagrams of new peers are spread over the workers: `none` (the kernel's
+    /// SO_REUSEPORT hash) or `cpu` (the worker pinned to the CPU that received the packet;
+    /// needs --pin-cpus and one worker per allowed CPU).
+    #[arg(long, value_enum, default_value_t = defaults().steer)]
+    steer: Steer,
     /// Serve Prometheus metrics (text format 0.0.4) at http://ADDR:PORT/metrics. Bind it to
     /// loopback or a trusted interface.
     #[arg(long, value_name = "ADDR:PORT")]
@@ -180,6 +190,7 @@ impl ServeArgs {
             validate_peers: d.validate_peers || self.validate_peers,
             cookie_rotation: self.cookie_rotation.0,
             amplification_factor: self.amplification_factor,
+            steer: self.steer,
             // Options without a flag keep the library's value.
             ..d.clone()
         }

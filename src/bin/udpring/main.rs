@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
-use udpring::{App, Discard, Echo, Server, SessionHandler, Sockperf, Stats};
+use udpring::{
+    App, Discard, Echo, Server, ServerConfig, SessionHandler, SocketOrigin, Sockperf, Stats,
+};
 
 use args::{Cli, Command, ServeArgs};
 
@@ -94,11 +96,11 @@ where
     F: Fn(usize) -> H + Send + Sync + 'static,
 {
     let config = args.config();
-    let sessions = config.sessions;
+    let (sessions, steer) = (config.sessions, config.steer);
     // Block the shutdown signals before any worker exists so they inherit the mask and only
     // this thread sees SIGINT/SIGTERM.
     udpring::block_shutdown_signals().context("cannot block signals")?;
-    let server = Server::start(config, factory)?;
+    let (server, origin) = start(args, config, factory)?;
     let features: Vec<&str> = server
         .features()
         .list
@@ -109,28 +111,56 @@ where
     tracing::info!(
         addr = %server.local_addr(),
         workers = server.worker_count(),
+        sockets = %origin,
         app = %cli_name(&args.app),
         sessions = %cli_name(&sessions),
+        steer = %cli_name(&steer),
         ring = %server.task_run_mode().describe(),
         rcvbuf = server.recv_buffer(),
         kernel = %server.features().kernel_release,
         features = features.join(", "),
         "listening"
     );
+    // The next restart takes over from this process (`--takeover`).
+    let offer = match server.offer_takeover() {
+        Ok(offer) => Some(offer),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot offer takeover; a restart with --takeover will not find this process");
+            None
+        }
+    };
     // Off the datagram path: a scrape reads the counters the workers publish each loop turn.
-    let metrics = args
-        .metrics
-        .map(|addr| metrics::serve(addr, server.counter_source()))
-        .transpose()
-        .context("cannot serve metrics")?;
+    let mut metrics = match args.metrics {
+        None => None,
+        // The process taken over from lets go of the port once it was told to go; the
+        // sockets are served already, so a late or missing endpoint must not stop that.
+        Some(addr) if matches!(origin, Origin::TakenOver(_)) => metrics_when_free(addr, &server),
+        Some(addr) => {
+            Some(metrics::serve(addr, server.counter_source()).context("cannot serve metrics")?)
+        }
+    };
     if let Some(m) = &metrics {
         tracing::info!("metrics on http://{}/metrics", m.local_addr());
     }
     print_for_scripts(format_args!("udpring listening on {}", server.local_addr()));
 
     let started = Instant::now();
-    let signal = wait_logging_stats(&server, args.stats_interval())?;
-    tracing::info!(signal, "shutting down");
+    let handed_over = || offer.as_ref().is_some_and(|o| o.taken_over());
+    let signal = match wait_logging_stats(&server, args.stats_interval(), &handed_over)? {
+        Some(signal) => Some(signal),
+        None => {
+            // The next process serves the metrics port from now on.
+            if let Some(m) = metrics.take() {
+                m.shutdown();
+            }
+            wait_logging_stats(&server, args.stats_interval(), &|| server.is_finished())?
+        }
+    };
+    match signal {
+        Some(signal) => tracing::info!(signal, "shutting down"),
+        None => tracing::info!("taken over: every worker has finished"),
+    }
+    drop(offer);
     // Scrapes stop before the workers do, so none reads counters of a server half gone.
     if let Some(m) = metrics {
         m.shutdown();
@@ -152,24 +182,124 @@ where
     Ok(ExitCode::SUCCESS)
 }
 
-/// Waits for SIGINT/SIGTERM and returns it, logging a counter summary every `interval`
-/// (never when `None`). A summary is skipped when nothing was counted since the previous
-/// tick: an idle server logs nothing, while a line that shows sessions closing on idle (no
-/// datagrams, but counters moved) is kept.
-fn wait_logging_stats(server: &Server, interval: Option<Duration>) -> Result<i32> {
-    let Some(interval) = interval else {
-        loop {
-            // Any timeout works: the wait returns early on a signal.
-            if let Some(sig) = udpring::wait_shutdown_signal(Duration::from_secs(3600))? {
-                return Ok(sig);
-            }
+/// Where the listening sockets came from, for the `listening` lines.
+enum Origin {
+    Bound,
+    SocketActivated(Vec<String>),
+    TakenOver(u32),
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Bound => write!(f, "bound"),
+            Origin::SocketActivated(names) if names.is_empty() => write!(f, "socket-activated"),
+            Origin::SocketActivated(names) => write!(f, "socket-activated: {}", names.join(",")),
+            Origin::TakenOver(pid) => write!(f, "taken over from pid {pid}"),
         }
-    };
+    }
+}
+
+/// Starts the server on the sockets systemd passed, on the sockets of the udpring it takes
+/// over from (`--takeover`), or on sockets of its own.
+fn start<H, F>(args: &ServeArgs, mut config: ServerConfig, factory: F) -> Result<(Server, Origin)>
+where
+    H: SessionHandler,
+    F: Fn(usize) -> H + Send + Sync + 'static,
+{
+    if let Some(fds) = udpring::activation::listen_fds().context("socket activation")? {
+        // The passed sockets define the address; --bind and --workers do not apply.
+        let first = socket2::SockRef::from(&fds[0])
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .context("the first passed socket is not a bound IPv4/IPv6 socket")?;
+        config.bind = first;
+        let server =
+            Server::start_with_sockets(config, fds, SocketOrigin::ServiceManager, factory)?;
+        return Ok((
+            server,
+            Origin::SocketActivated(udpring::activation::listen_fd_names()),
+        ));
+    }
+    if args.takeover {
+        match udpring::takeover::request(config.bind)
+            .with_context(|| format!("cannot take over from the udpring serving {}", config.bind))?
+        {
+            Some(mut handover) => {
+                let pid = handover.pid();
+                let sockets = handover.take_sockets();
+                // On an error here the handover is dropped without `go`: the old process
+                // keeps serving.
+                let server =
+                    Server::start_with_sockets(config, sockets, SocketOrigin::HandedOver, factory)?;
+                // The sockets are this process's now whatever the old one answers: a process
+                // that exited in the meantime cannot confirm, and that is no reason to stop.
+                if let Err(e) = handover.complete() {
+                    tracing::warn!(pid, error = %e, "the process taken over from did not confirm; serving anyway");
+                }
+                return Ok((server, Origin::TakenOver(pid)));
+            }
+            None => tracing::info!(
+                addr = %config.bind,
+                "--takeover: no udpring offers this address; starting on sockets of its own"
+            ),
+        }
+    }
+    Ok((Server::start(config, factory)?, Origin::Bound))
+}
+
+/// Serves metrics on `addr` as soon as the process taken over from has closed it (it does
+/// within 100 ms of being told to go); after 2 s, serves on without them, with a warning.
+fn metrics_when_free(
+    addr: std::net::SocketAddr,
+    server: &Server,
+) -> Option<metrics::MetricsServer> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match metrics::serve(addr, server.counter_source()) {
+            Ok(m) => return Some(m),
+            Err(e) if Instant::now() >= deadline => {
+                tracing::warn!(%addr, error = %e, "cannot serve metrics; serving without them");
+                return None;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// How often the wait looks at its condition (handed over; every worker finished). The look
+/// is cheap; the sooner the old process exits, the sooner a deploy script may go on.
+const FINISHED_POLL: Duration = Duration::from_millis(100);
+
+/// Waits for SIGINT/SIGTERM (`Some(signal)`) or until `until()` holds (`None`; it is looked
+/// at every 100 ms), logging a counter summary every `interval` (never when `None`). A
+/// summary is skipped when nothing was counted since the previous tick: an idle server logs
+/// nothing, while a line that shows sessions closing on idle (no datagrams, but counters
+/// moved) is kept.
+fn wait_logging_stats(
+    server: &Server,
+    interval: Option<Duration>,
+    until: &dyn Fn() -> bool,
+) -> Result<Option<i32>> {
     let mut last = Stats::default();
     let mut last_at = Instant::now();
     loop {
-        if let Some(sig) = udpring::wait_shutdown_signal(interval)? {
-            return Ok(sig);
+        let next_stats = interval.map(|i| last_at + i);
+        loop {
+            if until() {
+                return Ok(None);
+            }
+            let wait = next_stats.map_or(FINISHED_POLL, |at| {
+                at.saturating_duration_since(Instant::now())
+                    .min(FINISHED_POLL)
+            });
+            if let Some(sig) = udpring::wait_shutdown_signal(wait)? {
+                return Ok(Some(sig));
+            }
+            if next_stats.is_some_and(|at| Instant::now() >= at) {
+                break;
+            }
         }
         let now = Instant::now();
         let per_worker = server.worker_counters();
