@@ -91,3 +91,50 @@ fn deferred_replies_posted_during_shutdown_are_sent_or_refused() {
         assert!(refused > 0, "posts after the stop are refused");
     }
 }
+
+/// Echoes after a short busy wait, so that datagrams pile up in the worker's backlog.
+struct SlowEcho;
+
+impl udpring::Handler for SlowEcho {
+    fn on_datagram(&mut self, datagram: &Datagram<'_>, reply: &mut Reply<'_>) {
+        let until = std::time::Instant::now() + std::time::Duration::from_micros(20);
+        while std::time::Instant::now() < until {
+            std::hint::spin_loop();
+        }
+        let _ = reply.send(datagram.payload);
+    }
+}
+
+/// Shutdown answers every datagram the worker had already received (those waiting in its
+/// backlog when the signal came included) before it closes the sessions and exits.
+#[test]
+fn shutdown_answers_everything_already_received() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    for mode in [SessionMode::None, SessionMode::Shared] {
+        let server = start(
+            ServerConfig {
+                sessions: mode,
+                ..config("127.0.0.1:0", 1)
+            },
+            |_| SlowEcho,
+        );
+        let to = server.local_addr();
+        let client = client_for(to);
+        for i in 0..2_000u32 {
+            client.send_to(&i.to_be_bytes(), to).expect("send");
+        }
+        // Shut down while the worker is still working through them.
+        assert!(wait_until(WAIT, || server.total_counters().rx_datagrams > 50));
+        let stats = server.shutdown().expect("shutdown");
+        let s = &stats[0];
+        assert!(s.rx_datagrams > 0);
+        assert_eq!(
+            s.tx_datagrams + s.send_errors + s.send_dropped,
+            s.rx_datagrams,
+            "{mode:?}: every datagram handed over was answered ({})",
+            s.summary()
+        );
+    }
+}

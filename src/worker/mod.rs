@@ -126,6 +126,8 @@ pub struct Worker<H: SessionHandler> {
     socks: SessionSockets,
     posted: Vec<Posted>,
     amplification_factor: u64,
+    /// Shutdown has closed every session (after answering what was received).
+    sessions_closed: bool,
     /// `--max-datagram`: longer datagrams are counted as truncated, even inside a GRO train.
     max_datagram: usize,
     started: Instant,
@@ -232,6 +234,7 @@ impl<H: SessionHandler> Worker<H> {
             socks: SessionSockets::new(config.max_connected, config.recv_buffer_bytes.min(1 << 20)),
             posted: Vec::new(),
             amplification_factor: u64::from(config.amplification_factor),
+            sessions_closed: false,
             max_datagram: config.max_datagram,
             started,
             now_ms: 0,
@@ -298,8 +301,13 @@ impl<H: SessionHandler> Worker<H> {
             self.end_when_released_and_idle()?;
             self.stats.sessions_open = self.router.sessions.len() as u64;
             self.shared.counters.publish(&self.stats);
+            self.close_sessions_when_drained();
             if let State::Draining { deadline } = self.state {
-                if self.io.in_flight() == 0 && self.backlog.is_empty() && !self.socks.busy() {
+                if self.sessions_closed
+                    && self.io.in_flight() == 0
+                    && self.backlog.is_empty()
+                    && !self.socks.busy()
+                {
                     // Push out anything the last turn queued (the replies were counted as
                     // queued, the kernel must see them).
                     self.io.submit()?;
@@ -469,7 +477,22 @@ impl<H: SessionHandler> Worker<H> {
         if self.io.ledger.tick_armed {
             self.io.cancel(UserData::new(OpKind::Tick, 0, 0))?;
         }
-        self.close_all_sessions();
+        // Sessions stay open until the listener's receive has ended and everything it took
+        // has been answered (`close_sessions_when_drained`).
         Ok(())
+    }
+
+    /// While draining: once the listener's receive has delivered its last completion and the
+    /// backlog is empty, every datagram received has been answered; close the sessions
+    /// (their handlers see `session_close`) and let the drain finish.
+    fn close_sessions_when_drained(&mut self) {
+        if matches!(self.state, State::Draining { .. })
+            && !self.sessions_closed
+            && !self.io.ledger.recv_armed
+            && self.backlog.is_empty()
+        {
+            self.sessions_closed = true;
+            self.close_all_sessions();
+        }
     }
 }

@@ -384,7 +384,9 @@ impl<H: SessionHandler> Worker<H> {
 
     /// Whether the worker still opens sessions (also after its listener was released: a
     /// datagram it received before that still gets its session here).
+    /// While draining, datagrams received before the listener's receive ended still open
+    /// sessions (and are answered) until the sessions are closed.
     pub(super) fn running(&self) -> bool {
-        self.serving()
+        self.serving() || !self.sessions_closed
     }
 }

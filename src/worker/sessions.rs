@@ -151,7 +151,8 @@ impl<H: SessionHandler> Worker<H> {
         if own_socket {
             self.socks.rearm.push(id);
         }
-        if !self.io.ledger.tick_armed {
+        // Not while draining: a new timer would hold the drain open until it fired.
+        if !self.io.ledger.tick_armed && self.serving() {
             let idle = self.router.sessions.limits().idle_timeout_ms;
             if let Err(e) = self.io.arm_tick(idle) {
                 tracing::error!(worker = self.id, error = %e, "cannot arm the idle timer");
