@@ -44,6 +44,9 @@ pub struct ServerConfig {
     /// datagrams of one flow into one receive, which the worker splits again (handlers see
     /// one datagram each unless they take whole trains). Receive buffers then hold 64 KiB.
     pub gro: bool,
+    /// Ask the kernel for each datagram's ECN codepoint (`IP_RECVTOS`, `IPV6_RECVTCLASS`):
+    /// [`crate::Datagram::ecn`]. Off by default: one more control message per receive.
+    pub ecn: bool,
     /// When set, each wait asks the kernel for `batch_size` completions and lets it hold the
     /// worker asleep up to this long to gather them (DEFER_TASKRUN then wakes the worker
     /// once per batch instead of once per datagram). Trades latency for CPU; off by default.
@@ -97,6 +100,7 @@ impl Default for ServerConfig {
             send_buffer_bytes: 4 << 20,
             gso: true,
             gro: true,
+            ecn: false,
             batch_wait: None,
             batch_size: 32,
             busy_poll: None,

@@ -87,7 +87,7 @@ pub use handler::{
     SessionHandler, SessionInfo, Sockperf,
 };
 pub use ring::TaskRunMode;
-pub use send_pool::SendError;
+pub use send_pool::{SendError, SendOptions};
 pub use server::Server;
 pub use session::{CloseReason, SessionId};
 pub use stats::Stats;

@@ -77,6 +77,11 @@ impl Server {
                 config.gro,
             )?);
         }
+        if config.ecn {
+            for socket in &sockets {
+                crate::socket::enable_ecn_reports(socket)?;
+            }
+        }
         let listeners = Arc::new(
             sockets
                 .iter()

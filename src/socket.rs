@@ -91,6 +91,19 @@ pub fn bind_worker_socket(
     })
 }
 
+/// Asks the kernel to report each datagram's TOS / traffic class byte, whose two low bits are
+/// its ECN codepoint: `IP_RECVTOS` for IPv4 (also on a dual-stack socket), `IPV6_RECVTCLASS`
+/// for IPv6.
+pub fn enable_ecn_reports(bound: &BoundSocket) -> io::Result<()> {
+    if bound.is_v6 {
+        set_int(&bound.socket, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 1)?;
+        if !bound.local_addr.ip().is_unspecified() {
+            return Ok(());
+        }
+    }
+    set_int(&bound.socket, libc::IPPROTO_IP, libc::IP_RECVTOS, 1)
+}
+
 fn clamp_int(v: usize) -> libc::c_int {
     v.min(libc::c_int::MAX as usize) as libc::c_int
 }
