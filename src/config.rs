@@ -47,6 +47,9 @@ pub struct ServerConfig {
     /// Ask the kernel for each datagram's ECN codepoint (`IP_RECVTOS`, `IPV6_RECVTCLASS`):
     /// [`crate::Datagram::ecn`]. Off by default: one more control message per receive.
     pub ecn: bool,
+    /// Route QUIC short-header packets to the worker their destination connection ID names
+    /// (a reuseport BPF program, `crate::quic::route`); everything else by the kernel's hash.
+    pub cid_routing: bool,
     /// When set, each wait asks the kernel for `batch_size` completions and lets it hold the
     /// worker asleep up to this long to gather them (DEFER_TASKRUN then wakes the worker
     /// once per batch instead of once per datagram). Trades latency for CPU; off by default.
@@ -101,6 +104,7 @@ impl Default for ServerConfig {
             gso: true,
             gro: true,
             ecn: false,
+            cid_routing: false,
             batch_wait: None,
             batch_size: 32,
             busy_poll: None,

@@ -521,6 +521,9 @@ pub enum App {
     Discard,
     /// Replies to `sockperf ping-pong` / `under-load` clients.
     Sockperf,
+    /// QUIC (quinn-proto): ALPN `echo` and `hq-interop` (feature `quic`).
+    #[cfg(feature = "quic")]
+    Quic,
 }
 
 #[cfg(test)]

@@ -69,6 +69,16 @@ pub mod cookie;
 mod directory;
 mod features;
 mod handler;
+#[cfg(feature = "quic")]
+pub mod quic;
+#[cfg(not(feature = "quic"))]
+mod quic {
+    //! Without the `quic` feature only the routing program is built (the engine attaches it
+    //! when `ServerConfig::cid_routing` is set); the CID helpers serve the QUIC handler.
+    #[allow(dead_code)]
+    #[path = "route.rs"]
+    pub mod route;
+}
 mod ring;
 mod send_pool;
 mod server;

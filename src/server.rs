@@ -77,6 +77,10 @@ impl Server {
                 config.gro,
             )?);
         }
+        if config.cid_routing {
+            // Any socket of the group carries the group's program.
+            crate::quic::route::attach(&sockets[0].socket)?;
+        }
         if config.ecn {
             for socket in &sockets {
                 crate::socket::enable_ecn_reports(socket)?;
