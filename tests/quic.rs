@@ -163,6 +163,49 @@ fn hq_interop_serves_files_under_the_root_only() {
     let _ = std::fs::remove_dir_all(root);
 }
 
+/// A send pool of four slots for a 4 MiB echo: the handler stops polling transmits when the
+/// pool is full and resumes on a free slot; no transmit is dropped for want of a slot.
+#[test]
+fn a_full_send_pool_pauses_transmits_without_dropping() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let server = QuicServer::start_with(1, false, Duration::from_secs(30), None, |c| {
+        c.send_slots = 4;
+    });
+    let rt = runtime();
+    let endpoint = {
+        let _guard = rt.enter();
+        client(&server.cert, ALPN_ECHO)
+    };
+    let addr = server.addr();
+    block_on(&rt, async {
+        let conn = endpoint
+            .connect(addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let streams: Vec<_> = (0..4)
+            .map(|n| {
+                let conn = conn.clone();
+                tokio::spawn(async move { echo_once(&conn, n, 1 << 20).await })
+            })
+            .collect();
+        for s in streams {
+            s.await.expect("stream");
+        }
+        conn.close(0u32.into(), b"done");
+    });
+    let stats = server.stats();
+    let engine = server.server.total_counters();
+    assert!(stats.blocked > 0, "the pool filled up: {stats:?}");
+    assert_eq!(
+        engine.send_dropped, 0,
+        "no transmit dropped for want of a slot"
+    );
+    assert!(engine.gso_trains > 0, "quinn's trains went out whole");
+}
+
 /// With two workers the client moves to a new local port eight times during a transfer.
 /// Without routing by connection ID each move lands on the wrong worker half the time (a
 /// stateless reset then kills the connection); with it every packet reaches the owner.
@@ -323,4 +366,157 @@ fn bad_input_and_a_spoofed_flood_cost_no_state() {
 #[ignore = "stress: make stress"]
 fn a_flood_from_10000_source_ports_costs_no_state() {
     bad_input_and_flood(10_000);
+}
+
+/// A `udpring serve --app quic` child, its printed certificate and address, and the rest of
+/// its stdout.
+struct QuicBinary {
+    child: std::process::Child,
+    cert_path: String,
+    addr: SocketAddr,
+    lines: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl QuicBinary {
+    fn spawn(args: &[&str], root: &std::path::Path) -> QuicBinary {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_udpring"))
+            .args(["serve", "--app", "quic", "--bind", "127.0.0.1:0"])
+            .args(args)
+            .arg("--root")
+            .arg(root)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("udpring starts");
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        lines.read_line(&mut line).expect("certificate line");
+        let cert_path = line
+            .trim()
+            .strip_prefix("udpring certificate ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        line.clear();
+        lines.read_line(&mut line).expect("listening line");
+        let addr: SocketAddr = line
+            .trim()
+            .strip_prefix("udpring listening on ")
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+            .parse()
+            .expect("address");
+        QuicBinary {
+            child,
+            cert_path,
+            addr,
+            lines,
+        }
+    }
+
+    /// SIGTERM, then the rest of stdout once it exited 0.
+    fn stop(mut self) -> String {
+        use std::io::Read;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let mut rest = String::new();
+        let _ = self.lines.read_to_string(&mut rest);
+        let status = self.child.wait().expect("exit");
+        assert!(status.success(), "exit 0 on SIGTERM");
+        if let Some(dir) = std::path::Path::new(&self.cert_path).parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        rest
+    }
+}
+
+/// `udpring serve --app quic` without --cert: the self-signed certificate's path comes first
+/// on stdout, a client that trusts that file gets the file it asks for over hq-interop, and
+/// SIGTERM ends it with the QUIC counters printed.
+#[test]
+fn the_binary_serves_quic_with_a_self_signed_certificate() {
+    use rustls::pki_types::pem::PemObject;
+
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let root = std::env::temp_dir().join(format!("udpring-quic-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("hello.txt"), b"hello over hq-interop\n").unwrap();
+    let server = QuicBinary::spawn(&["--workers", "2"], &root);
+    let cert = CertificateDer::from_pem_file(&server.cert_path).expect("the printed certificate");
+    let rt = runtime();
+    let endpoint = {
+        let _guard = rt.enter();
+        client(&cert, ALPN_HQ)
+    };
+    assert_eq!(
+        get(&endpoint, server.addr, &rt, "/hello.txt"),
+        b"hello over hq-interop\n"
+    );
+    let rest = server.stop();
+    assert!(
+        rest.contains("udpring quic ") && rest.contains("hq_files=1"),
+        "{rest}"
+    );
+    let _ = std::fs::remove_dir_all(root);
+}
+
+/// A Python with aioquic: `UDPRING_AIOQUIC_PYTHON`, the CI's venv under target/, or python3.
+fn aioquic_python() -> Option<std::path::PathBuf> {
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/aioquic/bin/python");
+    let candidates = [
+        std::env::var_os("UDPRING_AIOQUIC_PYTHON").map(std::path::PathBuf::from),
+        Some(venv),
+        Some("python3".into()),
+    ];
+    candidates.into_iter().flatten().find(|python| {
+        std::process::Command::new(python)
+            .args(["-c", "import aioquic"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// A client of another implementation (aioquic): echo over IPv4 with Retry validation, and
+/// an hq-interop file byte-exact.
+#[test]
+fn an_aioquic_client_is_served() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let Some(python) = aioquic_python() else {
+        skip_or_fail("aioquic not installed (pip install aioquic, or set UDPRING_AIOQUIC_PYTHON)");
+        return;
+    };
+    let root = std::env::temp_dir().join(format!("udpring-quic-aio-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("f.bin"), pattern(3, 2 << 20)).unwrap();
+    let server = QuicBinary::spawn(&["--workers", "2", "--validate-peers"], &root);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/quic_interop.py");
+    let addr = server.addr.to_string();
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(&python)
+            .arg(&script)
+            .args(["--addr", &addr, "--cafile", &server.cert_path])
+            .args(extra)
+            .output()
+            .expect("python runs");
+        assert!(
+            out.status.success(),
+            "aioquic {extra:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["echo", "--sizes", "1,1000,300000"]);
+    let expect = root.join("f.bin");
+    run(&["hq", "/f.bin", "--expect", expect.to_str().unwrap()]);
+    let rest = server.stop();
+    assert!(
+        rest.contains("retries=2"),
+        "both connections went through Retry: {rest}"
+    );
+    let _ = std::fs::remove_dir_all(root);
 }

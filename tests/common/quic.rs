@@ -26,6 +26,17 @@ impl QuicServer {
         idle: Duration,
         root: Option<PathBuf>,
     ) -> Self {
+        Self::start_with(workers, validate_peers, idle, root, |_| {})
+    }
+
+    /// As `start`, with `tweak` applied to the engine's options last.
+    pub fn start_with(
+        workers: usize,
+        validate_peers: bool,
+        idle: Duration,
+        root: Option<PathBuf>,
+        tweak: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
         let made = Identity::self_signed(&["localhost".into()]).expect("certificate");
         let cert = made.identity.chain[0].clone();
         let quic = Arc::new(
@@ -42,6 +53,7 @@ impl QuicServer {
             ..config("127.0.0.1:0", workers)
         };
         Quic::configure(&mut config).expect("engine options");
+        tweak(&mut config);
         let factory = quic.clone();
         let server = start(config, move |worker| factory.handler(worker));
         QuicServer { server, quic, cert }
