@@ -50,6 +50,9 @@ pub struct ServerConfig {
     /// Route QUIC short-header packets to the worker their destination connection ID names
     /// (a reuseport BPF program, `crate::quic::route`); everything else by the kernel's hash.
     pub cid_routing: bool,
+    /// Send every datagram with don't-fragment set, ignoring the kernel's path MTU estimate
+    /// (`IP_PMTUDISC_PROBE`): for stacks that discover the path MTU themselves (QUIC).
+    pub dont_fragment: bool,
     /// When set, each wait asks the kernel for `batch_size` completions and lets it hold the
     /// worker asleep up to this long to gather them (DEFER_TASKRUN then wakes the worker
     /// once per batch instead of once per datagram). Trades latency for CPU; off by default.
@@ -105,6 +108,7 @@ impl Default for ServerConfig {
             gro: true,
             ecn: false,
             cid_routing: false,
+            dont_fragment: false,
             batch_wait: None,
             batch_size: 32,
             busy_poll: None,

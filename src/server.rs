@@ -81,9 +81,12 @@ impl Server {
             // Any socket of the group carries the group's program.
             crate::quic::route::attach(&sockets[0].socket)?;
         }
-        if config.ecn {
-            for socket in &sockets {
+        for socket in &sockets {
+            if config.ecn {
                 crate::socket::enable_ecn_reports(socket)?;
+            }
+            if config.dont_fragment {
+                crate::socket::set_dont_fragment(socket)?;
             }
         }
         let listeners = Arc::new(

@@ -122,9 +122,9 @@ impl QuicHandler {
     ) -> QuicHandler {
         let mut config = EndpointConfig::new(reset_key);
         config.cid_generator(move || Box::new(WorkerCids::new(worker)));
-        // No path MTU discovery: the engine's sockets do not set don't-fragment, so a probe
-        // could pass fragmented and mislead it. Datagrams stay at quinn's initial 1200 B.
-        let endpoint = Endpoint::new(Arc::new(config), Some(server_config.clone()), false, None);
+        // Path MTU discovery (up to quinn's 1452 B): `Quic::configure` sets don't-fragment on
+        // the sockets, so a probe too large for the path is lost, not fragmented.
+        let endpoint = Endpoint::new(Arc::new(config), Some(server_config.clone()), true, None);
         QuicHandler {
             worker,
             endpoint,

@@ -99,8 +99,10 @@ impl Quic {
 
     /// Sets the engine options the QUIC handler relies on: stateless dispatch (quinn keeps
     /// the per-connection state), ECN reports, no engine anti-amplification budget (quinn
-    /// enforces RFC 9000's own), connection-ID routing between workers, and no engine cookie
-    /// gate (validation is QUIC's Retry). Fails for more workers than a CID byte can name.
+    /// enforces RFC 9000's own), connection-ID routing between workers, no engine cookie
+    /// gate (validation is QUIC's Retry), and don't-fragment on every datagram (the handler
+    /// runs quinn's path MTU discovery, whose probes must not pass fragmented). Fails for
+    /// more workers than a CID byte can name.
     pub fn configure(config: &mut ServerConfig) -> io::Result<()> {
         if config.workers > 256 {
             return Err(io::Error::new(
@@ -118,6 +120,7 @@ impl Quic {
         config.amplification_factor = 0;
         config.validate_peers = false;
         config.cid_routing = true;
+        config.dont_fragment = true;
         Ok(())
     }
 
