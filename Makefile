@@ -3,7 +3,7 @@ CARGO ?= cargo
 BIND ?= 127.0.0.1:9000
 ARGS ?=
 
-.PHONY: build run test lint probe bench bench-quick bench-micro fmt clean fuzz soak
+.PHONY: build run test lint probe bench bench-quick bench-micro bench-quic fmt clean fuzz soak
 
 build:
 	$(CARGO) build --release --bins --examples
@@ -51,6 +51,14 @@ clean:
 bench:
 	$(CARGO) build --release --bins --examples
 	python3 scripts/bench.py
+	python3 scripts/bench_quic.py
+
+# udpring --app quic against quinn on tokio (examples/baseline_quinn.rs), the same quinn client
+# (examples/quic_load.rs) for both, pinned: CPU 0 server, CPU 1 client. Results in
+# target/bench/quic.json. `make bench-quic ARGS=--quick` is a one-round smoke test.
+bench-quic:
+	$(CARGO) build --release --bins --examples
+	python3 scripts/bench_quic.py $(ARGS)
 
 bench-quick:
 	$(CARGO) build --release --bins --examples
