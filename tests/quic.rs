@@ -65,8 +65,8 @@ fn echo_many(
     let stats = server.stats();
     assert_eq!(stats.accepted, connections as u64);
     assert_eq!(stats.streams, (connections * streams) as u64);
-    assert_eq!(stats.stateless_resets, 0);
-    assert_eq!(stats.misrouted, 0);
+    assert_eq!(stats.stateless_resets, 0, "{stats:?}");
+    assert_eq!(stats.misrouted, 0, "{stats:?}");
     if workers > 1 {
         let per_worker: Vec<u64> = server
             .server

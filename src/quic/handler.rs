@@ -157,12 +157,12 @@ impl QuicHandler {
         reply: &mut Reply<'_>,
     ) {
         let short_header = payload.first().is_some_and(|b| b & 0x80 == 0);
-        if short_header
+        // Names another worker and then finds no connection here: misrouted. (A peer's
+        // stateless reset also looks like a short header with a random CID, but the endpoint
+        // recognises it by its token; that is no routing failure.)
+        let names_other = short_header
             && payload.len() > CID_LEN
-            && route::worker_of(&payload[1..]) != Some(usize::from(self.worker))
-        {
-            self.counters.add(|c| &c.misrouted);
-        }
+            && route::worker_of(&payload[1..]) != Some(usize::from(self.worker));
         self.rx.clear();
         self.rx.extend_from_slice(payload);
         let data = self.rx.split();
@@ -172,7 +172,12 @@ impl QuicHandler {
             .endpoint
             .handle(now, peer, local, ecn, data, &mut self.buf)
         {
-            None => self.counters.add(|c| &c.ignored),
+            None => {
+                self.counters.add(|c| &c.ignored);
+                if names_other {
+                    self.counters.add(|c| &c.misrouted);
+                }
+            }
             Some(DatagramEvent::ConnectionEvent(ch, event)) => {
                 if let Some(Some(c)) = self.conns.get_mut(ch.0) {
                     c.conn.handle_event(event);
@@ -183,6 +188,9 @@ impl QuicHandler {
             Some(DatagramEvent::Response(transmit)) => {
                 if short_header {
                     self.counters.add(|c| &c.stateless_resets);
+                }
+                if names_other {
+                    self.counters.add(|c| &c.misrouted);
                 }
                 send(reply, &transmit, &self.buf);
             }

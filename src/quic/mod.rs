@@ -190,7 +190,8 @@ quic_counters! {
     /// Stateless resets sent (a short-header packet for a connection this worker does not
     /// have: routing failed, or the connection is long gone).
     stateless_resets,
-    /// Short-header packets whose connection ID names another worker.
+    /// Short-header packets whose connection ID names another worker and that found no
+    /// connection here (answered with a stateless reset, or dropped).
     misrouted,
     /// Datagrams the endpoint dropped without any answer (garbage, unsupported versions that
     /// get no Version Negotiation, packets of drained connections).
