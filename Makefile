@@ -46,23 +46,31 @@ fmt:
 clean:
 	$(CARGO) clean
 
-# The benchmark matrix (about 10 minutes): udpring against recvfrom, recvmmsg, tokio and
-# sockperf baselines, interleaved rounds, pinned with taskset. Results under target/bench/.
+# The benchmark matrix, about 18 minutes (20 with --udpring-before; the script prints its own
+# estimate): udpring against the lean recvmmsg loop (the reference for every ratio),
+# recvmmsg-epoll, quinn-udp, recvfrom, tokio and sockperf server over six load shapes, plus
+# udpring's session modes; server on CPU 0, generator on CPU 1, interleaved rounds (5 for
+# 64x1, 64x8 and GSO trains, 3 for the others). Results and one SVG per shape under
+# target/bench/, a dated section appended to kernel-notes/benchmarks.md.
+# Extra options: make bench BENCH_ARGS="--udpring-before /path/to/old/udpring".
+BENCH_ARGS ?=
 bench:
 	$(CARGO) build --release --bins --examples
-	python3 scripts/bench.py
+	python3 scripts/bench.py $(BENCH_ARGS)
 	python3 scripts/bench_quic.py
 
 # udpring --app quic against quinn on tokio (examples/baseline_quinn.rs), the same quinn client
 # (examples/quic_load.rs) for both, pinned: CPU 0 server, CPU 1 client. Results in
-# target/bench/quic.json. `make bench-quic ARGS=--quick` is a one-round smoke test.
+# target/bench/quic.json. `make bench-quic BENCH_QUIC_ARGS=--quick` is a one-round smoke test.
+BENCH_QUIC_ARGS ?=
 bench-quic:
 	$(CARGO) build --release --bins --examples
-	python3 scripts/bench_quic.py $(ARGS)
+	python3 scripts/bench_quic.py $(BENCH_QUIC_ARGS)
 
+# Smoke run, about 2 minutes: 1 round, 1 s points; writes target/bench/ but not the notes.
 bench-quick:
 	$(CARGO) build --release --bins --examples
-	python3 scripts/bench.py --quick
+	python3 scripts/bench.py --quick --no-notes $(BENCH_ARGS)
 
 # criterion micro-benchmarks of the user-space hot path (user_data, buffer ring, parse, dispatch).
 bench-micro:

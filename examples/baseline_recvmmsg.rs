@@ -1,8 +1,9 @@
-//! Baseline echo server, syscall-batched (benchmarks only): one non-blocking UDP socket in a
-//! level-triggered epoll; on readiness `recvmmsg` batches of 64 until EAGAIN, each batch
-//! answered with `sendmmsg` (partial sends retried).
+//! The reference for every ratio of `make bench`: the lean recvmmsg echo loop a user would
+//! write (benchmarks only). One blocking UDP socket; `recvmmsg(MSG_WAITFORONE)` fills up to 64
+//! buffers of `--max-size` bytes (it sleeps only until the first datagram, then takes what is
+//! queued), and one `sendmmsg` answers the batch. No epoll and no final EAGAIN call per burst.
 //!
-//! `cargo run --release --example baseline_recvmmsg -- --bind 127.0.0.1:9000`
+//! `cargo run --release --example baseline_recvmmsg -- --bind 127.0.0.1:9000 --max-size 2048`
 
 mod common;
 
@@ -12,7 +13,10 @@ use clap::Parser;
 
 const BATCH: usize = 64;
 
+/// Receive slots and their headers. Allocated once: every header points into `bufs`, `addrs`
+/// and `iov`, which never move after [`Batch::new`].
 struct Batch {
+    slot_bytes: usize,
     bufs: Vec<u8>,
     addrs: Vec<libc::sockaddr_storage>,
     iov: Vec<libc::iovec>,
@@ -20,103 +24,95 @@ struct Batch {
 }
 
 impl Batch {
-    fn new() -> Self {
-        Batch {
-            bufs: vec![0; BATCH * common::MAX_DGRAM],
+    fn new(slot_bytes: usize) -> Self {
+        let mut b = Batch {
+            slot_bytes,
+            bufs: vec![0; BATCH * slot_bytes],
             // SAFETY: all-zero sockaddr_storage / iovec / mmsghdr are valid values.
             addrs: vec![unsafe { std::mem::zeroed() }; BATCH],
             // SAFETY: as above.
             iov: vec![unsafe { std::mem::zeroed() }; BATCH],
             // SAFETY: as above.
             msgs: vec![unsafe { std::mem::zeroed() }; BATCH],
+        };
+        for i in 0..BATCH {
+            b.iov[i].iov_base = b.bufs[i * slot_bytes..].as_mut_ptr().cast();
+            let h = &mut b.msgs[i].msg_hdr;
+            h.msg_name = (&mut b.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_iov = &mut b.iov[i];
+            h.msg_iovlen = 1;
+            b.rearm(i);
         }
+        b
     }
 
-    /// Resets every header for a full-size receive.
-    fn arm(&mut self) {
-        for i in 0..BATCH {
-            self.iov[i].iov_base = self.bufs[i * common::MAX_DGRAM..].as_mut_ptr().cast();
-            self.iov[i].iov_len = common::MAX_DGRAM;
-            let h = &mut self.msgs[i].msg_hdr;
-            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_iov = &mut self.iov[i];
-            h.msg_iovlen = 1;
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
-            h.msg_flags = 0;
-            self.msgs[i].msg_len = 0;
-        }
+    /// Restores slot `i` for a receive after it carried a reply (the reply shortened
+    /// `iov_len` and the kernel shortened `msg_namelen`).
+    fn rearm(&mut self, i: usize) {
+        self.iov[i].iov_len = self.slot_bytes;
+        self.msgs[i].msg_hdr.msg_namelen =
+            std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     }
 }
 
-/// Sends msgs[..n], retrying partial sends; waits briefly (bounded) when the buffer is full.
+/// Sends `msgs`, retrying after a partial send. The socket is blocking, so a full send buffer
+/// waits instead of dropping; a datagram the kernel refuses outright is skipped.
 fn send_all(fd: RawFd, msgs: &mut [libc::mmsghdr]) {
     let mut done = 0;
-    let mut full_waits = 0;
-    while done < msgs.len() {
+    while done < msgs.len() && !common::stopping() {
         // SAFETY: msgs[done..] are initialised headers pointing at live buffers/addresses.
         let rc =
             unsafe { libc::sendmmsg(fd, msgs[done..].as_mut_ptr(), (msgs.len() - done) as u32, 0) };
         if rc > 0 {
             done += rc as usize;
-            continue;
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => {}
-            Some(libc::EAGAIN) | Some(libc::ENOBUFS) if full_waits < 10 => {
-                full_waits += 1;
-                let mut p = libc::pollfd {
-                    fd,
-                    events: libc::POLLOUT,
-                    revents: 0,
-                };
-                // SAFETY: `p` is one valid pollfd.
-                unsafe { libc::poll(&mut p, 1, 10) };
-            }
-            Some(libc::EAGAIN) | Some(libc::ENOBUFS) => return, // give up on the rest
-            _ => done += 1, // this datagram cannot be sent: skip it
+        } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            done += 1; // sendmmsg(2) reports an error only for the first datagram: skip it
         }
     }
 }
 
 fn main() -> std::io::Result<()> {
-    let args = common::Args::parse();
+    let args = common::SizedArgs::parse();
     common::install_signal_handlers()?;
-    let sock = common::bind_udp(args.bind)?;
+    let sock = common::bind_udp(args.common.bind)?;
+    sock.set_nonblocking(false)?;
     let fd = sock.as_raw_fd();
-    let ep = common::epoll_for(fd)?;
     common::announce(&sock);
-    let mut b = Batch::new();
+    let mut b = Batch::new(usize::from(args.max_size));
+    let mut truncated = 0u64;
     while !common::stopping() {
-        if !common::wait_readable(ep) {
-            continue;
+        // SAFETY: b.msgs holds BATCH armed headers pointing into b.bufs / b.addrs / b.iov,
+        // which live (and stay put) across the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                b.msgs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if n <= 0 {
+            continue; // EINTR (a stop signal: the loop condition decides) or a transient error
         }
-        while !common::stopping() {
-            b.arm();
-            // SAFETY: b.msgs holds BATCH armed headers pointing into b.bufs / b.addrs, which
-            // live across the call.
-            let n = unsafe {
-                libc::recvmmsg(
-                    fd,
-                    b.msgs.as_mut_ptr(),
-                    BATCH as u32,
-                    libc::MSG_DONTWAIT,
-                    std::ptr::null_mut(),
-                )
-            };
-            if n <= 0 {
-                break; // EAGAIN (drained), EINTR, or error: back to epoll
-            }
-            let n = n as usize;
-            for i in 0..n {
-                // Reply with exactly the received bytes to the received address
-                // (msg_namelen was set by the kernel).
-                b.iov[i].iov_len = b.msgs[i].msg_len as usize;
-            }
-            send_all(fd, &mut b.msgs[..n]);
+        let n = n as usize;
+        for i in 0..n {
+            // Reply with exactly the received bytes to the received address (msg_namelen was
+            // set by the kernel).
+            let m = &b.msgs[i];
+            truncated += u64::from(m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0);
+            b.iov[i].iov_len = m.msg_len as usize;
         }
+        send_all(fd, &mut b.msgs[..n]);
+        for i in 0..n {
+            b.rearm(i);
+        }
+    }
+    if truncated > 0 {
+        eprintln!(
+            "{truncated} datagrams were longer than --max-size {} and truncated",
+            args.max_size
+        );
     }
     Ok(())
 }

@@ -1,15 +1,34 @@
 #!/usr/bin/env python3
-"""UDP echo benchmark: udpring vs. baseline servers (Python 3.11, stdlib only).
+"""How much server CPU does udpring spend per answered datagram, and how many datagrams does it
+answer, against the best loops a user could write instead? (Python 3.11, stdlib only.)
 
-Run by `make bench` after `cargo build --release --examples --bins`. Builds nothing itself.
+Run by `make bench` after `cargo build --release --bins --examples`. Builds nothing itself.
 
-Every server gets identical generator settings (sockperf-format requests; echo servers echo
-them back). Servers are pinned to CPU 0, the generator to CPU 1. Rounds are interleaved
-(A B C D E, A B C D E, ...) and each figure is the median over rounds; every figure is also
-given as a ratio to the recvmmsg baseline of the same run.
+Servers: udpring (default and opt-in configurations, and optionally another build as
+udpring-before), the lean recvmmsg loop (the REFERENCE for every ratio: blocking socket,
+recvmmsg(MSG_WAITFORONE) into buffers sized to the run, one sendmmsg per batch), the older
+epoll recvmmsg loop (recvmmsg-epoll), quinn-udp (recvmmsg + GRO + GSO + ECN on tokio),
+recvfrom (one datagram per epoll wake-up), tokio and sockperf server. Every server gets
+identical generator settings (sockperf-format requests; echo servers echo them back).
 
-Outputs: target/bench/results.md, results.json, throughput.svg, latency.svg, and a dated
-section appended to kernel-notes/benchmarks.md.
+Load shapes (one table and one SVG each; the key figure is server CPU per answered datagram):
+  64x1       64 clients x 1 in flight, 64 B              (headline: --rounds, default 5)
+  64x8       64 x 8, 64 B                                 (headline)
+  64x8-1200  64 x 8, 1,200 B
+  rate20k    open loop, 20,000 req/s over 64 clients: p50/p99 and CPU per datagram
+  8x64       8 x 64 (deep pipelines)
+  gso16      64 x 16, clients send 16-datagram GSO trains (headline; skipped when
+             `udpring load --help` has no --gso)
+  sessions   udpring --sessions connected vs none (and the other modes) at 1,000 and
+             10,000 clients x 1 in flight
+Servers are pinned to CPU 0, the generator to CPU 1. Rounds are interleaved (every server
+once per round, A B C ..., A B C ...); other shapes run in the first --rounds-other rounds.
+Ratios are taken inside each round against the reference of the same round, then the median
+over rounds is reported.
+
+Outputs under target/bench/: results.md (the command first), results.json, one SVG per shape
+(shape-KEY.svg, sessions.svg), logs/; a dated section appended to kernel-notes/benchmarks.md
+(--no-notes for smoke runs).
 """
 
 from __future__ import annotations
@@ -30,19 +49,65 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BASELINES = ("recvfrom", "recvmmsg", "tokio")
-# udpring-batch and udpring-poll are udpring with its opt-in --batch-wait (fewer wake-ups, more
-# latency) and --busy-poll (no sleeps after bursts, a busy core); separate rows so the default
-# configuration is never flattered by them.
 # `--udpring-before PATH` adds the row udpring-before: the default configuration from another
 # build, for before/after comparisons inside one run.
 BEFORE = "udpring-before"
-ALL_SERVERS = ("udpring", BEFORE, "udpring-batch", "udpring-poll", "recvfrom", "recvmmsg", "tokio", "sockperf")
+# udpring-batch and udpring-poll are udpring with its opt-in --batch-wait (fewer wake-ups, more
+# latency) and --busy-poll (no sleeps after bursts, a busy core); separate rows so the default
+# configuration is never flattered by them.
+ALL_SERVERS = (
+    "udpring", BEFORE, "udpring-batch", "udpring-poll", "recvmmsg", "recvmmsg-epoll",
+    "quinn-udp", "recvfrom", "tokio", "sockperf",
+)
 REFERENCE = "recvmmsg"
+# row -> (example binary, whether it takes --max-size)
+BASELINES = {
+    "recvmmsg": ("baseline_recvmmsg", True),
+    "recvmmsg-epoll": ("baseline_recvmmsg_epoll", False),
+    "quinn-udp": ("baseline_quinn_udp", True),
+    "recvfrom": ("baseline_recvfrom", False),
+    "tokio": ("baseline_tokio", False),
+}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Shape:
+    key: str
+    title: str
+    size: int
+    flags: tuple[str, ...]
+    latency: bool = False  # open loop: p50/p99 are the figures, beside CPU per datagram
+    headline: bool = False  # measured in every round (--rounds), not only --rounds-other
+    needs: str = ""  # a `udpring load` option the shape needs; skipped without it
+
+
+def all_shapes(rate: int) -> list[Shape]:
+    return [
+        Shape("64x1", "64 clients × 1 in flight, 64 B", 64, ("--clients", "64", "--window", "1"), headline=True),
+        Shape("64x8", "64 clients × 8 in flight, 64 B", 64, ("--clients", "64", "--window", "8"), headline=True),
+        Shape("64x8-1200", "64 clients × 8 in flight, 1,200 B", 1200, ("--clients", "64", "--window", "8")),
+        Shape(
+            f"rate{rate // 1000}k" if rate % 1000 == 0 else f"rate{rate}",
+            f"open loop {rate:,} req/s, 64 clients, 64 B",
+            64,
+            ("--clients", "64", "--rate", str(rate)),
+            latency=True,
+        ),
+        Shape("8x64", "8 clients × 64 in flight, 64 B", 64, ("--clients", "8", "--window", "64")),
+        Shape(
+            "gso16",
+            "64 clients × 16 in flight sent as 16-datagram GSO trains, 64 B",
+            64,
+            ("--clients", "64", "--window", "16", "--gso", "16"),
+            headline=True,
+            needs="--gso",
+        ),
+    ]
 
 
 def log(msg: str) -> None:
@@ -109,7 +174,18 @@ def stop(proc: subprocess.Popen) -> None:
         pass
 
 
+def pinning() -> bool:
+    return shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+
+
 # --------------------------------------------------------------------------- configuration
+
+
+def max_size(shapes: list[Shape]) -> int:
+    """Receive buffer size for the baselines that take --max-size: the largest payload the run
+    sends, rounded up to a power of two (1,200 -> 2,048)."""
+    largest = max([s.size for s in shapes] + [64])
+    return 1 << (largest - 1).bit_length()
 
 
 def server_commands(args, pin: bool) -> dict[str, object]:
@@ -135,10 +211,11 @@ def server_commands(args, pin: bool) -> dict[str, object]:
         out[BEFORE] = lambda p: taskset(0, [*before, "--bind", f"127.0.0.1:{p}"], pin)
     else:
         out[BEFORE] = "skipped: no --udpring-before"
-    for name in BASELINES:
-        exe = Path(args.examples) / f"baseline_{name}"
+    for name, (example, sized) in BASELINES.items():
+        exe = Path(args.examples) / example
+        extra = ["--max-size", str(args.max_size)] if sized else []
         if exe.is_file():
-            out[name] = (lambda e: lambda p: taskset(0, [str(e), "--bind", f"127.0.0.1:{p}"], pin))(exe)
+            out[name] = (lambda e, x: lambda p: taskset(0, [str(e), "--bind", f"127.0.0.1:{p}", *x], pin))(exe, extra)
         else:
             out[name] = f"skipped: {exe} not found"
     sp = shutil.which("sockperf")
@@ -149,25 +226,21 @@ def server_commands(args, pin: bool) -> dict[str, object]:
     return {k: out[k] for k in ALL_SERVERS if k in args.servers}
 
 
-def points(args) -> list[dict]:
-    """The measurement matrix: saturation and fixed-rate latency for each payload size."""
-    pts = []
-    for size in args.sizes:
-        pts.append({"kind": "sat", "size": size, "flags": ["--clients", "64", "--window", "8"]})
-        pts.append(
-            {"kind": "lat", "size": size, "flags": ["--clients", "64", "--rate", str(args.rate)]}
-        )
-    return pts
+def secs_of(args, shape: Shape) -> float:
+    return args.lat_secs if shape.latency else args.sat_secs
 
 
-def gen_command(args, pin: bool, port: int | str, pt: dict) -> list[str]:
-    secs = args.sat_secs if pt["kind"] == "sat" else args.lat_secs
+def gen_command(args, pin: bool, port: int | str, shape: Shape) -> list[str]:
     cmd = [
         args.load_bin, "load", "--target", f"127.0.0.1:{port}", "--proto", "sockperf",
-        "--size", str(pt["size"]), *pt["flags"],
-        "--duration", f"{secs}s", "--warmup", f"{args.warmup}s", "--json", "--quiet",
+        "--size", str(shape.size), *shape.flags,
+        "--duration", f"{secs_of(args, shape)}s", "--warmup", f"{args.warmup}s", "--json", "--quiet",
     ]
     return taskset(1, cmd, pin)
+
+
+def rounds_of(args, shape: Shape) -> int:
+    return args.rounds if shape.headline else min(args.rounds, args.rounds_other)
 
 
 # --------------------------------------------------------------------------- measurement
@@ -206,21 +279,21 @@ def measure(cmd: list[str], server_pid: int, warmup: float, secs: float) -> dict
     return res
 
 
-def run_point(args, pin: bool, server: subprocess.Popen, port: int, pt: dict) -> dict:
-    secs = args.sat_secs if pt["kind"] == "sat" else args.lat_secs
-    res = measure(gen_command(args, pin, port, pt), server.pid, args.warmup, secs)
-    if "error" not in res and server.poll() is not None:
-        res["error"] = f"server exited (status {server.returncode}) during the run"
-    return res
+def describe(r: dict) -> str:
+    return (
+        f"{r['throughput']:>10.0f}/s srv {r.get('server_ns', float('nan')):>7.0f} ns "
+        f"p50 {r['p50_us']:>6} µs p99 {r['p99_us']:>7} µs loss {r['loss_pct']:.3f}% "
+        f"answered {r['answered']:,} gen {r['gen_cpu_pct']:.0f}%"
+        + ("" if r.get("invariant_ok", True) else " INVARIANT BROKEN")
+    )
 
 
-def run_all(args) -> tuple[dict, dict, list[str]]:
-    pin = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+def run_all(args, shapes: list[Shape]) -> tuple[dict, dict, list[str]]:
+    """results[server][shape key] -> per-round dicts (each with its "round")."""
+    pin = pinning()
     if not pin:
         log("note: no pinning (taskset missing or fewer than 2 CPUs)")
     servers = server_commands(args, pin)
-    pts = points(args)
-    # results[server][point_key] -> list of per-round dicts; failures[server] -> message
     results: dict[str, dict[str, list[dict]]] = {s: {} for s in servers}
     failures: dict[str, str] = {}
     commands: list[str] = []
@@ -232,19 +305,19 @@ def run_all(args) -> tuple[dict, dict, list[str]]:
             failures[name] = how
             log(f"{name}: {how}")
         else:
-            commands.append(f"{name:9} server:    {shlex.join(how('PORT'))}")
-    for pt in pts:
-        commands.append(f"{pt['kind']}-{pt['size']:<5} generator: {shlex.join(gen_command(args, pin, 'PORT', pt))}")
+            commands.append(f"{name:14} server:    {shlex.join(how('PORT'))}")
+    for sh in shapes:
+        commands.append(f"{sh.key:14} generator: {shlex.join(gen_command(args, pin, 'PORT', sh))}")
 
     for rnd in range(1, args.rounds + 1):
+        todo = [sh for sh in shapes if rnd <= rounds_of(args, sh)]
         for name, how in servers.items():
             if name in failures:
                 continue
             port = free_port()
-            cmd = how(port)
             logf = open(logdir / f"{name}-round{rnd}.log", "w")
             try:
-                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                proc = subprocess.Popen(how(port), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             except OSError as e:
                 failures[name] = f"failed to start: {e}"
                 logf.close()
@@ -256,36 +329,30 @@ def run_all(args) -> tuple[dict, dict, list[str]]:
                     failures[name] = f"failed: {why} (see {logf.name})"
                     log(f"{name}: {failures[name]}")
                     continue
-                for pt in pts:
-                    key = f"{pt['kind']}-{pt['size']}"
-                    r = run_point(args, pin, proc, port, pt)
-                    results[name].setdefault(key, []).append(r)
+                for sh in todo:
+                    r = measure(gen_command(args, pin, port, sh), proc.pid, args.warmup, secs_of(args, sh))
+                    if "error" not in r and proc.poll() is not None:
+                        r["error"] = f"server exited (status {proc.returncode}) during the run"
+                    r["round"] = rnd
+                    results[name].setdefault(sh.key, []).append(r)
                     if "error" in r:
-                        log(f"round {rnd} {name:9} {key:9} ERROR {r['error']}")
+                        log(f"round {rnd} {name:14} {sh.key:9} ERROR {r['error']}")
                         if proc.poll() is not None:
                             failures[name] = f"failed: {r['error']} (see {logf.name})"
                             break
                     else:
-                        log(
-                            f"round {rnd} {name:9} {key:9} {r['throughput']:>10.0f}/s "
-                            f"p50 {r['p50_us']:>6} µs p99 {r['p99_us']:>7} µs "
-                            f"loss {r['loss_pct']:.3f}% srv {r.get('server_ns', float('nan')):>7.0f} ns "
-                            f"gen {r['gen_cpu_pct']:.0f}%"
-                        )
+                        log(f"round {rnd} {name:14} {sh.key:9} {describe(r)}")
             finally:
                 stop(proc)
                 logf.close()
     return results, failures, commands
 
 
-SESSION_MODES = ("none", "shared", "connected", "port-per-client")
+SESSION_MODES = ("none", "connected", "shared", "port-per-client")
 
 
-def session_point(args, pin: bool, mode: str, clients: int) -> dict:
-    """One udpring server in `mode`, one generator run with `clients` clients; fresh server per
-    point so every run starts with an empty session table."""
-    port = free_port()
-    server_cmd = taskset(
+def session_commands(args, pin: bool, mode: str, clients: int, port: int | str) -> tuple[list[str], list[str]]:
+    server = taskset(
         0,
         [
             args.udpring, "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1",
@@ -302,99 +369,86 @@ def session_point(args, pin: bool, mode: str, clients: int) -> dict:
     ]
     if mode == "port-per-client":
         gen.append("--follow-reply-port")
-    gen_cmd = taskset(1, gen, pin)
+    return server, taskset(1, gen, pin)
+
+
+def session_point(args, pin: bool, mode: str, clients: int) -> dict:
+    """One udpring server in `mode`, one generator run with `clients` clients; fresh server per
+    point so every run starts with an empty session table."""
+    port = free_port()
+    server_cmd, gen_cmd = session_commands(args, pin, mode, clients, port)
     proc = subprocess.Popen(server_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     try:
         why = probe(port, proc)
         if why:
-            return {"error": why, "server_cmd": shlex.join(server_cmd), "gen_cmd": shlex.join(gen_cmd)}
-        res = measure(gen_cmd, proc.pid, args.warmup, args.session_secs)
-        res["server_cmd"] = shlex.join(server_cmd)
-        res["gen_cmd"] = shlex.join(gen_cmd)
-        return res
+            return {"error": why}
+        return measure(gen_cmd, proc.pid, args.warmup, args.session_secs)
     finally:
         stop(proc)
 
 
 def run_sessions(args) -> dict:
-    """results[mode][clients] -> list of per-round dicts, rounds interleaved over modes."""
-    pin = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    """results[mode][clients] -> per-round dicts, rounds interleaved over modes."""
+    pin = pinning()
     results: dict = {m: {} for m in args.session_modes}
     for rnd in range(1, args.rounds_sessions + 1):
         for clients in args.session_clients:
             for mode in args.session_modes:
                 r = session_point(args, pin, mode, clients)
+                r["round"] = rnd
                 results[mode].setdefault(str(clients), []).append(r)
                 if "error" in r:
                     log(f"sessions round {rnd} {mode:15} {clients:>6} clients ERROR {r['error']}")
                 else:
-                    log(
-                        f"sessions round {rnd} {mode:15} {clients:>6} clients {r['throughput']:>10.0f}/s "
-                        f"p99 {r['p99_us']:>7} µs srv {r.get('server_ns', float('nan')):>7.0f} ns gen {r['gen_cpu_pct']:.0f}%"
-                    )
+                    log(f"sessions round {rnd} {mode:15} {clients:>6} clients {describe(r)}")
     return results
 
 
-def sessions_markdown(results: dict, args) -> str:
-    lines = [
-        f"**Session modes** (udpring, 1 worker, 64-byte sockperf requests, closed loop: 1 client × 64 "
-        f"in flight, else N clients × 1 in flight; fresh server per point; median of "
-        f"{args.rounds_sessions} rounds, {args.session_secs:g} s each; ratio to `--sessions none` at the same N)",
-        "",
-        "| mode | clients | answered/s | vs none | server CPU ns/answer | vs none | p99 µs | loss % | generator CPU % |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for clients in args.session_clients:
-        base = results.get("none", {}).get(str(clients), [])
-        base_thr = median(base, "throughput")
-        base_ns = median(base, "server_ns")
-        for mode in args.session_modes:
-            rows = results.get(mode, {}).get(str(clients), [])
-            if not [r for r in rows if "error" not in r]:
-                err = next((r["error"] for r in rows if "error" in r), "no data")
-                lines.append(f"| {mode} | {clients:,} | failed: {err} | | | | | | |")
-                continue
-            thr, ns = median(rows, "throughput"), median(rows, "server_ns")
-            lines.append(
-                f"| {mode} | {clients:,} | {fmt(thr)} | {ratio(thr, base_thr)} | {fmt(ns)} | {ratio(ns, base_ns)} | "
-                f"{fmt(median(rows, 'p99_us'))} | {fmt(median(rows, 'loss_pct'), 3)} | {fmt(median(rows, 'gen_cpu_pct'))} |"
-            )
-    cmds = sorted({r["server_cmd"] for m in results.values() for rows in m.values() for r in rows if "server_cmd" in r})
-    gens = sorted({r["gen_cmd"] for m in results.values() for rows in m.values() for r in rows if "gen_cmd" in r})
-    lines += ["", "Session-matrix commands (PORT differs per run):", "", "```"]
-    lines += [re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", c) for c in sorted(set(cmds + gens))]
-    lines += ["```", ""]
-    # Deduplicate after the port substitution.
-    out, seen = [], set()
-    for l in lines:
-        if l.startswith(("taskset", "/")) and l in seen:
-            continue
-        seen.add(l)
-        out.append(l)
-    return "\n".join(out) + "\n"
+# --------------------------------------------------------------------------- summary
+
+FIELDS = ("throughput", "server_ns", "p50_us", "p99_us", "loss_pct", "gen_cpu_pct")
 
 
-# --------------------------------------------------------------------------- reporting
+def ok_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "error" not in r]
 
 
 def median(rows: list[dict], field: str) -> float | None:
-    vals = [r[field] for r in rows if "error" not in r and r.get(field) is not None]
+    vals = [r[field] for r in ok_rows(rows) if r.get(field) is not None]
     return statistics.median(vals) if vals else None
 
 
-def summarize(results: dict, args) -> dict:
-    """summary[server][point_key][field] = median over rounds (+ 'spread' for throughput)."""
-    fields = ("throughput", "p50_us", "p99_us", "loss_pct", "gen_cpu_pct", "server_ns")
+def round_ratio(rows: list[dict], ref_rows: list[dict], field: str) -> float | None:
+    """Median over rounds of (value ÷ the reference's value in the same round)."""
+    ref = {r["round"]: r.get(field) for r in ok_rows(ref_rows)}
+    vals = [
+        r[field] / ref[r["round"]]
+        for r in ok_rows(rows)
+        if r.get(field) is not None and ref.get(r["round"])
+    ]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(results: dict, reference: str) -> dict:
+    """summary[row][shape key] = medians over rounds, per-round ratios to `reference` (ratio_*),
+    the number of rounds and the spread of answered/s."""
     out: dict = {}
-    for srv, per in results.items():
-        out[srv] = {}
+    for row, per in results.items():
+        out[row] = {}
         for key, rows in per.items():
-            s = {f: median(rows, f) for f in fields}
-            ok = [r["throughput"] for r in rows if "error" not in r]
+            ref_rows = results.get(reference, {}).get(key, [])
+            s = {f: median(rows, f) for f in FIELDS}
+            for f in ("throughput", "server_ns", "p50_us", "p99_us"):
+                s["ratio_" + f] = round_ratio(rows, ref_rows, f)
+            ok = [r["throughput"] for r in ok_rows(rows)]
             s["rounds"] = len(ok)
             s["spread_pct"] = (max(ok) - min(ok)) * 100 / s["throughput"] if len(ok) > 1 and s["throughput"] else None
-            out[srv][key] = s
+            s["invariant_ok"] = all(r.get("invariant_ok", True) for r in ok_rows(rows))
+            out[row][key] = s
     return out
+
+
+# --------------------------------------------------------------------------- tables
 
 
 def fmt(v: float | None, digits: int = 0) -> str:
@@ -403,80 +457,97 @@ def fmt(v: float | None, digits: int = 0) -> str:
     return f"{v:,.{digits}f}"
 
 
-def ratio(v: float | None, ref: float | None) -> str:
-    if v is None or ref is None or ref == 0:
-        return "—"
-    return f"{v / ref:.2f}×"
+def fmt_ratio(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}×"
 
 
-def markdown(summary: dict, failures: dict, args) -> str:
-    lines: list[str] = []
-    servers = [s for s in ALL_SERVERS if s in args.servers]
-    ref = summary.get(REFERENCE, {})
-    for size in args.sizes:
-        k = f"sat-{size}"
-        lines += [
-            f"**Saturation, {size}-byte payload** (64 clients × 8 in flight, closed loop; "
-            f"median of {args.rounds} rounds, {args.sat_secs:g} s each)",
-            "",
-            "| server | answered/s | vs recvmmsg | spread | server CPU ns/answer | vs recvmmsg | loss % | generator CPU % |",
-            "|---|--:|--:|--:|--:|--:|--:|--:|",
-        ]
-        r = ref.get(k, {})
-        for srv in servers:
-            s = summary.get(srv, {}).get(k)
-            if not s or s["throughput"] is None:
-                lines.append(f"| {srv} | {failures.get(srv, 'no data')} | | | | | | |")
-                continue
-            lines.append(
-                f"| {srv} | {fmt(s['throughput'])} | {ratio(s['throughput'], r.get('throughput'))} | "
-                f"{fmt(s['spread_pct'], 1)}% | {fmt(s['server_ns'])} | {ratio(s['server_ns'], r.get('server_ns'))} | "
-                f"{fmt(s['loss_pct'], 3)} | {fmt(s['gen_cpu_pct'])} |"
-            )
-        lines.append("")
-        k = f"lat-{size}"
-        lines += [
-            f"**Latency at {args.rate:,} req/s, {size}-byte payload** (64 clients, open loop, latency "
-            f"from the scheduled send time; median of {args.rounds} rounds, {args.lat_secs:g} s each)",
-            "",
-            "| server | p50 µs | vs recvmmsg | p99 µs | vs recvmmsg | server CPU ns/answer | vs recvmmsg | loss % | generator CPU % |",
-            "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
-        ]
-        r = ref.get(k, {})
-        for srv in servers:
-            s = summary.get(srv, {}).get(k)
-            if not s or s["p50_us"] is None:
-                lines.append(f"| {srv} | {failures.get(srv, 'no data')} | | | | | | | |")
-                continue
-            lines.append(
-                f"| {srv} | {fmt(s['p50_us'])} | {ratio(s['p50_us'], r.get('p50_us'))} | "
-                f"{fmt(s['p99_us'])} | {ratio(s['p99_us'], r.get('p99_us'))} | "
-                f"{fmt(s['server_ns'])} | {ratio(s['server_ns'], r.get('server_ns'))} | "
-                f"{fmt(s['loss_pct'], 3)} | {fmt(s['gen_cpu_pct'])} |"
-            )
-        lines.append("")
-    fails = {k: v for k, v in failures.items() if k in servers}
-    if fails:
-        lines.append("Servers not measured or failed: " + "; ".join(f"{k}: {v}" for k, v in fails.items()))
-        lines.append("")
-    lines.append(
-        "Server CPU = utime+stime of the server process (/proc/PID/stat) over the measured "
-        "interval ÷ answered requests. Generator CPU = the generator's own getrusage, % of one "
-        "core; near 100% means the generator, not the server, may be the limit. Spread = "
-        "(max−min)/median of answered/s across rounds."
+def shape_markdown(sh: Shape, summary: dict, servers: list[str], failures: dict, skipped: str, args) -> str:
+    n = rounds_of(args, sh)
+    head = (
+        f"**{sh.title}** (`{' '.join(sh.flags)}`; {'open loop, latency from the scheduled send time' if sh.latency else 'closed loop'}; "
+        f"median of {n} round{'s' if n != 1 else ''}, {secs_of(args, sh):g} s each; ratios: median of per-round ratios to `{REFERENCE}`)"
     )
+    if skipped:
+        return f"{head}\n\n{skipped}\n"
+    if sh.latency:
+        cols = "| server | server CPU ns/answer | vs recvmmsg | p50 µs | vs recvmmsg | p99 µs | vs recvmmsg | loss % | generator CPU % |"
+    else:
+        cols = "| server | server CPU ns/answer | vs recvmmsg | answered/s | vs recvmmsg | spread | loss % | generator CPU % |"
+    lines = [head, "", cols, "|---|" + "--:|" * (cols.count("|") - 2)]
+    for srv in servers:
+        s = summary.get(srv, {}).get(sh.key)
+        name = f"**{srv}** (reference)" if srv == REFERENCE else srv
+        if not s or s["throughput"] is None:
+            lines.append(f"| {name} | {failures.get(srv, 'no data')} |" + " |" * (cols.count("|") - 3))
+            continue
+        warn = "" if s["invariant_ok"] else " (generator invariant broken)"
+        ns = f"{fmt(s['server_ns'])} | {fmt_ratio(s['ratio_server_ns'])}"
+        tail = f"{fmt(s['loss_pct'], 3)} | {fmt(s['gen_cpu_pct'])}{warn} |"
+        if sh.latency:
+            lines.append(
+                f"| {name} | {ns} | {fmt(s['p50_us'])} | {fmt_ratio(s['ratio_p50_us'])} | "
+                f"{fmt(s['p99_us'])} | {fmt_ratio(s['ratio_p99_us'])} | {tail}"
+            )
+        else:
+            lines.append(
+                f"| {name} | {ns} | {fmt(s['throughput'])} | {fmt_ratio(s['ratio_throughput'])} | "
+                f"{fmt(s['spread_pct'], 1) + '%' if s['spread_pct'] is not None else '—'} | {tail}"
+            )
     return "\n".join(lines) + "\n"
 
 
+def sessions_markdown(summary: dict, args) -> str:
+    lines = [
+        f"**Session modes** (udpring, 1 worker, 64-byte sockperf requests, closed loop: N clients × 1 "
+        f"in flight (1 client: × 64); fresh server per point; median of {args.rounds_sessions} "
+        f"round{'s' if args.rounds_sessions != 1 else ''}, {args.session_secs:g} s each; ratios: median of per-round ratios to "
+        "`--sessions none` at the same N)",
+        "",
+        "| mode | clients | server CPU ns/answer | vs none | answered/s | vs none | p99 µs | loss % | generator CPU % |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for clients in args.session_clients:
+        for mode in args.session_modes:
+            s = summary.get(mode, {}).get(str(clients))
+            if not s or s["throughput"] is None:
+                lines.append(f"| {mode} | {clients:,} | failed | | | | | | |")
+                continue
+            lines.append(
+                f"| {mode} | {clients:,} | {fmt(s['server_ns'])} | {fmt_ratio(s['ratio_server_ns'])} | "
+                f"{fmt(s['throughput'])} | {fmt_ratio(s['ratio_throughput'])} | {fmt(s['p99_us'])} | "
+                f"{fmt(s['loss_pct'], 3)} | {fmt(s['gen_cpu_pct'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def session_command_lines(args) -> list[str]:
+    pin = pinning()
+    out = []
+    for clients in args.session_clients:
+        for mode in args.session_modes:
+            srv, gen = session_commands(args, pin, mode, clients, "PORT")
+            out.append(f"sessions {mode}, {clients} clients: server:    {shlex.join(srv)}")
+            out.append(f"sessions {mode}, {clients} clients: generator: {shlex.join(gen)}")
+    return out
+
+
+# --------------------------------------------------------------------------- charts
+
 PALETTE = {
     "udpring": "#d62728",
-    "udpring-batch": "#ff9896",
     BEFORE: "#8c564b",
+    "udpring-batch": "#ff9896",
     "udpring-poll": "#ff7f0e",
-    "recvfrom": "#7f7f7f",
     "recvmmsg": "#1f77b4",
+    "recvmmsg-epoll": "#aec7e8",
+    "quinn-udp": "#17becf",
+    "recvfrom": "#7f7f7f",
     "tokio": "#2ca02c",
     "sockperf": "#9467bd",
+    "none": "#1f77b4",
+    "connected": "#d62728",
+    "shared": "#2ca02c",
+    "port-per-client": "#ff7f0e",
 }
 
 
@@ -484,94 +555,123 @@ def esc(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def svg_bars(
-    title: str, unit: str, groups: list[tuple[str, dict[str, float | None]]], servers: list[str], log: bool = False
-) -> str:
-    """Grouped vertical bar chart. groups = [(group label, {server: value})]; `log` = log10 y axis."""
-    w_bar, gap, pad_l, pad_r, pad_t, pad_b, h_plot = 34, 30, 90, 20, 60, 70, 320
-    n = len(servers)
-    group_w = n * w_bar + gap
-    width = pad_l + len(groups) * group_w + pad_r
-    width = max(width, 520)
-    height = pad_t + h_plot + pad_b
-    vals_all = [v for _, g in groups for v in g.values() if v is not None and v > 0]
-    vmax = max(vals_all or [1.0])
-    if log:
-        lo = 10 ** math.floor(math.log10(min(vals_all or [1.0])))
-        hi = 10 ** math.ceil(math.log10(vmax * 1.0001))
-        hi = max(hi, lo * 10)
-        span = math.log10(hi) - math.log10(lo)
-        ticks = [lo * 10**i for i in range(round(span) + 1)]
+def compact(v: float) -> str:
+    if v >= 1e6:
+        return f"{v / 1e6:.2f}M"
+    if v >= 1e4:
+        return f"{v / 1e3:.0f}k"
+    return f"{v:,.0f}"
 
-        def y(v: float) -> float:
-            v = max(v, lo)
-            return pad_t + h_plot - (math.log10(v) - math.log10(lo)) / span * h_plot
 
-        base = lo
-    else:
-        # Nice axis maximum.
-        mag = 10 ** max(0, len(str(int(vmax))) - 1)
-        top = next((m * mag for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10) if m * mag >= vmax), vmax)
-        ticks = [top * i / 5 for i in range(6)]
+@dataclass
+class Panel:
+    title: str
+    values: dict[str, float | None]
+    ratios: dict[str, float | None]
 
-        def y(v: float) -> float:
-            return pad_t + h_plot - (v / top) * h_plot
 
-        base = 0.0
+def svg_panels(title: str, subtitle: str, rows: list[str], panels: list[Panel], reference: str, note: str = "") -> str:
+    """Horizontal bar chart: one row per server (its name is the row label, so no legend is
+    needed whatever the number of rows), one panel per figure, each bar labelled with its
+    value and its ratio to the reference row."""
+    # Row labels are right-aligned in a column as wide as the longest (about 7 px a character).
+    label_w = max(130, 7 * max([len(r) for r in rows] + [0]) + 20)
+    panel_w, gap, row_h, top, bottom = 290, 24, 22, 78, 34
+    text_w = 100  # room right of the longest bar for "123k (1.00×)"
+    width = label_w + len(panels) * panel_w + (len(panels) - 1) * gap + 16
+    height = top + len(rows) * row_h + bottom
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'font-family="sans-serif" font-size="12">',
         f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="15" font-weight="bold">{esc(title)}</text>',
+        f'<text x="8" y="20" font-size="15" font-weight="bold">{esc(title)}</text>',
+        f'<text x="8" y="38" fill="#444">{esc(subtitle)}</text>',
     ]
-    for v in ticks:
-        yy = y(v)
-        out.append(f'<line x1="{pad_l}" y1="{yy:.1f}" x2="{width - pad_r}" y2="{yy:.1f}" stroke="#ddd"/>')
-        out.append(f'<text x="{pad_l - 6}" y="{yy + 4:.1f}" text-anchor="end">{v:,.0f}</text>')
-    out.append(
-        f'<text x="16" y="{pad_t + h_plot / 2}" transform="rotate(-90 16 {pad_t + h_plot / 2})" '
-        f'text-anchor="middle">{esc(unit)}{" (log scale)" if log else ""}</text>'
-    )
-    for gi, (label, vals) in enumerate(groups):
-        x0 = pad_l + gap / 2 + gi * group_w
-        for si, srv in enumerate(servers):
-            v = vals.get(srv)
-            x = x0 + si * w_bar
-            if v is None:
-                out.append(f'<text x="{x + w_bar / 2}" y="{y(base) - 4}" text-anchor="middle" fill="#999">n/a</text>')
-                continue
-            out.append(
-                f'<rect x="{x + 2}" y="{y(v):.1f}" width="{w_bar - 4}" height="{y(base) - y(v):.1f}" '
-                f'fill="{PALETTE.get(srv, "#444")}"><title>{esc(srv)}: {v:,.0f} {esc(unit)}</title></rect>'
-            )
-            short = f"{v / 1000:.0f}k" if v >= 10000 else f"{v:,.0f}"
-            out.append(f'<text x="{x + w_bar / 2}" y="{y(v) - 4:.1f}" text-anchor="middle" font-size="10">{short}</text>')
+    for ri, row in enumerate(rows):
+        y = top + ri * row_h
+        weight = ' font-weight="bold"' if row == reference else ""
+        if ri % 2 == 0:
+            out.append(f'<rect x="0" y="{y}" width="{width}" height="{row_h}" fill="#f4f4f4"/>')
+        out.append(f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end"{weight}>{esc(row)}</text>')
+    for pi, p in enumerate(panels):
+        x0 = label_w + pi * (panel_w + gap)
+        vals = [v for v in p.values.values() if v is not None and v > 0]
+        vmax = max(vals) if vals else 1.0
+        bar_max = panel_w - text_w
+        out.append(f'<text x="{x0}" y="{top - 10}" font-weight="bold">{esc(p.title)}</text>')
         out.append(
-            f'<text x="{x0 + n * w_bar / 2}" y="{pad_t + h_plot + 18}" text-anchor="middle">{esc(label)}</text>'
+            f'<line x1="{x0}" y1="{top - 4}" x2="{x0}" y2="{top + len(rows) * row_h}" stroke="#888"/>'
         )
-    out.append(f'<line x1="{pad_l}" y1="{y(base)}" x2="{width - pad_r}" y2="{y(base)}" stroke="black"/>')
-    lx = pad_l
-    for srv in servers:
-        ly = height - 24
-        out.append(f'<rect x="{lx}" y="{ly - 10}" width="12" height="12" fill="{PALETTE.get(srv, "#444")}"/>')
-        out.append(f'<text x="{lx + 16}" y="{ly}">{esc(srv)}</text>')
-        lx += 16 + 8 * len(srv) + 18
+        for ri, row in enumerate(rows):
+            y = top + ri * row_h
+            v = p.values.get(row)
+            if v is None:
+                out.append(f'<text x="{x0 + 6}" y="{y + 15}" fill="#999">n/a</text>')
+                continue
+            w = max(1.0, bar_max * v / vmax)
+            r = p.ratios.get(row)
+            label = compact(v) + (f" ({r:.2f}×)" if r is not None else "")
+            out.append(
+                f'<rect x="{x0}" y="{y + 4}" width="{w:.1f}" height="{row_h - 8}" fill="{PALETTE.get(row, "#444")}">'
+                f"<title>{esc(row)}: {v:,.1f}</title></rect>"
+            )
+            out.append(f'<text x="{x0 + w + 4:.1f}" y="{y + 15}" font-size="11">{esc(label)}</text>')
+    out.append(
+        f'<text x="8" y="{height - 12}" fill="#444" font-size="11">'
+        f"{esc(note or f'(×) = median over rounds of the ratio to {reference} in the same round')}</text>"
+    )
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
 
-def charts(summary: dict, args) -> tuple[str, str]:
-    servers = [s for s in ALL_SERVERS if s in args.servers]
-    get = lambda srv, key, f: summary.get(srv, {}).get(key, {}).get(f)  # noqa: E731
-    thr = [(f"{size} B payload", {s: get(s, f"sat-{size}", "throughput") for s in servers}) for size in args.sizes]
-    lat = []
-    for size in args.sizes:
-        lat.append((f"p50, {size} B", {s: get(s, f"lat-{size}", "p50_us") for s in servers}))
-        lat.append((f"p99, {size} B", {s: get(s, f"lat-{size}", "p99_us") for s in servers}))
-    return (
-        svg_bars("Saturation throughput (64 clients × 8 in flight), higher is better", "answered/s", thr, servers),
-        svg_bars(f"Latency at {args.rate:,} req/s (open loop), lower is better", "µs", lat, servers, log=True),
+def shape_svg(sh: Shape, summary: dict, servers: list[str], args) -> str:
+    get = lambda srv, f: summary.get(srv, {}).get(sh.key, {}).get(f)  # noqa: E731
+    rows = [s for s in servers if get(s, "throughput") is not None]
+
+    def panel(title: str, field: str) -> Panel:
+        return Panel(title, {s: get(s, field) for s in rows}, {s: get(s, "ratio_" + field) for s in rows})
+
+    panels = [panel("server CPU ns per answer (lower is better)", "server_ns")]
+    if sh.latency:
+        panels += [panel("p50 µs (lower is better)", "p50_us"), panel("p99 µs (lower is better)", "p99_us")]
+    else:
+        panels.append(panel("answered/s (higher is better)", "throughput"))
+    n = rounds_of(args, sh)
+    sub = f"udpring load {' '.join(sh.flags)} --size {sh.size}; server on CPU 0, generator on CPU 1; median of {n} round{'s' if n != 1 else ''}"
+    return svg_panels(sh.title, sub, rows, panels, REFERENCE)
+
+
+def sessions_svg(summary: dict, args) -> str:
+    rows, stats = [], {}
+    for clients in args.session_clients:
+        for mode in args.session_modes:
+            s = summary.get(mode, {}).get(str(clients))
+            if not s or s["throughput"] is None:
+                continue
+            row = f"{mode} {clients:,}"
+            rows.append(row)
+            stats[row] = s
+            PALETTE.setdefault(row, PALETTE.get(mode, "#444"))
+
+    def panel(title: str, field: str) -> Panel:
+        return Panel(title, {r: stats[r][field] for r in rows}, {r: stats[r]["ratio_" + field] for r in rows})
+
+    panels = [
+        panel("server CPU ns per answer (lower is better)", "server_ns"),
+        panel("answered/s (higher is better)", "throughput"),
+    ]
+    return svg_panels(
+        "udpring session modes, N clients × 1 in flight" + (" (1 client: × 64)" if 1 in args.session_clients else "") + ", 64 B",
+        f"udpring serve --sessions MODE; row = mode and N; server on CPU 0, generator on CPU 1; "
+        f"median of {args.rounds_sessions} round{'s' if args.rounds_sessions != 1 else ''}",
+        rows,
+        panels,
+        "",
+        note="(×) = median over rounds of the ratio to --sessions none at the same N in the same round",
     )
+
+
+# --------------------------------------------------------------------------- main
 
 
 def machine_info() -> dict:
@@ -586,6 +686,13 @@ def machine_info() -> dict:
     return {"kernel": platform.release(), "nproc": os.cpu_count(), "cpu": model}
 
 
+def estimate_s(args, shapes: list[Shape]) -> float:
+    per_server = sum(rounds_of(args, sh) * (secs_of(args, sh) + args.warmup + 0.4) for sh in shapes)
+    total = len(args.servers) * (per_server + args.rounds * 0.5)
+    total += args.rounds_sessions * len(args.session_modes) * len(args.session_clients) * (args.session_secs + args.warmup + 1.5)
+    return total
+
+
 def main() -> int:
     tdir = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -598,85 +705,139 @@ def main() -> int:
     ap.add_argument("--udpring-before", default="", help="another udpring build, run as the row udpring-before (regression checks)")
     ap.add_argument("--examples", default=str(tdir / "release" / "examples"), help="directory of baseline_* examples")
     ap.add_argument("--servers", default=",".join(s for s in ALL_SERVERS if s != BEFORE), help="comma-separated subset of %(default)s")
-    ap.add_argument("--sizes", default="64,1200", help="payload sizes in bytes (default %(default)s)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default %(default)s)")
-    ap.add_argument("--sat-secs", type=float, default=4.0, help="seconds per saturation point")
-    ap.add_argument("--lat-secs", type=float, default=4.0, help="seconds per latency point")
+    ap.add_argument("--shapes", default="", help="comma-separated subset of the shape keys (default: all; see above)")
+    ap.add_argument("--sizes", default="", help="only the shapes with these payload sizes, e.g. 64 (default: all)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the headline shapes (default %(default)s)")
+    ap.add_argument("--rounds-other", type=int, default=3, help="rounds of the other shapes (default %(default)s)")
+    ap.add_argument("--sat-secs", type=float, default=3.0, help="measured seconds per closed-loop point")
+    ap.add_argument("--lat-secs", type=float, default=3.0, help="measured seconds per open-loop point")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per point (not counted)")
-    ap.add_argument("--rate", type=int, default=20000, help="open-loop rate for the latency points")
+    ap.add_argument("--rate", type=int, default=20000, help="rate of the open-loop shape (default %(default)s)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, 1 s points, 0.3 s warm-up")
-    ap.add_argument("--session-modes", default=",".join(SESSION_MODES), help="session modes for the session matrix (empty: skip it)")
-    ap.add_argument("--session-clients", default="1,1000,10000", help="client counts for the session matrix")
+    ap.add_argument("--session-modes", default=",".join(SESSION_MODES), help="session modes (empty: skip the session matrix)")
+    ap.add_argument("--session-clients", default="1000,10000", help="client counts of the session matrix (default %(default)s)")
     ap.add_argument("--session-secs", type=float, default=3.0, help="seconds per session-matrix point")
-    ap.add_argument("--rounds-sessions", type=int, default=2, help="rounds of the session matrix")
+    ap.add_argument("--rounds-sessions", type=int, default=3, help="rounds of the session matrix (default %(default)s)")
     ap.add_argument("--out", default=str(tdir / "bench"), help="output directory (default %(default)s)")
     ap.add_argument("--notes", default=str(REPO / "kernel-notes" / "benchmarks.md"), help="notes file to append to")
     ap.add_argument("--no-notes", action="store_true", help="do not append to the notes file")
     args = ap.parse_args()
     if args.quick:
-        args.rounds, args.sat_secs, args.lat_secs, args.warmup = 1, 1.0, 1.0, 0.3
+        args.rounds, args.rounds_other, args.sat_secs, args.lat_secs, args.warmup = 1, 1, 1.0, 1.0, 0.3
         args.rounds_sessions, args.session_secs = 1, 1.0
     args.session_modes = [m.strip() for m in args.session_modes.split(",") if m.strip()]
     args.session_clients = [int(c) for c in args.session_clients.split(",") if c.strip()]
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     if args.udpring_before and BEFORE not in args.servers:
         args.servers.insert(1, BEFORE)
-    args.sizes = [int(s) for s in args.sizes.split(",")]
-    if args.rounds < 1:
-        ap.error("--rounds must be at least 1")
+    if args.rounds < 1 or args.rounds_other < 1:
+        ap.error("--rounds and --rounds-other must be at least 1")
     bad = [s for s in args.servers if s not in ALL_SERVERS]
     if bad:
         ap.error(f"unknown servers {bad}; choose from {ALL_SERVERS}")
+    bad = [m for m in args.session_modes if m not in SESSION_MODES]
+    if bad:
+        ap.error(f"unknown session modes {bad}; choose from {SESSION_MODES}")
+    shapes = all_shapes(args.rate)
+    if args.shapes:
+        want = [k.strip() for k in args.shapes.split(",") if k.strip()]
+        bad = [k for k in want if k not in {sh.key for sh in shapes}]
+        if bad:
+            ap.error(f"unknown shapes {bad}; choose from {[sh.key for sh in shapes]}")
+        shapes = [sh for sh in shapes if sh.key in want]
+    if args.sizes:
+        sizes = {int(s) for s in args.sizes.split(",") if s.strip()}
+        shapes = [sh for sh in shapes if sh.size in sizes]
+    # The session matrix needs the `none` mode as its reference.
+    if args.session_modes and "none" not in args.session_modes:
+        args.session_modes.insert(0, "none")
 
     if args.load_bin is None:
         args.load_bin = args.udpring
     if not (Path(args.load_bin).is_file() and os.access(args.load_bin, os.X_OK)):
         log(f"error: generator binary {args.load_bin} not found; build with `cargo build --release --bins`")
         return 2
-    chk = subprocess.run([args.load_bin, "load", "--help"], capture_output=True, timeout=10)
+    chk = subprocess.run([args.load_bin, "load", "--help"], capture_output=True, text=True, timeout=10)
     if chk.returncode != 0:
         log(f"error: `{args.load_bin} load --help` failed; is `udpring load` wired up? (--load-bin to override)")
         return 2
+    skipped = {
+        sh.key: f"Skipped: `{args.load_bin} load --help` lists no `{sh.needs}` (build a generator that has it)."
+        for sh in shapes
+        if sh.needs and not re.search(rf"(^|\s){re.escape(sh.needs)}\b", chk.stdout)
+    }
+    for key, why in skipped.items():
+        log(f"{key}: {why}")
+    run_shapes = [sh for sh in shapes if sh.key not in skipped]
+    args.max_size = max_size(run_shapes)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = _dt.datetime.now()
-    n_pts = len(args.sizes) * 2
-    est = args.rounds * len(args.servers) * (len(args.sizes) * (args.sat_secs + args.lat_secs + 2 * args.warmup))
-    est += args.rounds_sessions * len(args.session_modes) * len(args.session_clients) * (args.session_secs + args.warmup + 1)
-    log(f"bench: {len(args.servers)} servers × {n_pts} points × {args.rounds} rounds, ~{est / 60:.1f} min")
-
-    results, failures, commands = run_all(args)
-    session_results = run_sessions(args) if args.session_modes and "udpring" not in failures else {}
-    summary = summarize(results, args)
-    table = markdown(summary, failures, args)
-    if session_results:
-        table += "\n" + sessions_markdown(session_results, args)
-    thr_svg, lat_svg = charts(summary, args)
-    info = machine_info()
     cmdline = shlex.join([sys.executable, *sys.argv])
+    log(f"Command: {cmdline}")
+    log(
+        f"bench: {len(args.servers)} servers × {len(run_shapes)} shapes (rounds: {args.rounds} of the headline "
+        f"shapes, {min(args.rounds, args.rounds_other)} of the others)"
+        f"{' + session matrix' if args.session_modes and args.session_clients else ''}, "
+        f"~{estimate_s(args, run_shapes) / 60:.1f} min"
+    )
 
+    results, failures, commands = run_all(args, run_shapes) if run_shapes else ({}, {}, [])
+    want_sessions = args.session_modes and args.session_clients
+    session_results = run_sessions(args) if want_sessions and "udpring" not in failures else {}
+    summary = summarize(results, REFERENCE)
+    # Keyed by client count, so each mode is compared with `none` at the same N.
+    session_summary = summarize(session_results, "none") if session_results else {}
+    servers = [s for s in ALL_SERVERS if s in args.servers]
+
+    sections, svgs = [], {}
+    for sh in shapes:
+        sections.append(shape_markdown(sh, summary, servers, failures, skipped.get(sh.key, ""), args))
+        if sh.key not in skipped:
+            svgs[f"shape-{sh.key}.svg"] = shape_svg(sh, summary, servers, args)
+    if session_summary:
+        sections.append(sessions_markdown(session_summary, args))
+        svgs["sessions.svg"] = sessions_svg(session_summary, args)
+    fails = {k: v for k, v in failures.items() if k in servers}
+    if fails:
+        sections.append("Servers not measured or failed: " + "; ".join(f"{k}: {v}" for k, v in fails.items()) + "\n")
+    sections.append(
+        "Server CPU = utime+stime of the server process (/proc/PID/stat) over the measured "
+        "interval ÷ answered requests: the figure to trust, since one generator core is roughly "
+        "matched to one server core. Generator CPU = the generator's own getrusage, % of one core; "
+        "near 100% means the generator, not the server, may be the limit. Spread = "
+        "(max−min)/median of answered/s across rounds.\n"
+    )
+    table = "\n".join(sections)
+    if session_results:
+        commands += session_command_lines(args)
+    info = machine_info()
+
+    pictures = "\n".join(f"![{name}]({name})" for name in svgs)
     (out / "results.md").write_text(
         f"# udpring benchmark, {started:%Y-%m-%d %H:%M}\n\n"
-        f"Kernel {info['kernel']}, {info['nproc']} CPUs, {info['cpu']}. Command: `{cmdline}`\n\n"
-        f"{table}\n![throughput](throughput.svg)\n![latency](latency.svg)\n\n"
+        f"Command: `{cmdline}`\n\nKernel {info['kernel']}, {info['nproc']} CPUs, {info['cpu']}.\n\n"
+        f"{table}\n{pictures}\n\n"
         "Commands (PORT is a fresh port per server start):\n\n```\n" + "\n".join(commands) + "\n```\n"
     )
-    (out / "throughput.svg").write_text(thr_svg)
-    (out / "latency.svg").write_text(lat_svg)
+    for name, text in svgs.items():
+        (out / name).write_text(text)
     (out / "results.json").write_text(
         json.dumps(
             {"machine": info, "command": cmdline, "rounds": results, "summary": summary,
-             "sessions": session_results, "failures": failures},
+             "sessions": session_results, "session_summary": session_summary,
+             "skipped": skipped, "failures": failures},
             indent=1,
         )
     )
 
+    print(f"Command: {cmdline}\n")
     print(table)
     print("Commands used (PORT = fresh port per server start):")
     for c in commands:
         print("  " + c)
-    print(f"\nwrote {out / 'results.md'}, {out / 'throughput.svg'}, {out / 'latency.svg'}")
+    print(f"\nwrote {out / 'results.md'}, " + ", ".join(str(out / n) for n in svgs))
 
     if not args.no_notes:
         notes = Path(args.notes)
@@ -687,8 +848,8 @@ def main() -> int:
                 f.write("# Benchmark log\n\nAppended by `scripts/bench.py` (`make bench`).\n")
             f.write(
                 f"\n## {started:%Y-%m-%d %H:%M}{' (quick smoke run)' if args.quick else ''}\n\n"
-                f"- kernel: `{info['kernel']}`, nproc: {info['nproc']}, CPU: {info['cpu']}\n"
-                f"- command: `{cmdline}`\n\n{table}\n<details><summary>commands</summary>\n\n```\n"
+                f"- command: `{cmdline}`\n- kernel: `{info['kernel']}`, nproc: {info['nproc']}, CPU: {info['cpu']}\n\n"
+                f"{table}\n<details><summary>commands</summary>\n\n```\n"
                 + "\n".join(commands)
                 + "\n```\n</details>\n"
             )

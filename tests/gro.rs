@@ -106,6 +106,14 @@ fn gso_trains_are_split_into_the_original_datagrams_and_answered_in_order() {
         );
         expected += count as u64;
     }
+    // Every datagram size a 1500-byte MTU carries, each as a train of three whose last
+    // datagram is one byte shorter (or as long, for size 1).
+    for size in 1..=1472usize {
+        let datagrams = train(size, 3, size.saturating_sub(1).max(1), (size % 251) as u8);
+        send_train(&client, to, &datagrams);
+        assert_eq!(receive(&client, 3), datagrams, "train of 3 x {size}");
+        expected += 3;
+    }
     let stats = server.shutdown().expect("shutdown");
     assert_eq!(stats[0].rx_datagrams, expected);
     assert!(

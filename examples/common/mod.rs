@@ -26,6 +26,18 @@ pub struct Args {
     pub bind: SocketAddr,
 }
 
+/// Command line of the baselines whose receive buffers are sized to the run (`bench.py` passes
+/// the largest payload it sends, rounded up).
+#[derive(clap::Parser, Debug)]
+pub struct SizedArgs {
+    #[command(flatten)]
+    pub common: Args,
+    /// Largest datagram to receive, in bytes; a longer one is truncated (and counted).
+    #[arg(long, default_value_t = 2048, value_name = "BYTES",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_size: u16,
+}
+
 extern "C" fn on_signal(_sig: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
     let fd = WAKE_FD.load(Ordering::SeqCst);

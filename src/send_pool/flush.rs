@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::os::fd::RawFd;
 
 use io_uring::{opcode, squeue, types};
 
@@ -20,11 +21,17 @@ use crate::op::{OpKind, UserData};
 pub(crate) struct Train {
     head: u32,
     tail: u32,
+    dest: Dest,
+    /// May still take segments.
+    open: bool,
     count: u16,
     /// The first segment's size: later ones may not be larger, and a smaller one ends it.
     segment: usize,
     bytes: usize,
 }
+
+/// Batches up to this many replies find a destination's open train by scanning.
+const SMALL_BATCH: usize = 16;
 
 /// The newest train of each destination that can still take segments.
 pub(crate) type OpenTrains = HashMap<Dest, usize, BuildHasherDefault<FoldHasher>>;
@@ -50,6 +57,28 @@ impl Hasher for FoldHasher {
 
     fn finish(&self) -> u64 {
         self.0
+    }
+}
+
+/// An `IORING_OP_SEND` of `len` bytes at `base` to the address at `name` (none when
+/// `namelen` is 0: a connected socket).
+/// `fixed`: the descriptor's slot in the registered file table, if it has one.
+fn send_to(
+    fd: RawFd,
+    fixed: Option<u32>,
+    base: *mut u8,
+    len: usize,
+    name: *const u8,
+    namelen: libc::socklen_t,
+) -> squeue::Entry {
+    let send = match fixed {
+        Some(slot) => opcode::Send::new(types::Fixed(slot), base, len as u32),
+        None => opcode::Send::new(types::Fd(fd), base, len as u32),
+    };
+    if namelen == 0 {
+        send.build()
+    } else {
+        send.dest_addr(name.cast()).dest_addr_len(namelen).build()
     }
 }
 
@@ -91,6 +120,9 @@ impl SendPool {
     fn build_trains(&mut self) {
         self.trains.clear();
         self.open_trains.clear();
+        // Few replies (one or two per peer at low load): a scan of the trains so far costs
+        // less than hashing every destination.
+        let small = self.queued.len() <= SMALL_BATCH;
         for i in 0..self.queued.len() {
             let index = self.queued[i];
             let (dest, len, own) = {
@@ -101,7 +133,12 @@ impl SendPool {
             };
             let joinable = self.gso && !own && len > 0 && len <= usize::from(u16::MAX);
             if joinable {
-                if let Some(&t) = self.open_trains.get(&dest) {
+                let open = if small {
+                    self.trains.iter().rposition(|t| t.open && t.dest == dest)
+                } else {
+                    self.open_trains.get(&dest).copied()
+                };
+                if let Some(t) = open {
                     let train = &mut self.trains[t];
                     if len <= train.segment && train.bytes + len <= MAX_UDP4_PAYLOAD {
                         self.meta[train.tail as usize].next = index;
@@ -110,23 +147,29 @@ impl SendPool {
                         train.bytes += len;
                         if len < train.segment || usize::from(train.count) == MAX_GSO_SEGMENTS {
                             // A shorter segment ends a train, and so does the 64th.
-                            self.open_trains.remove(&dest);
+                            train.open = false;
+                            if !small {
+                                self.open_trains.remove(&dest);
+                            }
                         }
                         continue;
                     }
+                    // This train cannot take the reply: a new one replaces it, so a later
+                    // reply never joins a train sent before one it follows.
+                    train.open = false;
                 }
             }
             let t = self.trains.len();
             self.trains.push(Train {
                 head: index,
                 tail: index,
+                dest,
+                open: joinable,
                 count: 1,
                 segment: len,
                 bytes: len,
             });
-            if joinable {
-                // A newer train replaces an older one that could not take this reply, so a
-                // later reply never joins a train sent before one it follows.
+            if joinable && !small {
                 self.open_trains.insert(dest, t);
             }
         }
@@ -190,11 +233,17 @@ impl SendPool {
         } else {
             h.control.as_mut_ptr().cast()
         };
-        let entry = match fixed_file {
-            Some((fixed, slot)) if fixed == fd => {
-                opcode::SendMsg::new(types::Fixed(slot), &h.msg).build()
-            }
-            _ => opcode::SendMsg::new(types::Fd(fd), &h.msg).build(),
+        // A lone datagram without control messages goes out as IORING_OP_SEND with a
+        // destination address (the kernel's sendto path): the kernel then copies no msghdr,
+        // no iovec array and no control buffer from us for it.
+        let plain = n == 1 && control_len == 0;
+        let (namelen, name) = (h.msg.msg_namelen, h.name.as_ptr());
+        let (base, len) = iovs[0];
+        let slot = fixed_file.and_then(|(fixed, slot)| (fixed == fd).then_some(slot));
+        let entry = match (slot, plain) {
+            (_, true) => send_to(fd, slot, base, len, name, namelen),
+            (Some(slot), false) => opcode::SendMsg::new(types::Fixed(slot), &h.msg).build(),
+            (None, false) => opcode::SendMsg::new(types::Fd(fd), &h.msg).build(),
         }
         .user_data(UserData::new(OpKind::Send, generation, head).encode());
         if train_segment == 0 {
@@ -427,5 +476,61 @@ mod tests {
         );
         assert_eq!(p.free_slots(), 8);
         free_list_is_a_set(&p);
+    }
+
+    /// The grouping rules, written plainly: a reply joins its destination's newest open train
+    /// when it is no longer than the train's first one (and fits); a shorter one or the 64th
+    /// closes the train; one that cannot join starts a new train.
+    fn reference(replies: &[(u16, usize)]) -> Vec<Vec<usize>> {
+        let mut trains: Vec<(u16, usize, usize, bool, Vec<usize>)> = Vec::new();
+        for (i, &(port, len)) in replies.iter().enumerate() {
+            let open = trains.iter().rposition(|t| t.3 && t.0 == port);
+            if let Some(t) = open {
+                let train = &mut trains[t];
+                if len <= train.1 && train.2 + len <= MAX_UDP4_PAYLOAD {
+                    train.2 += len;
+                    train.4.push(i);
+                    if len < train.1 || train.4.len() == MAX_GSO_SEGMENTS {
+                        train.3 = false;
+                    }
+                    continue;
+                }
+                train.3 = false;
+            }
+            trains.push((port, len, len, true, vec![i]));
+        }
+        trains.into_iter().map(|t| t.4).collect()
+    }
+
+    #[test]
+    fn small_and_large_batches_group_by_the_same_rules() {
+        // A deterministic mix of three peers and a few lengths, including shorter ones.
+        let mut x = 7u32;
+        for count in [5usize, 12, 16, 17, 40, 200] {
+            let replies: Vec<(u16, usize)> = (0..count)
+                .map(|_| {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                    (
+                        5000 + (x >> 16) as u16 % 3,
+                        [8, 8, 8, 6, 10][(x >> 8) as usize % 5],
+                    )
+                })
+                .collect();
+            let mut p = pool(count, 16);
+            for (i, &(port, len)) in replies.iter().enumerate() {
+                let mut payload = vec![0u8; len];
+                payload[0] = i as u8;
+                queue_bytes(&mut p, &format!("127.0.0.1:{port}"), &payload).unwrap();
+            }
+            let got: Vec<Vec<usize>> = trains(&mut p)
+                .into_iter()
+                .map(|(firsts, _)| firsts.into_iter().map(usize::from).collect())
+                .collect();
+            let want: Vec<Vec<usize>> = reference(&replies)
+                .into_iter()
+                .map(|t| t.into_iter().map(|i| i % 256).collect())
+                .collect();
+            assert_eq!(got, want, "{count} replies");
+        }
     }
 }
