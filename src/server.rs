@@ -79,7 +79,7 @@ impl Server {
         }
         if config.cid_routing {
             // Any socket of the group carries the group's program.
-            crate::quic::route::attach(&sockets[0].socket)?;
+            crate::quic::route::attach(&sockets[0].socket, sockets.len())?;
         }
         for socket in &sockets {
             if config.ecn {

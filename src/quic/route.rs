@@ -8,25 +8,28 @@
 //! but the connection ID still names the owner.
 //!
 //! The classic BPF program attached with `SO_ATTACH_REUSEPORT_CBPF` (Linux 4.5) reads the
-//! UDP payload at offset 0 (the kernel has pulled the UDP header; kernel-notes/quic.md):
+//! UDP payload at offset 0 (the kernel has pulled the UDP header; kernel-notes/quic.md). It is
+//! one *stage* followed by `ret #FALLBACK`: a stage loads what it needs itself and either
+//! returns a group index or falls through to the instruction just past its end (the layout
+//! of `src/steer.rs`, issue 11, so that stages compose: this one goes before a CPU stage,
+//! which then spreads only what this one does not recognise).
 //!
 //! ```text
 //! 0: ld   len                  A = payload length
-//! 1: jge  #2, 0, 4             shorter than 2 bytes: -> 6 (the kernel's hash)
+//! 1: jge  #2, 0, 5             shorter than 2 bytes: fall through (-> 7)
 //! 2: ldb  [0]                  the first byte
-//! 3: jset #0x80, 2, 0          long header (Initial, Handshake, 0-RTT, Retry): -> 6
+//! 3: jset #0x80, 3, 0          long header (Initial, Handshake, 0-RTT, Retry): fall through
 //! 4: ldb  [1]                  short header: the first byte of the destination CID
-//! 5: ret  a                    the socket at that index of the group (= worker index)
-//! 6: ret  #0xffffffff          FALLBACK: out of range, so the kernel uses its hash
+//! 5: jge  #workers, 1, 0       not one of our workers: fall through
+//! 6: ret  a                    the socket at that index of the group (= worker index)
+//! 7: ret  #0xffffffff          FALLBACK (alone: the kernel's hash)
 //! ```
 //!
-//! An index the group does not have (a CID of another server, garbage) is no drop: the
-//! kernel falls back to its hash (`reuseport_select_sock`). The group's order is the order the
-//! workers' sockets joined it, which is worker order (`Server::start` binds them in turn).
-//!
-//! Composing with another reuseport program (CPU steering): run instructions 0-5 first and,
-//! where this program would return FALLBACK (jump targets 6), continue with the other
-//! program's instructions instead of returning; [`PROGRAM_FALLBACK_AT`] is that index.
+//! Even alone the bound check matters little: an index the group does not have is no drop,
+//! the kernel falls back to its hash (`reuseport_select_sock`). The group's order is the
+//! order the workers' sockets joined it, which is worker order (`Server::start` binds them in
+//! turn). The length check does matter: a load past the end of the packet ends a classic BPF
+//! program with 0, which would send every runt to worker 0.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -36,10 +39,6 @@ pub const CID_LEN: usize = 8;
 
 /// What the program returns for packets it leaves to the kernel's hash.
 pub const FALLBACK: u32 = u32::MAX;
-
-/// The index of the program's fallback instruction (the `ret #FALLBACK` that a composed
-/// program replaces with its own instructions).
-pub const PROGRAM_FALLBACK_AT: usize = 6;
 
 // Classic BPF opcodes (linux/filter.h, linux/bpf_common.h).
 const BPF_LD: u16 = 0x00;
@@ -67,17 +66,47 @@ const fn insn(code: u16, jt: u8, jf: u8, k: u32) -> Insn {
     Insn { code, jt, jf, k }
 }
 
-/// The routing program (see the module docs for the listing).
-pub fn program() -> [Insn; 7] {
+/// The connection-ID stage for a group of `workers` sockets: returns the worker a
+/// short-header packet's destination CID names, or falls through to the instruction just past
+/// its end (see the module docs for the listing).
+pub fn cid_stage(workers: usize) -> [Insn; 7] {
+    let workers = workers.min(256) as u32;
     [
         insn(BPF_LD | BPF_W | BPF_LEN, 0, 0, 0),
-        insn(BPF_JMP | BPF_JGE | BPF_K, 0, 4, 2),
+        insn(BPF_JMP | BPF_JGE | BPF_K, 0, 5, 2),
         insn(BPF_LD | BPF_B | BPF_ABS, 0, 0, 0),
-        insn(BPF_JMP | BPF_JSET | BPF_K, 2, 0, 0x80),
+        insn(BPF_JMP | BPF_JSET | BPF_K, 3, 0, 0x80),
         insn(BPF_LD | BPF_B | BPF_ABS, 0, 0, 1),
+        insn(BPF_JMP | BPF_JGE | BPF_K, 1, 0, workers),
         insn(BPF_RET | BPF_A, 0, 0, 0),
-        insn(BPF_RET | BPF_K, 0, 0, FALLBACK),
     ]
+}
+
+/// The whole routing program: the stage, then `ret #FALLBACK`.
+pub fn program(workers: usize) -> Vec<Insn> {
+    let mut program = cid_stage(workers).to_vec();
+    program.push(insn(BPF_RET | BPF_K, 0, 0, FALLBACK));
+    program
+}
+
+/// The stage as the kernel's `struct sock_filter`s (for a program builder that composes
+/// stages).
+pub fn cid_stage_filters(workers: usize) -> Vec<libc::sock_filter> {
+    cid_stage(workers)
+        .iter()
+        .map(|&i| i.to_sock_filter())
+        .collect()
+}
+
+impl Insn {
+    fn to_sock_filter(self) -> libc::sock_filter {
+        libc::sock_filter {
+            code: self.code,
+            jt: self.jt,
+            jf: self.jf,
+            k: self.k,
+        }
+    }
 }
 
 /// The worker a connection ID issued by [`WorkerCid`]-style generators names.
@@ -88,7 +117,7 @@ pub fn worker_of(cid: &[u8]) -> Option<usize> {
 /// The worker the program routes `payload` to among `workers`, or `None` for the kernel's
 /// hash: what the kernel computes, for tests and for counting misrouted packets.
 pub fn route(payload: &[u8], workers: usize) -> Option<usize> {
-    match run(&program(), payload) {
+    match run(&program(workers), payload) {
         Some(index) if (index as usize) < workers => Some(index as usize),
         _ => None,
     }
@@ -122,18 +151,13 @@ fn run(program: &[Insn], packet: &[u8]) -> Option<u32> {
     }
 }
 
-/// Attaches the routing program to the reuseport group of `socket` (which must be bound, with
-/// SO_REUSEPORT; the program then applies to every socket of the group).
-pub fn attach(socket: &impl AsRawFd) -> io::Result<()> {
-    let program = program();
-    let filters: Vec<libc::sock_filter> = program
+/// Attaches the routing program for `workers` workers to the reuseport group of `socket`
+/// (which must be bound, with SO_REUSEPORT; the program then applies to every socket of the
+/// group, and a later attach replaces it).
+pub fn attach(socket: &impl AsRawFd, workers: usize) -> io::Result<()> {
+    let filters: Vec<libc::sock_filter> = program(workers)
         .iter()
-        .map(|i| libc::sock_filter {
-            code: i.code,
-            jt: i.jt,
-            jf: i.jf,
-            k: i.k,
-        })
+        .map(|&i| i.to_sock_filter())
         .collect();
     let fprog = libc::sock_fprog {
         len: filters.len() as u16,
@@ -198,11 +222,21 @@ mod tests {
     }
 
     #[test]
-    fn the_fallback_is_where_the_docs_say() {
+    fn the_stage_falls_through_to_just_past_its_end() {
+        // Followed by a marker instead of `ret #FALLBACK`: whatever the stage does not route
+        // reaches it, as a composed program's next stage would.
+        const NEXT: u32 = 0xabcd;
+        let mut composed = cid_stage(4).to_vec();
+        composed.push(insn(BPF_RET | BPF_K, 0, 0, NEXT));
+        assert_eq!(run(&composed, &[0x40, 2, 0, 0]), Some(2));
         assert_eq!(
-            program()[PROGRAM_FALLBACK_AT],
-            insn(BPF_RET | BPF_K, 0, 0, FALLBACK)
+            run(&composed, &[0x40, 4, 0, 0]),
+            Some(NEXT),
+            "no such worker"
         );
+        assert_eq!(run(&composed, &[0xc0, 1, 0, 0]), Some(NEXT), "long header");
+        assert_eq!(run(&composed, &[0x40]), Some(NEXT), "runt");
+        assert_eq!(cid_stage_filters(4).len(), cid_stage(4).len());
     }
 
     #[test]
@@ -216,6 +250,6 @@ mod tests {
                 .into(),
         )
         .unwrap();
-        attach(&a).unwrap();
+        attach(&a, 2).unwrap();
     }
 }
