@@ -557,6 +557,54 @@ mod tests {
         assert!(replies(&mut Discard, &mut harness, b"abc").is_empty());
     }
 
+    /// A handler that answers later: the datagram sets a deadline, the timer sends.
+    struct Later {
+        due: Option<(Instant, SocketAddr)>,
+    }
+
+    impl Handler for Later {
+        fn on_datagram(&mut self, d: &Datagram<'_>, _reply: &mut Reply<'_>) {
+            let delay = std::time::Duration::from_millis(u64::from(d.payload[0]));
+            self.due = Some((Instant::now() + delay, d.peer));
+        }
+
+        fn next_timer(&mut self) -> Option<Instant> {
+            self.due.map(|(at, _)| at)
+        }
+
+        fn on_timer(&mut self, now: Instant, reply: &mut Reply<'_>) {
+            let Some((at, peer)) = self.due.take() else {
+                return;
+            };
+            assert!(at <= now);
+            let options = SendOptions {
+                segment_size: Some(2),
+                ..SendOptions::default()
+            };
+            let _ = reply.send_to_with(peer, options, |buf| {
+                buf[..3].copy_from_slice(b"abc");
+                3
+            });
+        }
+    }
+
+    #[test]
+    fn the_harness_drives_timers_on_a_virtual_clock() {
+        let mut harness = Harness::new(1500, 4);
+        let mut later = Later { due: None };
+        harness.deliver(&mut later, &datagram(&[30]), |_, _| panic!("no reply yet"));
+        let due = Handler::next_timer(&mut later).expect("a deadline");
+        let mut out = Vec::new();
+        harness.fire_timer(&mut later, due, |peer, bytes| {
+            out.push((peer, bytes.to_vec()))
+        });
+        // The harness's pool has no GSO: a ready-made train comes out as its datagrams, as
+        // the peer receives them.
+        let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        assert_eq!(out, vec![(peer, b"ab".to_vec()), (peer, b"c".to_vec())]);
+        assert_eq!(Handler::next_timer(&mut later), None);
+    }
+
     #[test]
     fn echo_of_an_overlong_datagram_is_dropped_and_counted() {
         let mut harness = Harness::new(4, 4);
