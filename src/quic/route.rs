@@ -109,7 +109,7 @@ impl Insn {
     }
 }
 
-/// The worker a connection ID issued by [`WorkerCid`]-style generators names.
+/// The worker a connection ID issued by a worker's endpoint names (its first byte).
 pub fn worker_of(cid: &[u8]) -> Option<usize> {
     cid.first().map(|&b| usize::from(b))
 }
