@@ -23,7 +23,8 @@
 //! Features: `cli` (on by default) builds the `udpring` command line and its dependencies
 //! (argument parsing, the load generator, the metrics endpoint, a log subscriber). A library
 //! user depends on udpring with `default-features = false` and gets none of them; the library
-//! logs through `tracing` and leaves the choice of subscriber to the application.
+//! logs through `tracing` and leaves the choice of subscriber to the application. `quic`
+//! (on with `cli`) adds [`quic`]: quinn-proto on the engine, with rustls on `ring`.
 //!
 //! ```no_run
 //! use udpring::{Datagram, Handler, Reply, Server, ServerConfig};
