@@ -24,7 +24,7 @@
 //! (argument parsing, the load generator, the metrics endpoint, a log subscriber). A library
 //! user depends on udpring with `default-features = false` and gets none of them; the library
 //! logs through `tracing` and leaves the choice of subscriber to the application. `quic`
-//! (on with `cli`) adds [`quic`]: quinn-proto on the engine, with rustls on `ring`.
+//! (on with `cli`) adds the `quic` module: quinn-proto on the engine, with rustls on `ring`.
 //!
 //! ```no_run
 //! use udpring::{Datagram, Handler, Reply, Server, ServerConfig};
