@@ -89,13 +89,19 @@ fn recv_with_ecn(sock: &UdpSocket, limit: Duration) -> Option<(Vec<u8>, u8)> {
     if n < 0 {
         return None;
     }
-    // SAFETY: the kernel wrote `msg_controllen` bytes of `control`.
-    let control_bytes =
-        unsafe { std::slice::from_raw_parts(control.as_ptr().cast::<u8>(), msg.msg_controllen) };
-    Some((
-        buf[..n as usize].to_vec(),
-        udpring::datagram::find_ecn(control_bytes),
-    ))
+    let mut ecn = 0;
+    // SAFETY: the kernel wrote `msg_controllen` bytes of well-formed control messages into
+    // `control`, which `msg` still describes; CMSG_FIRSTHDR/NXTHDR stay inside them.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_TOS {
+                ecn = *libc::CMSG_DATA(c) & 0b11;
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Some((buf[..n as usize].to_vec(), ecn))
 }
 
 #[test]
