@@ -3,7 +3,7 @@ CARGO ?= cargo
 BIND ?= 127.0.0.1:9000
 ARGS ?=
 
-.PHONY: build run test lint probe bench bench-quick bench-micro fmt clean fuzz soak
+.PHONY: build run test lint probe bench bench-quick bench-micro bench-quic fmt clean fuzz soak
 
 build:
 	$(CARGO) build --release --bins --examples
@@ -58,6 +58,15 @@ BENCH_ARGS ?=
 bench:
 	$(CARGO) build --release --bins --examples
 	python3 scripts/bench.py $(BENCH_ARGS)
+	python3 scripts/bench_quic.py
+
+# udpring --app quic against quinn on tokio (examples/baseline_quinn.rs), the same quinn client
+# (examples/quic_load.rs) for both, pinned: CPU 0 server, CPU 1 client. Results in
+# target/bench/quic.json. `make bench-quic BENCH_QUIC_ARGS=--quick` is a one-round smoke test.
+BENCH_QUIC_ARGS ?=
+bench-quic:
+	$(CARGO) build --release --bins --examples
+	python3 scripts/bench_quic.py $(BENCH_QUIC_ARGS)
 
 # Smoke run, about 2 minutes: 1 round, 1 s points; writes target/bench/ but not the notes.
 bench-quick:

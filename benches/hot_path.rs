@@ -63,12 +63,7 @@ fn recvmsg_parse(c: &mut Criterion) {
 
 fn dispatch(c: &mut Criterion) {
     let payload = [3u8; 64];
-    let datagram = Datagram {
-        peer: "127.0.0.1:4242".parse().expect("addr"),
-        local: None,
-        payload: &payload,
-        worker: 0,
-    };
+    let datagram = Datagram::new("127.0.0.1:4242".parse().expect("addr"), &payload);
     let mut harness = Harness::new(1500, 4);
     c.bench_function("handler dispatch: echo 64 B", |b| {
         b.iter(|| {

@@ -55,6 +55,15 @@ pub struct ServerConfig {
     /// datagrams of one flow into one receive, which the worker splits again (handlers see
     /// one datagram each unless they take whole trains). Receive buffers then hold 64 KiB.
     pub gro: bool,
+    /// Ask the kernel for each datagram's ECN codepoint (`IP_RECVTOS`, `IPV6_RECVTCLASS`):
+    /// [`crate::Datagram::ecn`]. Off by default: one more control message per receive.
+    pub ecn: bool,
+    /// Route QUIC short-header packets to the worker their destination connection ID names
+    /// (a reuseport BPF program, `crate::quic::route`); everything else by the kernel's hash.
+    pub cid_routing: bool,
+    /// Send every datagram with don't-fragment set, ignoring the kernel's path MTU estimate
+    /// (`IP_PMTUDISC_PROBE`): for stacks that discover the path MTU themselves (QUIC).
+    pub dont_fragment: bool,
     /// When set, each wait asks the kernel for `batch_size` completions and lets it hold the
     /// worker asleep up to this long to gather them (DEFER_TASKRUN then wakes the worker
     /// once per batch instead of once per datagram). Trades latency for CPU; off by default.
@@ -114,6 +123,9 @@ impl Default for ServerConfig {
             send_buffer_bytes: 4 << 20,
             gso: true,
             gro: true,
+            ecn: false,
+            cid_routing: false,
+            dont_fragment: false,
             batch_wait: None,
             batch_size: 32,
             busy_poll: None,

@@ -11,9 +11,9 @@ pub const RECVMSG_OUT_LEN: usize = 16;
 pub const SOCKADDR_IN_LEN: usize = 16;
 /// `sizeof(struct sockaddr_in6)`.
 pub const SOCKADDR_IN6_LEN: usize = 28;
-/// Room for one packet-info control message of either family (`CMSG_SPACE(20)` = 40) with
-/// space to spare for one more small one.
-pub const CONTROL_LEN: usize = 64;
+/// Room for the control messages of one datagram: packet-info of either family
+/// (`CMSG_SPACE(20)` = 40), `UDP_GRO` / `UDP_SEGMENT` (24) and `IP_TOS` / `IPV6_TCLASS` (24).
+pub const CONTROL_LEN: usize = 88;
 /// `MSG_TRUNC` in `recvmsg_out.flags`: the payload did not fit in the buffer.
 pub const MSG_TRUNC: u32 = libc::MSG_TRUNC as u32;
 
@@ -195,6 +195,35 @@ pub fn find_gro_segment_size(control: &[u8]) -> Option<u16> {
             let size = i32::from_ne_bytes(data[..4].try_into().ok()?);
             u16::try_from(size).ok().filter(|&s| s > 0)
         })
+}
+
+/// The ECN codepoint (the two low bits of the TOS / traffic class byte) of a datagram
+/// received with `IP_RECVTOS` / `IPV6_RECVTCLASS` on: `IP_TOS` carries one byte
+/// (`ip_cmsg_recv_tos`), `IPV6_TCLASS` an `int` (`ip6_datagram_recv_specific_ctl`). 0
+/// (Not-ECT) without one.
+pub fn find_ecn(control: &[u8]) -> u8 {
+    for (level, kind, data) in cmsgs(control) {
+        if level == libc::IPPROTO_IP && kind == libc::IP_TOS && !data.is_empty() {
+            return data[0] & 0b11;
+        }
+        if level == libc::IPPROTO_IPV6 && kind == libc::IPV6_TCLASS && data.len() >= 4 {
+            let class = i32::from_ne_bytes([data[0], data[1], data[2], data[3]]);
+            return (class & 0b11) as u8;
+        }
+    }
+    0
+}
+
+/// Appends the control message that sets a datagram's ECN codepoint: `IP_TOS` (an `int`) for
+/// an IPv4 peer (also on a dual-stack socket, whose IPv4 sends take the IPv4 path),
+/// `IPV6_TCLASS` for an IPv6 one.
+pub fn encode_ecn(out: &mut [u8], offset: usize, peer_is_v4: bool, ecn: u8) -> Option<usize> {
+    let value = i32::from(ecn & 0b11).to_ne_bytes();
+    if peer_is_v4 {
+        encode_cmsg(out, offset, libc::IPPROTO_IP, libc::IP_TOS, &value)
+    } else {
+        encode_cmsg(out, offset, libc::IPPROTO_IPV6, libc::IPV6_TCLASS, &value)
+    }
 }
 
 /// Iterates over `(level, type, data)` of each control message, stopping at the first
@@ -454,6 +483,30 @@ mod tests {
         assert_eq!(msgs[1].1, UDP_SEGMENT);
         assert_eq!(msgs[1].2, &1200u16.to_ne_bytes());
         assert!(encode_udp_segment(&mut out, CONTROL_LEN - 8, 1).is_none());
+    }
+
+    #[test]
+    fn ecn_round_trips_beside_pktinfo_and_udp_segment() {
+        for (local, v4) in [
+            ("192.0.2.7".parse::<IpAddr>().unwrap(), true),
+            ("2001:db8::9".parse().unwrap(), false),
+        ] {
+            for ecn in 0..4u8 {
+                let mut out = [0u8; CONTROL_LEN];
+                let used = encode_pktinfo(local, &mut out);
+                let used = encode_ecn(&mut out, used, v4, ecn).unwrap();
+                let end = encode_udp_segment(&mut out, used, 1200).unwrap();
+                assert!(end <= CONTROL_LEN);
+                assert_eq!(find_ecn(&out[..end]), ecn);
+                assert_eq!(find_pktinfo(&out[..end]), Some(local));
+            }
+        }
+        // As the kernel reports IPv4: IP_TOS with one byte, the whole TOS (DSCP bits too).
+        let tos = cmsg(libc::IPPROTO_IP, libc::IP_TOS, &[0xb9]);
+        assert_eq!(find_ecn(&tos), 1);
+        assert_eq!(find_ecn(&[]), 0);
+        let short = cmsg(libc::IPPROTO_IPV6, libc::IPV6_TCLASS, &[3, 0]);
+        assert_eq!(find_ecn(&short), 0);
     }
 
     #[test]

@@ -9,8 +9,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
-use crate::send_pool::{Dest, SendError, SendPool};
+use crate::send_pool::{Dest, SendError, SendOptions, SendPool};
 use crate::session::{CloseReason, SessionId};
 use crate::sockperf;
 use crate::stats::Stats;
@@ -28,6 +29,23 @@ pub struct Datagram<'a> {
     pub payload: &'a [u8],
     /// Index of the worker (and ring) that received it.
     pub worker: usize,
+    /// The ECN codepoint of its IP header (0 Not-ECT, 1 ECT(1), 2 ECT(0), 3 CE), from the
+    /// `IP_TOS` / `IPV6_TCLASS` control message; 0 unless `ServerConfig::ecn` asks for it.
+    pub ecn: u8,
+}
+
+impl<'a> Datagram<'a> {
+    /// A datagram from `peer` with no local address, on worker 0, without an ECN mark: for
+    /// tests, benchmarks and handlers that call each other (set the other fields after).
+    pub fn new(peer: SocketAddr, payload: &'a [u8]) -> Datagram<'a> {
+        Datagram {
+            peer,
+            local: None,
+            payload,
+            worker: 0,
+            ecn: 0,
+        }
+    }
 }
 
 /// Serves datagrams on one worker, statelessly. Create one per worker with the factory given
@@ -50,6 +68,20 @@ pub trait Handler: 'static {
         for payload in train.payload.chunks(segment_size.max(1)) {
             self.on_datagram(&Datagram { payload, ..*train }, reply);
         }
+    }
+
+    /// The instant the handler wants [`Handler::on_timer`] called at, if any. Asked after
+    /// every loop turn; the worker keeps one timeout armed for it. An instant already past
+    /// means "as soon as a reply slot is free" (a handler that stopped sending because the
+    /// pool was full resumes that way).
+    fn next_timer(&mut self) -> Option<Instant> {
+        None
+    }
+
+    /// The instant from [`Handler::next_timer`] has come. `reply` has no datagram to answer:
+    /// send with [`Reply::send_to`] or [`Reply::send_to_with`].
+    fn on_timer(&mut self, now: Instant, reply: &mut Reply<'_>) {
+        let _ = (now, reply);
     }
 }
 
@@ -100,6 +132,16 @@ pub trait SessionHandler: 'static {
         }
     }
 
+    /// As [`Handler::next_timer`]: worker-wide, not per session.
+    fn next_timer(&mut self) -> Option<Instant> {
+        None
+    }
+
+    /// As [`Handler::on_timer`].
+    fn on_timer(&mut self, now: Instant, reply: &mut Reply<'_>) {
+        let _ = (now, reply);
+    }
+
     /// The session ended; its socket (if any) is being closed.
     fn session_close(&mut self, state: Self::State, session: &SessionInfo, reason: CloseReason) {
         let _ = (state, session, reason);
@@ -126,6 +168,15 @@ impl<H: Handler> SessionHandler for H {
         reply: &mut Reply<'_>,
     ) {
         self.on_train(train, segment_size, reply)
+    }
+
+    #[inline]
+    fn next_timer(&mut self) -> Option<Instant> {
+        Handler::next_timer(self)
+    }
+
+    fn on_timer(&mut self, now: Instant, reply: &mut Reply<'_>) {
+        Handler::on_timer(self, now, reply)
     }
 }
 
@@ -237,6 +288,27 @@ impl Reply<'_> {
             connected: false,
         };
         self.queue(dest, bytes)
+    }
+
+    /// Sends what a transport stack built (a QUIC `Transmit`): `fill` writes the payload into
+    /// the send buffer (`max_len()` bytes) and returns its length; `options` carry a GSO
+    /// segment size (the payload is then one ready-made train, sent as one `SENDMSG` and
+    /// never regrouped), a source address and an ECN codepoint. Sent from the listening
+    /// socket.
+    pub fn send_to_with(
+        &mut self,
+        peer: SocketAddr,
+        options: SendOptions,
+        fill: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Result<(), SendError> {
+        let dest = Dest {
+            fd: self.listener_fd,
+            peer,
+            local: options.source.or(self.dest.local),
+            connected: false,
+        };
+        let result = self.pool.queue_with(dest, options, fill);
+        self.settle(result)
     }
 
     fn queue(&mut self, dest: Dest, bytes: &[u8]) -> Result<(), SendError> {
@@ -408,6 +480,31 @@ impl Harness {
         self.pool.take_queued(on_reply);
     }
 
+    /// Calls the handler's timer once, as the worker does when its `next_timer` has come;
+    /// `on_reply` sees each reply it made, in order.
+    pub fn fire_timer<H: Handler>(
+        &mut self,
+        handler: &mut H,
+        now: Instant,
+        on_reply: impl FnMut(SocketAddr, &[u8]),
+    ) {
+        let mut reply = Reply {
+            pool: &mut self.pool,
+            counters: &mut self.counters,
+            dest: Dest {
+                fd: -1,
+                peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+                local: None,
+                connected: false,
+            },
+            listener_fd: -1,
+            session: None,
+            budget: None,
+        };
+        handler.on_timer(now, &mut reply);
+        self.pool.take_queued(on_reply);
+    }
+
     /// What the handler counted (`bad_input`, `send_dropped`, ...).
     pub fn counters(&self) -> &Stats {
         &self.counters
@@ -424,6 +521,9 @@ pub enum App {
     Discard,
     /// Replies to `sockperf ping-pong` / `under-load` clients.
     Sockperf,
+    /// QUIC (quinn-proto): ALPN `echo` and `hq-interop` (feature `quic`).
+    #[cfg(feature = "quic")]
+    Quic,
 }
 
 #[cfg(test)]
@@ -431,12 +531,7 @@ mod tests {
     use super::*;
 
     fn datagram(payload: &[u8]) -> Datagram<'_> {
-        Datagram {
-            peer: "192.0.2.1:4000".parse().unwrap(),
-            local: None,
-            payload,
-            worker: 0,
-        }
+        Datagram::new("192.0.2.1:4000".parse().unwrap(), payload)
     }
 
     fn replies<H: Handler>(h: &mut H, harness: &mut Harness, payload: &[u8]) -> Vec<Vec<u8>> {
@@ -460,6 +555,54 @@ mod tests {
             vec![Vec::<u8>::new()]
         );
         assert!(replies(&mut Discard, &mut harness, b"abc").is_empty());
+    }
+
+    /// A handler that answers later: the datagram sets a deadline, the timer sends.
+    struct Later {
+        due: Option<(Instant, SocketAddr)>,
+    }
+
+    impl Handler for Later {
+        fn on_datagram(&mut self, d: &Datagram<'_>, _reply: &mut Reply<'_>) {
+            let delay = std::time::Duration::from_millis(u64::from(d.payload[0]));
+            self.due = Some((Instant::now() + delay, d.peer));
+        }
+
+        fn next_timer(&mut self) -> Option<Instant> {
+            self.due.map(|(at, _)| at)
+        }
+
+        fn on_timer(&mut self, now: Instant, reply: &mut Reply<'_>) {
+            let Some((at, peer)) = self.due.take() else {
+                return;
+            };
+            assert!(at <= now);
+            let options = SendOptions {
+                segment_size: Some(2),
+                ..SendOptions::default()
+            };
+            let _ = reply.send_to_with(peer, options, |buf| {
+                buf[..3].copy_from_slice(b"abc");
+                3
+            });
+        }
+    }
+
+    #[test]
+    fn the_harness_drives_timers_on_a_virtual_clock() {
+        let mut harness = Harness::new(1500, 4);
+        let mut later = Later { due: None };
+        harness.deliver(&mut later, &datagram(&[30]), |_, _| panic!("no reply yet"));
+        let due = Handler::next_timer(&mut later).expect("a deadline");
+        let mut out = Vec::new();
+        harness.fire_timer(&mut later, due, |peer, bytes| {
+            out.push((peer, bytes.to_vec()))
+        });
+        // The harness's pool has no GSO: a ready-made train comes out as its datagrams, as
+        // the peer receives them.
+        let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        assert_eq!(out, vec![(peer, b"ab".to_vec()), (peer, b"c".to_vec())]);
+        assert_eq!(Handler::next_timer(&mut later), None);
     }
 
     #[test]

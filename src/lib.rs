@@ -30,7 +30,8 @@
 //! Features: `cli` (on by default) builds the `udpring` command line and its dependencies
 //! (argument parsing, the load generator, the metrics endpoint, a log subscriber). A library
 //! user depends on udpring with `default-features = false` and gets none of them; the library
-//! logs through `tracing` and leaves the choice of subscriber to the application.
+//! logs through `tracing` and leaves the choice of subscriber to the application. `quic`
+//! (on with `cli`) adds the `quic` module: quinn-proto on the engine, with rustls on `ring`.
 //!
 //! ```no_run
 //! use udpring::{Datagram, Handler, Reply, Server, ServerConfig};
@@ -78,6 +79,16 @@ mod directory;
 mod features;
 mod guard;
 mod handler;
+#[cfg(feature = "quic")]
+pub mod quic;
+#[cfg(not(feature = "quic"))]
+mod quic {
+    //! Without the `quic` feature only the routing program is built (the engine attaches it
+    //! when `ServerConfig::cid_routing` is set); the CID helpers serve the QUIC handler.
+    #[allow(dead_code)]
+    #[path = "route.rs"]
+    pub mod route;
+}
 mod ring;
 mod send_pool;
 mod server;
@@ -100,7 +111,7 @@ pub use handler::{
     SessionHandler, SessionInfo, Sockperf,
 };
 pub use ring::TaskRunMode;
-pub use send_pool::SendError;
+pub use send_pool::{SendError, SendOptions};
 pub use server::{Server, SocketOrigin};
 pub use session::{CloseReason, SessionId};
 pub use stats::Stats;

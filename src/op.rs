@@ -25,6 +25,12 @@ pub enum OpKind {
     SessionRecv = 5,
     /// `IORING_OP_TIMEOUT` driving idle-session expiry.
     Tick = 6,
+    /// `IORING_OP_TIMEOUT` for the handler's earliest deadline (`Handler::next_timer`);
+    /// generation = the arming's.
+    Timer = 7,
+    /// `IORING_OP_TIMEOUT_REMOVE` with `IORING_TIMEOUT_UPDATE` (5.11): brings the armed
+    /// handler timer forward.
+    TimerUpdate = 8,
 }
 
 impl OpKind {
@@ -36,6 +42,8 @@ impl OpKind {
             4 => Some(OpKind::Cancel),
             5 => Some(OpKind::SessionRecv),
             6 => Some(OpKind::Tick),
+            7 => Some(OpKind::Timer),
+            8 => Some(OpKind::TimerUpdate),
             _ => None,
         }
     }
@@ -101,6 +109,8 @@ mod tests {
             OpKind::Cancel,
             OpKind::SessionRecv,
             OpKind::Tick,
+            OpKind::Timer,
+            OpKind::TimerUpdate,
         ] {
             for (generation, slot) in [(0, 0), (1, 7), (GENERATION_MASK, u32::MAX), (12345, 99)] {
                 let ud = UserData::new(kind, generation, slot);

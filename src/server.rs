@@ -158,6 +158,14 @@ impl Server {
         F: Fn(usize) -> H + Send + Sync + 'static,
     {
         let local_addr = sockets[0].local_addr;
+        for socket in &sockets {
+            if config.ecn {
+                crate::socket::enable_ecn_reports(socket)?;
+            }
+            if config.dont_fragment {
+                crate::socket::set_dont_fragment(socket)?;
+            }
+        }
         let listeners = Arc::new(
             sockets
                 .iter()
@@ -200,6 +208,16 @@ impl Server {
         } else {
             None
         };
+        // One reuseport program for the group, made of stages in priority order: QUIC
+        // connection IDs first (a packet of a known connection reaches the worker holding
+        // it), then the CPU (what the first stage does not recognise); anything else falls
+        // back to the kernel's hash.
+        let mut program = crate::steer::ProgramBuilder::default();
+        let mut staged = false;
+        if config.cid_routing {
+            program = program.raw_stage(&crate::quic::route::cid_stage_filters(sockets.len()))?;
+            staged = true;
+        }
         if config.steer == Steer::Cpu {
             // Validated: steering implies pinning.
             let allowed = cpus.as_deref().unwrap_or_default();
@@ -213,7 +231,11 @@ impl Server {
                     ),
                 ));
             }
-            crate::steer::attach(&sockets[0].socket, &crate::steer::cpu_program(allowed)?)?;
+            program = program.cpu_stage(&crate::steer::by_cpu(allowed))?;
+            staged = true;
+        }
+        if staged {
+            crate::steer::attach(&sockets[0].socket, &program.finish())?;
         } else {
             // Adopted sockets may come with the previous owner's program.
             crate::steer::detach(&sockets[0].socket)?;

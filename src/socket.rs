@@ -164,6 +164,43 @@ pub fn adopt_worker_socket(
     })
 }
 
+/// Asks the kernel to report each datagram's TOS / traffic class byte, whose two low bits are
+/// its ECN codepoint: `IP_RECVTOS` for IPv4 (also on a dual-stack socket), `IPV6_RECVTCLASS`
+/// for IPv6.
+pub fn enable_ecn_reports(bound: &BoundSocket) -> io::Result<()> {
+    if bound.is_v6 {
+        set_int(&bound.socket, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 1)?;
+        if !bound.local_addr.ip().is_unspecified() {
+            return Ok(());
+        }
+    }
+    set_int(&bound.socket, libc::IPPROTO_IP, libc::IP_RECVTOS, 1)
+}
+
+/// Sets don't-fragment on every datagram without using the kernel's path MTU estimate
+/// (`IP_PMTUDISC_PROBE`, `IPV6_PMTUDISC_PROBE`): a datagram too large for the path is lost
+/// instead of fragmented, which is what a stack that probes the path MTU itself (QUIC's
+/// DPLPMTUD) needs to see. IPv4 too on a dual-stack socket.
+pub fn set_dont_fragment(bound: &BoundSocket) -> io::Result<()> {
+    if bound.is_v6 {
+        set_int(
+            &bound.socket,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_PROBE,
+        )?;
+        if !bound.local_addr.ip().is_unspecified() {
+            return Ok(());
+        }
+    }
+    set_int(
+        &bound.socket,
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_PROBE,
+    )
+}
+
 fn clamp_int(v: usize) -> libc::c_int {
     v.min(libc::c_int::MAX as usize) as libc::c_int
 }

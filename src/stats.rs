@@ -69,6 +69,8 @@ define_counters! {
     malformed,
     /// Datagrams the handler rejected as bad input (e.g. a short sockperf header).
     bad_input,
+    /// Calls of the handler's timer (`on_timer`).
+    handler_timers,
     /// Replies the kernel refused (the completion carried an error).
     send_errors,
     /// Replies that found no free send slot or did not fit; dropped and counted.

@@ -81,20 +81,37 @@ impl ProgramBuilder {
     }
 
     /// Closes the program with `ret #FALLBACK`.
+    /// A stage built elsewhere (the QUIC connection-ID stage), which must follow the layout
+    /// above: every jump lands on one of its own instructions or just past its end.
+    pub(crate) fn raw_stage(mut self, stage: &[libc::sock_filter]) -> io::Result<ProgramBuilder> {
+        if self.insns.len() + stage.len() + 1 > MAX_INSNS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a reuseport program exceeds the kernel's {MAX_INSNS} instructions"),
+            ));
+        }
+        self.insns.extend_from_slice(stage);
+        Ok(self)
+    }
+
     pub(crate) fn finish(mut self) -> Vec<libc::sock_filter> {
         self.insns.push(insn(RET_K, 0, 0, FALLBACK));
         self.insns
     }
 }
 
-/// The CPU program for workers pinned to `cpus` (worker `i` to `cpus[i]`, group index `i`).
-pub(crate) fn cpu_program(cpus: &[usize]) -> io::Result<Vec<libc::sock_filter>> {
-    let by_cpu: Vec<(u32, u32)> = cpus
-        .iter()
+/// Worker `i` is pinned to `cpus[i]` and is group index `i`: the CPU stage's table.
+pub(crate) fn by_cpu(cpus: &[usize]) -> Vec<(u32, u32)> {
+    cpus.iter()
         .enumerate()
         .map(|(index, &cpu)| (cpu as u32, index as u32))
-        .collect();
-    Ok(ProgramBuilder::default().cpu_stage(&by_cpu)?.finish())
+        .collect()
+}
+
+/// The CPU program for workers pinned to `cpus` (worker `i` to `cpus[i]`, group index `i`).
+#[cfg(test)]
+pub(crate) fn cpu_program(cpus: &[usize]) -> io::Result<Vec<libc::sock_filter>> {
+    Ok(ProgramBuilder::default().cpu_stage(&by_cpu(cpus))?.finish())
 }
 
 /// Attaches `program` to the reuseport group `socket` belongs to (the program is the

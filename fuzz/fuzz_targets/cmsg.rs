@@ -6,8 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use libfuzzer_sys::arbitrary::{Arbitrary, Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use udpring::datagram::{
-    cmsgs, encode_cmsg, encode_pktinfo, encode_udp_segment, find_gro_segment_size, find_pktinfo,
-    CONTROL_LEN, UDP_SEGMENT,
+    cmsgs, encode_cmsg, encode_pktinfo, encode_udp_segment, find_ecn, find_gro_segment_size,
+    find_pktinfo, CONTROL_LEN, UDP_SEGMENT,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -24,6 +24,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = find_pktinfo(data);
     // Callers split a coalesced receive by this size, so it is never 0.
     assert_ne!(find_gro_segment_size(data), Some(0));
+    // An ECN codepoint is two bits.
+    assert!(find_ecn(data) <= 3);
 
     // 2. The send side.
     let mut u = Unstructured::new(data);

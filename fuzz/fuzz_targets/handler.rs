@@ -37,10 +37,8 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     };
     let payload = u.bytes(u.len())?;
     let datagram = Datagram {
-        peer,
         local,
-        payload,
-        worker: 0,
+        ..Datagram::new(peer, payload)
     };
 
     let mut harness = Harness::new(max_len, slots);

@@ -13,7 +13,7 @@ use io_uring::{opcode, squeue, types};
 
 use super::{Dest, FlushError, SendPool, SlotState, Submit, NO_SLOT};
 use crate::config::MAX_UDP4_PAYLOAD;
-use crate::datagram::{encode_udp_segment, MAX_GSO_SEGMENTS};
+use crate::datagram::{encode_ecn, encode_udp_segment, MAX_GSO_SEGMENTS};
 use crate::op::{OpKind, UserData};
 
 /// A train being assembled: a chain of slots through `SlotMeta::next`.
@@ -125,12 +125,13 @@ impl SendPool {
         let small = self.queued.len() <= SMALL_BATCH;
         for i in 0..self.queued.len() {
             let index = self.queued[i];
-            let (dest, len) = {
+            let (dest, len, own) = {
                 let m = &mut self.meta[index as usize];
                 m.next = NO_SLOT;
-                (m.dest, m.len)
+                // A ready-made train or an ECN-marked reply travels alone.
+                (m.dest, m.len, m.train_segment != 0 || m.ecn != 0)
             };
-            let joinable = self.gso && len > 0 && len <= usize::from(u16::MAX);
+            let joinable = self.gso && !own && len > 0 && len <= usize::from(u16::MAX);
             if joinable {
                 let open = if small {
                     self.trains.iter().rposition(|t| t.open && t.dest == dest)
@@ -178,9 +179,16 @@ impl SendPool {
     /// builds its `SENDMSG` entry.
     fn seal(&mut self, train: &Train) -> squeue::Entry {
         let head = train.head;
-        let (fd, pktinfo_len, generation) = {
+        let (fd, pktinfo_len, generation, ecn, train_segment, peer_is_v4) = {
             let m = &self.meta[head as usize];
-            (m.dest.fd, m.pktinfo_len, m.generation)
+            (
+                m.dest.fd,
+                m.pktinfo_len,
+                m.generation,
+                m.ecn,
+                m.train_segment,
+                m.dest.peer.is_ipv4(),
+            )
         };
         let data = self.data.as_ptr();
         let capacity = self.slot_capacity;
@@ -204,10 +212,20 @@ impl SendPool {
         }
         h.msg.msg_iovlen = n as _;
         let mut control_len = pktinfo_len;
-        if n > 1 {
-            // CONTROL_LEN holds packet-info and UDP_SEGMENT together (tested in datagram).
-            control_len = encode_udp_segment(&mut h.control, control_len, train.segment as u16)
-                .unwrap_or(control_len);
+        // CONTROL_LEN holds packet-info, the ECN mark and UDP_SEGMENT together (tested in
+        // datagram).
+        if ecn != 0 {
+            control_len =
+                encode_ecn(&mut h.control, control_len, peer_is_v4, ecn).unwrap_or(control_len);
+        }
+        let segment = if n > 1 {
+            train.segment as u16
+        } else {
+            train_segment
+        };
+        if segment != 0 {
+            control_len =
+                encode_udp_segment(&mut h.control, control_len, segment).unwrap_or(control_len);
         }
         h.msg.msg_controllen = control_len;
         h.msg.msg_control = if control_len == 0 {
@@ -228,7 +246,9 @@ impl SendPool {
             (None, false) => opcode::SendMsg::new(types::Fd(fd), &h.msg).build(),
         }
         .user_data(UserData::new(OpKind::Send, generation, head).encode());
-        self.meta[head as usize].segments = train.count;
+        if train_segment == 0 {
+            self.meta[head as usize].segments = train.count;
+        }
         let mut index = head;
         while index != NO_SLOT {
             let m = &mut self.meta[index as usize];
@@ -242,6 +262,7 @@ impl SendPool {
 #[cfg(test)]
 mod tests {
     use super::super::test_util::*;
+    use super::super::{SendError, SendOptions};
     use super::*;
 
     /// The trains `build_trains` made: each as the list of slot payload first bytes.
@@ -346,6 +367,85 @@ mod tests {
         d.fd = 4;
         p.queue_bytes(d, b"x").unwrap();
         assert_eq!(trains(&mut p).len(), 2);
+    }
+
+    #[test]
+    fn a_ready_made_train_or_a_marked_reply_is_never_regrouped() {
+        let mut p = pool(8, 64);
+        let d = dest("127.0.0.1:5");
+        queue_bytes(&mut p, "127.0.0.1:5", b"xxxx").unwrap();
+        let train = SendOptions {
+            segment_size: Some(4),
+            ..SendOptions::default()
+        };
+        p.queue_with(d, train, |buf| {
+            buf[..10].copy_from_slice(b"aaaabbbbcc");
+            10
+        })
+        .unwrap();
+        let marked = SendOptions {
+            ecn: 2,
+            ..SendOptions::default()
+        };
+        p.queue_with(d, marked, |buf| {
+            buf[..4].copy_from_slice(b"mmmm");
+            4
+        })
+        .unwrap();
+        queue_bytes(&mut p, "127.0.0.1:5", b"yyyy").unwrap();
+        assert_eq!(
+            trains(&mut p),
+            vec![(vec![b'x', b'y'], 4), (vec![b'a'], 10), (vec![b'm'], 4)]
+        );
+        let mut sink = FailingSink {
+            room: 8,
+            accepted: Vec::new(),
+        };
+        assert_eq!(p.flush(&mut sink).unwrap(), 3);
+        let segments: Vec<u16> = sink
+            .accepted
+            .clone()
+            .into_iter()
+            .map(|ud| p.complete(ud).unwrap().segments)
+            .collect();
+        assert_eq!(segments, vec![2, 3, 1], "the ready-made train carries 3");
+        // More than 64 segments is refused, and the slot comes back.
+        let many = SendOptions {
+            segment_size: Some(1),
+            ..SendOptions::default()
+        };
+        assert_eq!(p.queue_with(d, many, |_| 65), Err(SendError::TooLong));
+        assert_eq!(p.free_slots(), 8);
+    }
+
+    #[test]
+    fn without_gso_a_ready_made_train_is_split_over_slots() {
+        let mut p = pool(4, 64);
+        p.disable_gso();
+        let d = dest("127.0.0.1:5");
+        let train = SendOptions {
+            segment_size: Some(4),
+            ecn: 1,
+            ..SendOptions::default()
+        };
+        p.queue_with(d, train, |buf| {
+            buf[..10].copy_from_slice(b"aaaabbbbcc");
+            10
+        })
+        .unwrap();
+        let mut out = Vec::new();
+        p.take_queued(|_, bytes| out.push(bytes.to_vec()));
+        assert_eq!(
+            out,
+            vec![b"aaaa".to_vec(), b"bbbb".to_vec(), b"cc".to_vec()]
+        );
+        // Not enough slots for every segment: refused whole.
+        let long = |buf: &mut [u8]| {
+            buf[..20].fill(1);
+            20
+        };
+        assert_eq!(p.queue_with(d, train, long), Err(SendError::PoolExhausted));
+        assert_eq!(p.free_slots(), 4);
     }
 
     #[test]

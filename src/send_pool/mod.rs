@@ -70,6 +70,23 @@ pub struct Dest {
     pub connected: bool,
 }
 
+/// How a reply leaves, beyond its destination: what a transport stack (QUIC) decides per
+/// transmit. `Default` is a plain datagram.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendOptions {
+    /// The payload is a ready-made UDP GSO train: datagrams of this many bytes, the last one
+    /// possibly shorter (at most 64 of them). It goes out as one `SENDMSG` with a
+    /// `UDP_SEGMENT` message and is never regrouped with other replies. Where the kernel
+    /// refused GSO, the train is split over several slots instead.
+    pub segment_size: Option<usize>,
+    /// The local address to send from (`IP_PKTINFO` / `IPV6_PKTINFO`), for a socket bound to
+    /// a wildcard address. `None`: the address the datagram being answered arrived on.
+    pub source: Option<IpAddr>,
+    /// The ECN codepoint (0..=3) for the IP header (`IP_TOS` / `IPV6_TCLASS`). A reply with a
+    /// mark is sent on its own, never joined to a train of replies without one.
+    pub ecn: u8,
+}
+
 /// Where pushed entries go: the ring, or a stand-in in tests.
 pub trait Submit {
     /// Queues `entry` for the kernel.
@@ -114,6 +131,10 @@ struct SlotMeta {
     name_valid: bool,
     /// Datagrams this slot's send carries (more than one for a GSO train head).
     segments: u16,
+    /// The segment size of a ready-made train in this one slot (0: a single datagram).
+    train_segment: u16,
+    /// ECN codepoint to mark the datagrams with (0: none, no control message).
+    ecn: u8,
     generation: u32,
 }
 
@@ -200,6 +221,8 @@ impl SendPool {
                     pktinfo_len: 0,
                     name_valid: false,
                     segments: 1,
+                    train_segment: 0,
+                    ecn: 0,
                     generation: 0,
                 })
                 .collect(),
@@ -306,6 +329,74 @@ impl SendPool {
         }
     }
 
+    /// Queues a reply with `options` (see [`SendOptions`]): a ready-made GSO train, an ECN
+    /// mark. A train of more than 64 segments is refused (`TooLong`).
+    pub fn queue_with(
+        &mut self,
+        dest: Dest,
+        options: SendOptions,
+        fill: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Result<usize, SendError> {
+        let len = self.queue(dest, fill)?;
+        // `queue` pushed the slot last: it is ours until flushed.
+        let Some(&index) = self.queued.last() else {
+            return Ok(len);
+        };
+        let segment = options.segment_size.filter(|&s| s > 0 && s < len);
+        let segments = segment.map_or(1, |s| len.div_ceil(s));
+        if segments > MAX_GSO_SEGMENTS || segment.is_some_and(|s| s > usize::from(u16::MAX)) {
+            self.cancel_last();
+            return Err(SendError::TooLong);
+        }
+        {
+            let meta = &mut self.meta[index as usize];
+            meta.ecn = options.ecn & 0b11;
+        }
+        let Some(segment) = segment else {
+            return Ok(len);
+        };
+        if self.gso {
+            let meta = &mut self.meta[index as usize];
+            meta.train_segment = segment as u16;
+            meta.segments = segments as u16;
+            return Ok(len);
+        }
+        // No GSO: each segment gets a slot of its own, copied from the first one.
+        if self.free.len() < segments - 1 {
+            self.cancel_last();
+            return Err(SendError::PoolExhausted);
+        }
+        self.meta[index as usize].len = segment;
+        let ecn = options.ecn;
+        let data = self.data;
+        let first_at = index as usize * self.slot_capacity;
+        for n in 1..segments {
+            let start = n * segment;
+            let end = (start + segment).min(len);
+            let result = self.queue(dest, |buf| {
+                // SAFETY: `data` points at `count * slot_capacity` bytes; slot `index` and the
+                // slot `buf` covers are distinct (the pool hands a slot out once) and both
+                // ours, so the source range and `buf` do not overlap.
+                let first = unsafe {
+                    std::slice::from_raw_parts(data.as_ptr().add(first_at + start), end - start)
+                };
+                buf[..end - start].copy_from_slice(first);
+                end - start
+            });
+            // Free slots were counted above: a failure here is a bookkeeping bug.
+            if result.is_err() {
+                for _ in 0..n {
+                    self.cancel_last();
+                }
+                return Err(SendError::PoolExhausted);
+            }
+            if let Some(&last) = self.queued.last() {
+                self.meta[last as usize].ecn = ecn & 0b11;
+            }
+        }
+        Ok(len)
+    }
+
     /// Queues a copy of `bytes` for `dest`.
     pub fn queue_bytes(&mut self, dest: Dest, bytes: &[u8]) -> Result<usize, SendError> {
         self.queue(dest, |buf| {
@@ -354,6 +445,8 @@ impl SendPool {
         meta.dest = dest;
         meta.len = len;
         meta.segments = 1;
+        meta.train_segment = 0;
+        meta.ecn = 0;
         Ok(len)
     }
 

@@ -36,6 +36,11 @@ pub(super) struct Ledger {
     pub recv_generation: u32,
     pub wake_armed: bool,
     pub tick_armed: bool,
+    /// The handler's timer is armed (under `timer_generation`).
+    pub timer_armed: bool,
+    pub timer_generation: u32,
+    /// An update of the handler's timer is in flight.
+    pub timer_updating: bool,
     pub cancels: usize,
     /// Session sockets with a multishot receive armed.
     pub session_recvs: usize,
@@ -46,6 +51,8 @@ impl Ledger {
         usize::from(self.recv_armed)
             + usize::from(self.wake_armed)
             + usize::from(self.tick_armed)
+            + usize::from(self.timer_armed)
+            + usize::from(self.timer_updating)
             + self.cancels
             + self.session_recvs
     }
@@ -62,6 +69,10 @@ pub(super) struct Io {
     wake_buf: ManuallyDrop<Box<u64>>,
     /// The idle timer's timespec, read by the kernel until the timeout completes.
     tick_spec: ManuallyDrop<Box<types::Timespec>>,
+    /// The handler timer's timespec, and the one of its update: each read by the kernel until
+    /// its request completes.
+    timer_spec: ManuallyDrop<Box<types::Timespec>>,
+    timer_update_spec: ManuallyDrop<Box<types::Timespec>>,
     pub ledger: Ledger,
     listener_fd: RawFd,
     /// The listener is slot 0 of the ring's registered file table (`IORING_REGISTER_FILES`,
@@ -115,6 +126,8 @@ impl Io {
             recv_msg: ManuallyDrop::new(recv_msg),
             wake_buf: ManuallyDrop::new(Box::new(0)),
             tick_spec: ManuallyDrop::new(Box::new(types::Timespec::new())),
+            timer_spec: ManuallyDrop::new(Box::new(types::Timespec::new())),
+            timer_update_spec: ManuallyDrop::new(Box::new(types::Timespec::new())),
             ledger: Ledger::default(),
             listener_fd,
             listener_fixed,
@@ -239,6 +252,44 @@ impl Io {
         Ok(())
     }
 
+    /// Arms the handler's timer `after` from now. One at a time.
+    pub fn arm_timer(&mut self, after: Duration) -> io::Result<()> {
+        debug_assert!(!self.ledger.timer_armed);
+        **self.timer_spec = timespec(after);
+        let generation = next_generation(self.ledger.timer_generation);
+        let entry = opcode::Timeout::new(&**self.timer_spec)
+            .build()
+            .user_data(UserData::new(OpKind::Timer, generation, 0).encode());
+        // SAFETY: `timer_spec` is boxed, freed only after the ring is closed with nothing in
+        // flight, and rewritten only here, while no handler timer is armed (asserted above).
+        unsafe { self.ring.push(&entry) }?;
+        self.ledger.timer_generation = generation;
+        self.ledger.timer_armed = true;
+        Ok(())
+    }
+
+    /// The `user_data` of the armed handler timer (to update or cancel it).
+    pub fn timer_user_data(&self) -> UserData {
+        UserData::new(OpKind::Timer, self.ledger.timer_generation, 0)
+    }
+
+    /// Moves the armed handler timer to `after` from now (`IORING_TIMEOUT_UPDATE`, 5.11).
+    /// One update at a time; its completion says whether the timer was still armed.
+    pub fn update_timer(&mut self, after: Duration) -> io::Result<()> {
+        debug_assert!(!self.ledger.timer_updating);
+        **self.timer_update_spec = timespec(after);
+        let entry =
+            opcode::TimeoutUpdate::new(self.timer_user_data().encode(), &**self.timer_update_spec)
+                .build()
+                .user_data(UserData::new(OpKind::TimerUpdate, 0, 0).encode());
+        // SAFETY: `timer_update_spec` is boxed, freed only after the ring is closed with
+        // nothing in flight, and rewritten only here, while no update is in flight (asserted
+        // above; the ledger flag clears on the update's completion).
+        unsafe { self.ring.push(&entry) }?;
+        self.ledger.timer_updating = true;
+        Ok(())
+    }
+
     /// Cancels the operation `target` names; its final completion still arrives.
     pub fn cancel(&mut self, target: UserData) -> io::Result<()> {
         let entry = opcode::AsyncCancel::new(target.encode())
@@ -249,6 +300,15 @@ impl Io {
         self.ledger.cancels += 1;
         Ok(())
     }
+}
+
+/// A relative timeout of `after`, at least 1 µs (a zero timespec would fire at once, which is
+/// what "at least" rounds to anyway).
+fn timespec(after: Duration) -> types::Timespec {
+    let after = after.max(Duration::from_micros(1));
+    types::Timespec::new()
+        .sec(after.as_secs())
+        .nsec(after.subsec_nanos())
 }
 
 impl Drop for Io {
@@ -276,6 +336,8 @@ impl Drop for Io {
                 ManuallyDrop::drop(&mut self.recv_msg);
                 ManuallyDrop::drop(&mut self.wake_buf);
                 ManuallyDrop::drop(&mut self.tick_spec);
+                ManuallyDrop::drop(&mut self.timer_spec);
+                ManuallyDrop::drop(&mut self.timer_update_spec);
             }
         }
         // `bufs` and `sends` drop after this body, as fields: `bufs` unmaps only if it was

@@ -21,9 +21,11 @@ mod receive;
 mod router;
 mod sessions;
 mod shared;
+mod timer;
 
 use std::collections::VecDeque;
 use std::io as stdio;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -32,10 +34,10 @@ use std::time::{Duration, Instant};
 use crate::buf_ring::BufRing;
 use crate::config::{ServerConfig, SessionMode};
 use crate::datagram::{CONTROL_LEN, RECVMSG_OUT_LEN, SOCKADDR_IN6_LEN, SOCKADDR_IN_LEN};
-use crate::handler::SessionHandler;
+use crate::handler::{Reply, SessionHandler};
 use crate::op::{OpKind, UserData};
 use crate::ring::{has_more, Completion, Ring};
-use crate::send_pool::{send_errno, SendPool};
+use crate::send_pool::{send_errno, Dest, SendPool};
 use crate::session::{Limits, Millis, SessionTable};
 use crate::socket::BoundSocket;
 use crate::stats::Stats;
@@ -44,12 +46,17 @@ use io::Io;
 use receive::Pending;
 use router::{Router, Source};
 use sessions::SessionSockets;
+use timer::{HandlerTimer, TimerStep};
 
 pub use shared::{Posted, ServerShared, WorkerShared};
 
 /// A turn that drained at least this many completions counts as busy: the next wait may
 /// hold out for a batch (`--batch-wait`).
 const BUSY_TURN: usize = 8;
+
+/// Calls of the handler's timer per loop turn at most: a handler whose deadline stays in the
+/// past cannot keep the worker from its completions.
+const TIMER_CALLS_PER_TURN: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -132,6 +139,13 @@ pub struct Worker<H: SessionHandler> {
     max_datagram: usize,
     started: Instant,
     now_ms: Millis,
+    /// `ServerConfig::ecn`: receives carry the TOS / traffic class byte.
+    ecn: bool,
+    /// The handler's timer (`SessionHandler::next_timer`).
+    timer: HandlerTimer,
+    /// The handler's deadline had passed at the end of the last turn and a slot was free:
+    /// the next wait does not block.
+    timer_ready: bool,
 }
 
 impl<H: SessionHandler> Worker<H> {
@@ -156,7 +170,7 @@ impl<H: SessionHandler> Worker<H> {
         } else {
             SOCKADDR_IN_LEN
         };
-        let control_space = if socket.wants_pktinfo || socket.gro {
+        let control_space = if socket.wants_pktinfo || socket.gro || config.ecn {
             CONTROL_LEN
         } else {
             0
@@ -238,6 +252,9 @@ impl<H: SessionHandler> Worker<H> {
             max_datagram: config.max_datagram,
             started,
             now_ms: 0,
+            ecn: config.ecn,
+            timer: HandlerTimer::default(),
+            timer_ready: false,
         };
         if worker.mode == SessionMode::None {
             let info = worker.stateless_info();
@@ -286,6 +303,7 @@ impl<H: SessionHandler> Worker<H> {
             if self.retire_sockets() {
                 self.process_backlog();
             }
+            self.service_timer()?;
             self.flush_sends();
             self.io.bufs.publish();
             if self.serving() {
@@ -328,8 +346,9 @@ impl<H: SessionHandler> Worker<H> {
     /// Submits the turn's entries and waits for completions, unless work is ready without
     /// them (datagrams in the backlog with reply slots free, sockets to close).
     fn wait(&mut self) -> stdio::Result<()> {
-        let ready =
-            (!self.backlog.is_empty() && self.io.sends.free_slots() > 0) || self.socks.busy();
+        let ready = (!self.backlog.is_empty() && self.io.sends.free_slots() > 0)
+            || self.socks.busy()
+            || (self.timer_ready && self.io.sends.free_slots() > 0);
         let (want, timeout) = match (self.state, self.pacing.batch_wait) {
             _ if ready => (0, None),
             (State::Running | State::Released, None) => (1, None),
@@ -414,6 +433,19 @@ impl<H: SessionHandler> Worker<H> {
                 self.io.ledger.tick_armed = false;
                 self.expire_sessions()?;
             }
+            OpKind::Timer => {
+                // Fired (-ETIME) or cancelled: either way the timeout is no longer armed. A
+                // stale generation cannot occur (one armed at a time), but is harmless.
+                if ud.generation == self.io.ledger.timer_generation {
+                    self.io.ledger.timer_armed = false;
+                    self.timer.fired();
+                }
+            }
+            OpKind::TimerUpdate => {
+                // 0, or -ENOENT when the timeout had fired first: nothing else to do.
+                self.io.ledger.timer_updating = false;
+                self.timer.updated();
+            }
             OpKind::Cancel => self.io.ledger.cancels = self.io.ledger.cancels.saturating_sub(1),
         }
         Ok(())
@@ -451,6 +483,58 @@ impl<H: SessionHandler> Worker<H> {
         }
     }
 
+    /// Asks the handler when it wants its timer and carries out the step (see `timer`): calls
+    /// `on_timer` when the instant has passed and a reply slot is free, else arms or brings
+    /// forward the one timeout. Not while draining: shutdown closes the handler's state.
+    fn service_timer(&mut self) -> stdio::Result<()> {
+        self.timer_ready = false;
+        if self.state != State::Running {
+            return Ok(());
+        }
+        for _ in 0..TIMER_CALLS_PER_TURN {
+            let Some(wanted) = self.handler.next_timer() else {
+                return Ok(());
+            };
+            let now = Instant::now();
+            let step = self
+                .timer
+                .plan(now, Some(wanted), self.io.sends.free_slots() > 0);
+            match step {
+                TimerStep::Idle => return Ok(()),
+                TimerStep::Fire => {
+                    self.stats.handler_timers += 1;
+                    let mut reply = Reply {
+                        pool: &mut self.io.sends,
+                        counters: &mut self.stats,
+                        dest: Dest {
+                            fd: self.fd,
+                            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+                            local: None,
+                            connected: false,
+                        },
+                        listener_fd: self.fd,
+                        session: None,
+                        budget: None,
+                    };
+                    self.handler.on_timer(now, &mut reply);
+                }
+                TimerStep::Arm(after) => {
+                    self.io.arm_timer(after)?;
+                    self.timer.note(step, Some(wanted));
+                    return Ok(());
+                }
+                TimerStep::Update(after) => {
+                    self.io.update_timer(after)?;
+                    self.timer.note(step, Some(wanted));
+                    return Ok(());
+                }
+            }
+        }
+        // Still due after the turn's calls: come back without blocking.
+        self.timer_ready = true;
+        Ok(())
+    }
+
     /// Pushes the turn's replies to the ring; they reach the kernel with the next wait.
     fn flush_sends(&mut self) {
         if let Err(e) = self.io.flush() {
@@ -476,6 +560,10 @@ impl<H: SessionHandler> Worker<H> {
         }
         if self.io.ledger.tick_armed {
             self.io.cancel(UserData::new(OpKind::Tick, 0, 0))?;
+        }
+        if self.io.ledger.timer_armed {
+            let target = self.io.timer_user_data();
+            self.io.cancel(target)?;
         }
         // Sessions stay open until the listener's receive has ended and everything it took
         // has been answered (`close_sessions_when_drained`).

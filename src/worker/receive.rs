@@ -10,7 +10,9 @@ use super::router::{Route, Source};
 use super::Worker;
 use crate::buf_ring::{BufRing, RecvBuf};
 use crate::config::SessionMode;
-use crate::datagram::{decode_sockaddr, find_gro_segment_size, find_pktinfo, parse_recvmsg_out};
+use crate::datagram::{
+    decode_sockaddr, find_ecn, find_gro_segment_size, find_pktinfo, parse_recvmsg_out,
+};
 use crate::handler::{Datagram, Reply, SessionCtx, SessionHandler};
 use crate::ring::Completion;
 use crate::send_pool::Dest;
@@ -135,7 +137,7 @@ impl<H: SessionHandler> Worker<H> {
                     local,
                     payload,
                     source,
-                }) => self.route(source, peer, local, Bytes::Owned(&payload), None),
+                }) => self.route(source, peer, local, 0, Bytes::Owned(&payload), None),
                 None => return,
             }
         }
@@ -150,7 +152,9 @@ impl<H: SessionHandler> Worker<H> {
 
     /// A payload-only buffer from a connected socket, whose source is its peer. A datagram
     /// longer than `--max-datagram` is counted as truncated: the buffer holds more than
-    /// `--max-datagram` bytes, so a datagram cut short by it is longer than that too.
+    /// `--max-datagram` bytes, so a datagram cut short by it is longer than that too. A
+    /// payload-only receive carries no control messages, so no ECN codepoint (reported as
+    /// Not-ECT).
     fn handle_payload(&mut self, buf: &RecvBuf, source: Source, peer: SocketAddr) {
         let len = self.io.bufs.bytes(buf).len();
         if len > self.max_datagram {
@@ -159,7 +163,7 @@ impl<H: SessionHandler> Worker<H> {
         }
         self.stats.rx_datagrams += 1;
         self.stats.rx_bytes += len as u64;
-        self.route(source, peer, None, Bytes::Buffer(buf, 0, len), None);
+        self.route(source, peer, None, 0, Bytes::Buffer(buf, 0, len), None);
     }
 
     /// Parses one received buffer, counts it and routes its datagram, or the datagrams of a
@@ -167,7 +171,7 @@ impl<H: SessionHandler> Worker<H> {
     /// a train because no reply slot is free (`delivered` then says where to resume).
     fn handle_buffer(&mut self, buf: &RecvBuf, source: Source, delivered: &mut u16) -> bool {
         let bytes = self.io.bufs.bytes(buf);
-        let (peer, local, at, segment) =
+        let (peer, local, ecn, at, segment) =
             match parse_recvmsg_out(bytes, self.name_space, self.control_space) {
                 Ok(out) if out.is_truncated() => {
                     self.stats.truncated += 1;
@@ -184,9 +188,10 @@ impl<H: SessionHandler> Worker<H> {
                         None
                     };
                     let segment = find_gro_segment_size(out.control).map(usize::from);
+                    let ecn = if self.ecn { find_ecn(out.control) } else { 0 };
                     // Where the payload sits in the buffer, so the borrow of `bytes` can end.
                     let start = out.payload.as_ptr() as usize - bytes.as_ptr() as usize;
-                    (peer, local, start..start + out.payload.len(), segment)
+                    (peer, local, ecn, start..start + out.payload.len(), segment)
                 }
                 Err(_) => {
                     self.stats.malformed += 1;
@@ -208,11 +213,18 @@ impl<H: SessionHandler> Worker<H> {
             }
         }
         let Some(segment) = segment else {
-            self.route(source, peer, local, Bytes::range(at, buf), None);
+            self.route(source, peer, local, ecn, Bytes::range(at, buf), None);
             return true;
         };
         if H::WHOLE_TRAINS {
-            self.route(source, peer, local, Bytes::range(at, buf), Some(segment));
+            self.route(
+                source,
+                peer,
+                local,
+                ecn,
+                Bytes::range(at, buf),
+                Some(segment),
+            );
             return true;
         }
         let mut start = at.start + usize::from(*delivered) * segment;
@@ -221,7 +233,8 @@ impl<H: SessionHandler> Worker<H> {
                 return false;
             }
             let end = (start + segment).min(at.end);
-            self.route(source, peer, local, Bytes::Buffer(buf, start, end), None);
+            let bytes = Bytes::Buffer(buf, start, end);
+            self.route(source, peer, local, ecn, bytes, None);
             *delivered += 1;
             start = end;
         }
@@ -234,12 +247,13 @@ impl<H: SessionHandler> Worker<H> {
         source: Source,
         peer: SocketAddr,
         local: Option<IpAddr>,
+        ecn: u8,
         bytes: Bytes,
         train: Option<usize>,
     ) {
         if self.mode == SessionMode::None {
             if source != Source::Forwarded {
-                self.deliver_stateless(peer, local, bytes, train);
+                self.deliver_stateless(peer, local, ecn, bytes, train);
             }
             return;
         }
@@ -254,10 +268,10 @@ impl<H: SessionHandler> Worker<H> {
             &mut self.stats,
         ) {
             Route::Session { id, strip } => {
-                self.deliver_to_session(id, peer, local, bytes, strip, train)
+                self.deliver_to_session(id, (peer, local, ecn), bytes, strip, train)
             }
             Route::Open { validated, strip } => match self.open_session(peer, local, validated) {
-                Some(id) => self.deliver_to_session(id, peer, local, bytes, strip, train),
+                Some(id) => self.deliver_to_session(id, (peer, local, ecn), bytes, strip, train),
                 None => self.router.abandon(peer, &self.server),
             },
             Route::Forward(owner) => {
@@ -281,6 +295,7 @@ impl<H: SessionHandler> Worker<H> {
         &mut self,
         peer: SocketAddr,
         local: Option<IpAddr>,
+        ecn: u8,
         bytes: Bytes,
         train: Option<usize>,
     ) {
@@ -295,6 +310,7 @@ impl<H: SessionHandler> Worker<H> {
             local,
             payload,
             worker: self.id,
+            ecn,
         };
         let mut reply = Reply {
             pool: &mut self.io.sends,
@@ -322,8 +338,7 @@ impl<H: SessionHandler> Worker<H> {
     fn deliver_to_session(
         &mut self,
         id: SessionId,
-        peer: SocketAddr,
-        local: Option<IpAddr>,
+        (peer, local, ecn): (SocketAddr, Option<IpAddr>, u8),
         bytes: Bytes,
         strip: usize,
         train: Option<usize>,
@@ -348,6 +363,7 @@ impl<H: SessionHandler> Worker<H> {
             local,
             payload,
             worker: self.id,
+            ecn,
         };
         let Some(state) = session.state.as_mut() else {
             return;

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use udpring::{Features, Server, ServerConfig, SessionHandler, SessionMode, Stats};
 
+#[cfg(feature = "quic")]
+pub mod quic;
+
 /// Every wait for something that must happen is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(5);
 

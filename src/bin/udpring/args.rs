@@ -110,7 +110,7 @@ pub struct ServeArgs {
     sessions: SessionMode,
     /// Close a session (and its socket) after this long without a datagram.
     #[arg(long, value_name = "DUR", default_value_t = Dur(defaults().idle_timeout))]
-    idle_timeout: Dur,
+    pub idle_timeout: Dur,
     /// Sessions in all workers together; new peers beyond it are refused and counted.
     #[arg(long, value_name = "N", default_value_t = defaults().max_sessions)]
     max_sessions: usize,
@@ -131,9 +131,10 @@ pub struct ServeArgs {
     /// Stateless address validation: a new peer is answered with a cookie (a keyed MAC of its
     /// address and time) and gets a session only when it sends a datagram carrying it, so
     /// spoofed-source floods cost no state. Needs --sessions other than none; clients must
-    /// speak the cookie exchange (kernel-notes/operations.md).
+    /// speak the cookie exchange (kernel-notes/operations.md). With --app quic: QUIC's own
+    /// Retry tokens, with --sessions none.
     #[arg(long)]
-    validate_peers: bool,
+    pub validate_peers: bool,
     /// How often the cookie key changes; a cookie lives at most twice this long.
     #[arg(long, value_name = "DUR", default_value_t = Dur(defaults().cookie_rotation))]
     cookie_rotation: Dur,
@@ -151,6 +152,18 @@ pub struct ServeArgs {
     /// needs --pin-cpus and one worker per allowed CPU).
     #[arg(long, value_enum, default_value_t = defaults().steer)]
     steer: Steer,
+    /// --app quic: the certificate chain to present (PEM). Without it a self-signed
+    /// certificate for `localhost` and the listen address is made at start, written to a
+    /// file whose path is printed, and its SHA-256 fingerprint logged.
+    #[arg(long, value_name = "PEM", requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// --app quic: the private key of --cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
+    /// --app quic: the directory whose files ALPN `hq-interop` serves (`GET /path`); no file
+    /// outside it is ever served. Without it every request gets a 404 text.
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<std::path::PathBuf>,
     /// Serve Prometheus metrics (text format 0.0.4) at http://ADDR:PORT/metrics. Bind it to
     /// loopback or a trusted interface.
     #[arg(long, value_name = "ADDR:PORT")]

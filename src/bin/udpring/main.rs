@@ -76,10 +76,53 @@ fn probe() -> Result<ExitCode> {
 
 fn serve(args: &ServeArgs) -> Result<ExitCode> {
     match args.app {
-        App::Echo => run(args, |_| Echo),
-        App::Discard => run(args, |_| Discard),
-        App::Sockperf => run(args, |_| Sockperf),
+        App::Echo => run(args, args.config(), |_| Echo),
+        App::Discard => run(args, args.config(), |_| Discard),
+        App::Sockperf => run(args, args.config(), |_| Sockperf),
+        App::Quic => serve_quic(args),
     }
+}
+
+/// `--app quic`: the TLS identity (given, or made and written out), the QUIC service, the
+/// engine options it needs; its counters are logged at exit.
+fn serve_quic(args: &ServeArgs) -> Result<ExitCode> {
+    use udpring::quic::{Identity, Quic, QuicConfig};
+    let mut config = args.config();
+    Quic::configure(&mut config)?;
+    let identity = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => Identity::from_pem_files(cert, key)?,
+        _ => {
+            let mut names = vec!["localhost".to_string()];
+            if !config.bind.ip().is_unspecified() {
+                names.push(config.bind.ip().to_string());
+            } else {
+                names.extend(["127.0.0.1".to_string(), "::1".to_string()]);
+            }
+            let made = Identity::self_signed(&names)?;
+            let dir = std::env::temp_dir().join(format!("udpring-quic-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let cert = dir.join("cert.pem");
+            std::fs::write(&cert, &made.cert_pem)
+                .with_context(|| format!("cannot write {}", cert.display()))?;
+            tracing::info!(path = %cert.display(), names = ?names, "self-signed certificate written");
+            print_for_scripts(format_args!("udpring certificate {}", cert.display()));
+            made.identity
+        }
+    };
+    tracing::info!(sha256 = %identity.fingerprint(), "QUIC certificate");
+    let quic = Quic::new(QuicConfig {
+        identity,
+        root: args.root.clone(),
+        validate_peers: args.validate_peers,
+        idle_timeout: args.idle_timeout.0,
+    })?;
+    let stats = quic.stats_source();
+    let quic = std::sync::Arc::new(quic);
+    let code = run(args, config, move |worker| quic.handler(worker))?;
+    tracing::info!("quic final {}", stats().summary());
+    print_for_scripts(format_args!("udpring quic {}", stats().summary()));
+    Ok(code)
 }
 
 /// The name an option value has on the command line (`port-per-client`, not `PortPerClient`).
@@ -90,12 +133,11 @@ fn cli_name(value: &impl ValueEnum) -> String {
         .unwrap_or_default()
 }
 
-fn run<H, F>(args: &ServeArgs, factory: F) -> Result<ExitCode>
+fn run<H, F>(args: &ServeArgs, config: udpring::ServerConfig, factory: F) -> Result<ExitCode>
 where
     H: SessionHandler,
     F: Fn(usize) -> H + Send + Sync + 'static,
 {
-    let config = args.config();
     let (sessions, steer) = (config.sessions, config.steer);
     // Block the shutdown signals before any worker exists so they inherit the mask and only
     // this thread sees SIGINT/SIGTERM.
