@@ -199,7 +199,7 @@ fn connect_race_loses_nothing_and_misroutes_nothing() {
         assert_eq!(
             sorted.len(),
             seqs.len(),
-            "{peer} had a datagram handled twice"
+            "{peer} had a datagram handled twice: {seqs:?}"
         );
     }
     assert_eq!(

@@ -195,23 +195,17 @@ impl Io {
     }
 
     /// Arms the multishot receive of session `id`'s own socket `fd`. The caller keeps `fd`
-    /// open until the request's final completion. A `connected` socket gets a multishot
-    /// `RECV` (payload only: after `connect()` the kernel delivers only its peer's datagrams,
-    /// so the source is known), cheaper per datagram than `RECVMSG`, which writes a header and
-    /// the source address; a port-per-client socket may hear anyone and gets `RECVMSG`.
-    pub fn arm_session_recv(
-        &mut self,
-        fd: RawFd,
-        id: SessionId,
-        connected: bool,
-    ) -> io::Result<()> {
+    /// open until the request's final completion. Always `RECVMSG`, also on a connected
+    /// socket: a payload-only `RECV` would be cheaper, but a few datagrams of other peers
+    /// still reach a socket just after its `connect()` returns (they were looked up before
+    /// it), and only the source address in the `RECVMSG` header lets the router send them to
+    /// their own sessions (tried: `connect_race_loses_nothing_and_misroutes_nothing` then saw
+    /// another client's datagram attributed to the socket's peer).
+    pub fn arm_session_recv(&mut self, fd: RawFd, id: SessionId) -> io::Result<()> {
         let ud = UserData::new(OpKind::SessionRecv, id.generation, id.slot);
-        let entry = if connected {
-            opcode::RecvMulti::new(types::Fd(fd), BUF_GROUP).build()
-        } else {
-            opcode::RecvMsgMulti::new(types::Fd(fd), &**self.recv_msg, BUF_GROUP).build()
-        }
-        .user_data(ud.encode());
+        let entry = opcode::RecvMsgMulti::new(types::Fd(fd), &**self.recv_msg, BUF_GROUP)
+            .build()
+            .user_data(ud.encode());
         // SAFETY: as in `arm_recv`; the descriptor's lifetime is the caller's promise.
         unsafe { self.ring.push(&entry) }?;
         self.ledger.session_recvs += 1;

@@ -411,7 +411,7 @@ impl<H: SessionHandler> Worker<H> {
                 if !has_more(c.flags) && ud.generation == self.io.ledger.recv_generation {
                     self.io.ledger.recv_armed = false;
                 }
-                self.take_received(c, Source::Listener, None);
+                self.take_received(c, Source::Listener);
             }
             OpKind::SessionRecv => self.on_session_recv(ud, c),
             OpKind::Send => self.on_send(ud, c),

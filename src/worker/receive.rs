@@ -27,9 +27,6 @@ pub(super) enum Pending {
         buf: RecvBuf,
         source: Source,
         delivered: u16,
-        /// `Some(peer)`: the buffer holds only a payload (a connected socket's `RECV`), from
-        /// `peer`; `None`: it starts with a `recvmsg` header.
-        payload_from: Option<SocketAddr>,
     },
     /// Copied out: read from a closing session socket, or forwarded by another worker.
     Owned {
@@ -64,12 +61,7 @@ impl<'a> Bytes<'a> {
 
 impl<H: SessionHandler> Worker<H> {
     /// Queues a receive completion's datagram for the handler, or counts its error.
-    pub(super) fn take_received(
-        &mut self,
-        c: Completion,
-        source: Source,
-        payload_from: Option<SocketAddr>,
-    ) {
+    pub(super) fn take_received(&mut self, c: Completion, source: Source) {
         if c.result >= 0 {
             match self.io.take_buffer(&c) {
                 // Never grows past the buffer count: each pending entry holds a buffer.
@@ -77,7 +69,6 @@ impl<H: SessionHandler> Worker<H> {
                     buf,
                     source,
                     delivered: 0,
-                    payload_from,
                 }),
                 None => self.stats.malformed += 1,
             }
@@ -113,12 +104,8 @@ impl<H: SessionHandler> Worker<H> {
                     buf,
                     source,
                     mut delivered,
-                    payload_from,
                 }) => {
-                    if let Some(peer) = payload_from {
-                        self.handle_payload(&buf, source, peer);
-                        self.io.bufs.recycle(buf);
-                    } else if self.handle_buffer(&buf, source, &mut delivered) {
+                    if self.handle_buffer(&buf, source, &mut delivered) {
                         self.io.bufs.recycle(buf);
                     } else {
                         // Out of reply slots in the middle of a GRO train: resume later.
@@ -126,7 +113,6 @@ impl<H: SessionHandler> Worker<H> {
                             buf,
                             source,
                             delivered,
-                            payload_from,
                         });
                         self.note_backpressure();
                         return;
@@ -148,22 +134,6 @@ impl<H: SessionHandler> Worker<H> {
             self.backpressured = true;
             self.stats.backpressure += 1;
         }
-    }
-
-    /// A payload-only buffer from a connected socket, whose source is its peer. A datagram
-    /// longer than `--max-datagram` is counted as truncated: the buffer holds more than
-    /// `--max-datagram` bytes, so a datagram cut short by it is longer than that too. A
-    /// payload-only receive carries no control messages, so no ECN codepoint (reported as
-    /// Not-ECT).
-    fn handle_payload(&mut self, buf: &RecvBuf, source: Source, peer: SocketAddr) {
-        let len = self.io.bufs.bytes(buf).len();
-        if len > self.max_datagram {
-            self.stats.truncated += 1;
-            return;
-        }
-        self.stats.rx_datagrams += 1;
-        self.stats.rx_bytes += len as u64;
-        self.route(source, peer, None, 0, Bytes::Buffer(buf, 0, len), None);
     }
 
     /// Parses one received buffer, counts it and routes its datagram, or the datagrams of a

@@ -28,8 +28,7 @@ const RETIRE_READ_LIMIT: usize = 1024;
 /// Per-client sockets on their way out, and the settings for new ones.
 pub(super) struct SessionSockets {
     /// Sockets whose receive is being cancelled, by session; retired on its final completion.
-    /// With the peer of a connected one, whose payload-only receives name no source.
-    cancelling: HashMap<SessionId, (OwnedFd, Option<SocketAddr>)>,
+    cancelling: HashMap<SessionId, OwnedFd>,
     /// Sockets no receive uses any more: what they hold is read into the backlog this turn.
     retiring: Vec<OwnedFd>,
     /// Sockets read and waiting to be closed. Replies already queued may still name them:
@@ -189,18 +188,11 @@ impl<H: SessionHandler> Worker<H> {
             )),
         };
         match result {
-            Ok(fd) => {
-                // Datagrams from other peers may have reached the socket between `bind()` and
-                // `connect()` (the bind/connect window); `connect()` does not flush them. Read
-                // them now, with their sources, so that the payload-only receive armed next
-                // hears only the peer. They are routed as if they had reached the listener.
-                let fd = if connected { self.requeue_held(fd) } else { fd };
-                Some(SessionSock {
-                    fd,
-                    recv_armed: false,
-                    connected,
-                })
-            }
+            Ok(fd) => Some(SessionSock {
+                fd,
+                recv_armed: false,
+                connected,
+            }),
             Err(e) => {
                 if connected {
                     total.fetch_sub(1, Ordering::Relaxed);
@@ -263,8 +255,7 @@ impl<H: SessionHandler> Worker<H> {
             // `cancelling` so the kernel never reads into a reused socket number.
             tracing::error!(worker = self.id, error = %e, "cannot cancel a session receive");
         }
-        let connected_peer = sock.connected.then_some(peer);
-        self.socks.cancelling.insert(id, (sock.fd, connected_peer));
+        self.socks.cancelling.insert(id, sock.fd);
     }
 
     /// Reads what the turn's retired sockets still hold into the backlog (a peer that kept
@@ -323,19 +314,10 @@ impl<H: SessionHandler> Worker<H> {
             slot: ud.slot,
             generation: ud.generation,
         };
-        // A connected socket's receives carry only the payload: its peer is the source.
-        let connected_peer = match self.router.sessions.get(id) {
-            Some(entry) => entry
-                .value
-                .sock
-                .as_ref()
-                .and_then(|sock| sock.connected.then_some(entry.peer)),
-            None => self.socks.cancelling.get(&id).and_then(|(_, peer)| *peer),
-        };
         if !has_more(c.flags) {
             let ledger = &mut self.io.ledger;
             ledger.session_recvs = ledger.session_recvs.saturating_sub(1);
-            if let Some((fd, _)) = self.socks.cancelling.remove(&id) {
+            if let Some(fd) = self.socks.cancelling.remove(&id) {
                 self.socks.retiring.push(fd);
             } else if let Some(entry) = self.router.sessions.get_mut(id) {
                 if let Some(sock) = entry.value.sock.as_mut() {
@@ -351,7 +333,7 @@ impl<H: SessionHandler> Worker<H> {
         }
         // A datagram read from a closing session's socket still gets routed (to a new
         // session for its peer), so nothing the kernel delivered is lost.
-        self.take_received(c, Source::Session(id), connected_peer);
+        self.take_received(c, Source::Session(id));
     }
 
     /// Arms the receive of every session socket that needs it, while buffers are available.
@@ -372,8 +354,7 @@ impl<H: SessionHandler> Worker<H> {
             }
             // The socket stays open until this request's final completion: closing a session
             // cancels the receive and keeps the descriptor in `cancelling` until then.
-            self.io
-                .arm_session_recv(sock.fd.as_raw_fd(), id, sock.connected)?;
+            self.io.arm_session_recv(sock.fd.as_raw_fd(), id)?;
             sock.recv_armed = true;
         }
         Ok(())
