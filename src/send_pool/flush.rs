@@ -193,23 +193,23 @@ impl SendPool {
         let data = self.data.as_ptr();
         let capacity = self.slot_capacity;
         let fixed_file = self.fixed_file;
-        let mut iovs = [(std::ptr::null_mut::<u8>(), 0usize); MAX_GSO_SEGMENTS];
+        assert_ne!(self.meta[head as usize].state, SlotState::InFlight);
+        // SAFETY: the head is `Queued` (asserted), so the kernel does not read its headers and
+        // nothing else refers to them; `headers_ptr` bounds-checks the index. The reference
+        // covers the head's headers only, while the loop below reads `self.meta`.
+        let h = unsafe { &mut *self.headers_ptr(head as usize) };
         let mut index = head;
         let mut n = 0;
         while index != NO_SLOT {
-            let m = &mut self.meta[index as usize];
+            let m = &self.meta[index as usize];
             debug_assert_eq!(m.state, SlotState::Queued);
             // Pointer arithmetic only: the kernel dereferences it, within the slot's stretch.
-            iovs[n] = (data.wrapping_add(index as usize * capacity), m.len);
+            h.iov[n].iov_base = data.wrapping_add(index as usize * capacity).cast();
+            h.iov[n].iov_len = m.len;
             n += 1;
             index = m.next;
         }
         debug_assert_eq!(n, usize::from(train.count));
-        let h = self.headers_mut(head);
-        for (iov, &(base, len)) in h.iov.iter_mut().zip(&iovs[..n]) {
-            iov.iov_base = base.cast();
-            iov.iov_len = len;
-        }
         h.msg.msg_iovlen = n as _;
         let mut control_len = pktinfo_len;
         // CONTROL_LEN holds packet-info, the ECN mark and UDP_SEGMENT together (tested in
@@ -238,7 +238,7 @@ impl SendPool {
         // no iovec array and no control buffer from us for it.
         let plain = n == 1 && control_len == 0;
         let (namelen, name) = (h.msg.msg_namelen, h.name.as_ptr());
-        let (base, len) = iovs[0];
+        let (base, len) = (h.iov[0].iov_base.cast::<u8>(), h.iov[0].iov_len);
         let slot = fixed_file.and_then(|(fixed, slot)| (fixed == fd).then_some(slot));
         let entry = match (slot, plain) {
             (_, true) => send_to(fd, slot, base, len, name, namelen),
