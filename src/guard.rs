@@ -28,20 +28,33 @@ pub(crate) fn check_unserved(addr: SocketAddr) -> io::Result<()> {
         // The server's `[::]` socket is dual-stack: the probe must collide with IPv4 owners too.
         probe.set_only_v6(false)?;
     }
-    match probe.bind(&addr.into()) {
-        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
-            let owner = find_owner(addr).map_or_else(
-                || "another socket (its owner is not visible here)".to_string(),
-                |o| o.to_string(),
-            );
-            Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!(
-                    "udp {addr} is already served by {owner}; stop it or start with --takeover"
-                ),
-            ))
+    // A socket no visible process holds may be on its way out: a process that has just
+    // exited can leave its sockets to the kernel's asynchronous teardown of its io_uring for
+    // a moment. Give that up to a second before refusing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match probe.bind(&addr.into()) {
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
+                let owner = find_owner(addr);
+                if matches!(owner, Some(Owner::Uid(_)) | None)
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    continue;
+                }
+                let owner = owner.map_or_else(
+                    || "another socket (its owner is not visible here)".to_string(),
+                    |o| o.to_string(),
+                );
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "udp {addr} is already served by {owner}; stop it or start with --takeover"
+                    ),
+                ));
+            }
+            _ => return Ok(()),
         }
-        _ => Ok(()),
     }
 }
 

@@ -314,6 +314,15 @@ impl Drop for Io {
             if let Err(e) = unsafe { self.bufs.unregister(self.ring.uring()) } {
                 tracing::warn!(error = %e, "cannot unregister the provided buffer ring");
             }
+            // The registered file table holds its own reference to the listener: released
+            // here, the socket closes with its descriptor. Left to the ring's asynchronous
+            // teardown, the port stays bound for a while after the process has exited, and
+            // a server started right after finds it taken.
+            if self.listener_fixed {
+                if let Err(e) = self.ring.uring().submitter().unregister_files() {
+                    tracing::warn!(error = %e, "cannot unregister the ring's file table");
+                }
+            }
         } else {
             // The loop logged why (a shutdown timeout or a ring error); one line per event.
             tracing::debug!(
