@@ -73,12 +73,14 @@ macro_rules! internal_modules {
 internal_modules!(buf_ring, datagram, op);
 
 pub mod activation;
+mod apps;
 mod config;
 pub mod cookie;
 mod directory;
 mod features;
 mod guard;
 mod handler;
+mod harness;
 #[cfg(feature = "quic")]
 pub mod quic;
 #[cfg(not(feature = "quic"))]
@@ -102,14 +104,15 @@ mod sys;
 pub mod takeover;
 mod worker;
 
+pub use apps::{App, Discard, Echo, Sockperf};
 pub use config::{
     parse_duration, ServerConfig, SessionMode, Steer, MAX_UDP4_PAYLOAD, MAX_UDP6_PAYLOAD,
 };
 pub use features::{Feature, Features};
 pub use handler::{
-    App, Datagram, DeferredError, Discard, Echo, Handler, Harness, Reply, SessionHandle,
-    SessionHandler, SessionInfo, Sockperf,
+    Datagram, DeferredError, Handler, Reply, SessionHandle, SessionHandler, SessionInfo,
 };
+pub use harness::Harness;
 pub use ring::TaskRunMode;
 pub use send_pool::{SendError, SendOptions};
 pub use server::{Server, SocketOrigin};
