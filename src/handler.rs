@@ -82,6 +82,13 @@ pub trait Handler: 'static {
     fn on_timer(&mut self, now: Instant, reply: &mut Reply<'_>) {
         let _ = (now, reply);
     }
+
+    /// The server is shutting down: every datagram received so far has been handed over, and
+    /// what is queued on `reply` now still goes out before the worker exits (a protocol's
+    /// goodbye, such as QUIC's CONNECTION_CLOSE). Called once per worker.
+    fn on_shutdown(&mut self, now: Instant, reply: &mut Reply<'_>) {
+        let _ = (now, reply);
+    }
 }
 
 /// What a session handler is told about a session.
@@ -141,6 +148,11 @@ pub trait SessionHandler: 'static {
         let _ = (now, reply);
     }
 
+    /// As [`Handler::on_shutdown`]; called before the sessions close.
+    fn on_shutdown(&mut self, now: Instant, reply: &mut Reply<'_>) {
+        let _ = (now, reply);
+    }
+
     /// The session ended; its socket (if any) is being closed.
     fn session_close(&mut self, state: Self::State, session: &SessionInfo, reason: CloseReason) {
         let _ = (state, session, reason);
@@ -176,6 +188,10 @@ impl<H: Handler> SessionHandler for H {
 
     fn on_timer(&mut self, now: Instant, reply: &mut Reply<'_>) {
         Handler::on_timer(self, now, reply)
+    }
+
+    fn on_shutdown(&mut self, now: Instant, reply: &mut Reply<'_>) {
+        Handler::on_shutdown(self, now, reply)
     }
 }
 

@@ -520,3 +520,39 @@ fn an_aioquic_client_is_served() {
     );
     let _ = std::fs::remove_dir_all(root);
 }
+
+/// Shutdown closes every connection with CONNECTION_CLOSE: the client learns at once, not
+/// after its idle timeout (30 s here).
+#[test]
+fn shutdown_closes_connections_at_once() {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    let server = QuicServer::start(1, false, Duration::from_secs(30), None);
+    let rt = runtime();
+    let endpoint = {
+        let _guard = rt.enter();
+        client(&server.cert, ALPN_ECHO)
+    };
+    let addr = server.addr();
+    let conn = block_on(&rt, async {
+        let conn = endpoint
+            .connect(addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        echo_once(&conn, 0, 100).await;
+        conn
+    });
+    let quic = server.quic.clone();
+    server.server.shutdown().expect("shutdown");
+    let closed = block_on(&rt, async {
+        tokio::time::timeout(Duration::from_secs(5), conn.closed()).await
+    })
+    .expect("closed within 5 s, far under the 30 s idle timeout");
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+        "{closed:?}"
+    );
+    assert_eq!(quic.stats().closed_at_shutdown, 1);
+}

@@ -7,10 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use quinn_proto::{
     ConnectionHandle, DatagramEvent, EcnCodepoint, Endpoint, EndpointConfig, Event, Incoming,
-    Transmit,
+    Transmit, VarInt,
 };
 
 use super::app::Streams;
@@ -376,5 +376,23 @@ impl Handler for QuicHandler {
             }
         }
         self.earliest = self.conns.iter().flatten().filter_map(|c| c.timeout).min();
+    }
+
+    /// Closes every connection with an application CONNECTION_CLOSE (code 0, "server
+    /// shutting down") and sends the close packets, so clients learn at once instead of
+    /// waiting out their idle timeout. A connection whose close finds no free send slot is
+    /// closed all the same; its client then times out as before.
+    fn on_shutdown(&mut self, now: Instant, reply: &mut Reply<'_>) {
+        for index in 0..self.conns.len() {
+            if let Some(c) = self.conns[index].as_mut() {
+                c.conn.close(
+                    now,
+                    VarInt::from_u32(0),
+                    Bytes::from_static(b"server shutting down"),
+                );
+                self.counters.add(|c| &c.closed_at_shutdown);
+                self.drive(ConnectionHandle(index), now, reply);
+            }
+        }
     }
 }

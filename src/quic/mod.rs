@@ -206,6 +206,8 @@ quic_counters! {
     hq_missing,
     /// hq-interop requests refused: malformed, or a path outside the root.
     hq_refused,
+    /// Connections closed with CONNECTION_CLOSE because the server shut down.
+    closed_at_shutdown,
 }
 
 impl Counters {

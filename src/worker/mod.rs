@@ -304,6 +304,9 @@ impl<H: SessionHandler> Worker<H> {
                 self.process_backlog();
             }
             self.service_timer()?;
+            // Shutting down, with everything received answered: the handler's goodbyes
+            // (`on_shutdown`) are queued here, so that this turn's flush sends them.
+            self.close_sessions_when_drained();
             self.flush_sends();
             self.io.bufs.publish();
             if self.serving() {
@@ -319,7 +322,6 @@ impl<H: SessionHandler> Worker<H> {
             self.end_when_released_and_idle()?;
             self.stats.sessions_open = self.router.sessions.len() as u64;
             self.shared.counters.publish(&self.stats);
-            self.close_sessions_when_drained();
             if let State::Draining { deadline } = self.state {
                 if self.sessions_closed
                     && self.io.in_flight() == 0
@@ -486,6 +488,25 @@ impl<H: SessionHandler> Worker<H> {
     /// Asks the handler when it wants its timer and carries out the step (see `timer`): calls
     /// `on_timer` when the instant has passed and a reply slot is free, else arms or brings
     /// forward the one timeout. Not while draining: shutdown closes the handler's state.
+    /// The handler's last chance to queue replies (`on_shutdown`): they are flushed and
+    /// completed before the worker exits, like every other reply.
+    fn tell_handler_shutdown(&mut self) {
+        let mut reply = Reply {
+            pool: &mut self.io.sends,
+            counters: &mut self.stats,
+            dest: Dest {
+                fd: self.fd,
+                peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+                local: None,
+                connected: false,
+            },
+            listener_fd: self.fd,
+            session: None,
+            budget: None,
+        };
+        self.handler.on_shutdown(Instant::now(), &mut reply);
+    }
+
     fn service_timer(&mut self) -> stdio::Result<()> {
         self.timer_ready = false;
         if self.state != State::Running {
@@ -580,6 +601,7 @@ impl<H: SessionHandler> Worker<H> {
             && self.backlog.is_empty()
         {
             self.sessions_closed = true;
+            self.tell_handler_shutdown();
             self.close_all_sessions();
         }
     }
