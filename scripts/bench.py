@@ -117,16 +117,7 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- processes
 
 
-# `--rt PRIO`: run servers and generator under SCHED_FIFO at PRIO (chrt), so that other work on
-# a shared machine (compilers, other tests) cannot preempt them; every row gets the same
-# treatment. 0 (default) leaves normal scheduling. The kernel's RT throttling
-# (sched_rt_runtime_us) still leaves 5% of each CPU to everything else.
-RT_PRIO = 0
-
-
 def taskset(cpu: int, cmd: list[str], pin: bool) -> list[str]:
-    if RT_PRIO and shutil.which("chrt"):
-        cmd = ["chrt", "-f", str(RT_PRIO), *cmd]
     return ["taskset", "-c", str(cpu), *cmd] if pin else cmd
 
 
@@ -711,7 +702,6 @@ def main() -> int:
         default=None,
         help="binary whose `load` subcommand is the generator (default: the --udpring binary)",
     )
-    ap.add_argument("--rt", type=int, default=0, metavar="PRIO", help="run servers and generator under SCHED_FIFO at PRIO (chrt; root): a shared machine cannot preempt them")
     ap.add_argument("--udpring-before", default="", help="another udpring build, run as the row udpring-before (regression checks)")
     ap.add_argument("--examples", default=str(tdir / "release" / "examples"), help="directory of baseline_* examples")
     ap.add_argument("--servers", default=",".join(s for s in ALL_SERVERS if s != BEFORE), help="comma-separated subset of %(default)s")
@@ -732,8 +722,6 @@ def main() -> int:
     ap.add_argument("--notes", default=str(REPO / "kernel-notes" / "benchmarks.md"), help="notes file to append to")
     ap.add_argument("--no-notes", action="store_true", help="do not append to the notes file")
     args = ap.parse_args()
-    global RT_PRIO
-    RT_PRIO = args.rt
     if args.quick:
         args.rounds, args.rounds_other, args.sat_secs, args.lat_secs, args.warmup = 1, 1, 1.0, 1.0, 0.3
         args.rounds_sessions, args.session_secs = 1, 1.0

@@ -444,21 +444,6 @@ mod tests {
     }
 
     #[test]
-    fn gro_segment_size_is_found_beside_packet_info() {
-        let mut control = cmsg(libc::IPPROTO_IP, libc::IP_PKTINFO, &[0u8; 12]);
-        control.extend(cmsg(libc::SOL_UDP, libc::UDP_GRO, &1200i32.to_ne_bytes()));
-        assert_eq!(find_gro_segment_size(&control), Some(1200));
-        assert!(find_pktinfo(&control).is_some());
-        assert_eq!(find_gro_segment_size(&control[..32]), None, "packet-info only");
-        let zero = cmsg(libc::SOL_UDP, libc::UDP_GRO, &0i32.to_ne_bytes());
-        assert_eq!(find_gro_segment_size(&zero), None);
-        let huge = cmsg(libc::SOL_UDP, libc::UDP_GRO, &70_000i32.to_ne_bytes());
-        assert_eq!(find_gro_segment_size(&huge), None);
-        let short = cmsg(libc::SOL_UDP, libc::UDP_GRO, &[1, 2]);
-        assert_eq!(find_gro_segment_size(&short), None);
-    }
-
-    #[test]
     fn pktinfo_round_trips_both_families() {
         for local in [
             "192.0.2.7".parse::<IpAddr>().unwrap(),

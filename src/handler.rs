@@ -279,6 +279,30 @@ pub struct Reply<'a> {
     pub(crate) budget: Option<&'a mut u64>,
 }
 
+impl<'a> Reply<'a> {
+    /// A reply with no datagram to answer (timers, shutdown): it sends only to explicit
+    /// destinations, from the worker's listening socket `listener_fd`.
+    pub(crate) fn unaddressed(
+        pool: &'a mut SendPool,
+        counters: &'a mut Stats,
+        listener_fd: RawFd,
+    ) -> Reply<'a> {
+        Reply {
+            pool,
+            counters,
+            dest: Dest {
+                fd: listener_fd,
+                peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+                local: None,
+                connected: false,
+            },
+            listener_fd,
+            session: None,
+            budget: None,
+        }
+    }
+}
+
 impl Reply<'_> {
     /// Sends `bytes` back to the datagram's sender (from the session's own socket, if it has
     /// one).

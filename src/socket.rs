@@ -24,6 +24,21 @@ pub struct BoundSocket {
     pub gro: bool,
 }
 
+impl BoundSocket {
+    /// What a bound, configured socket serving `local_addr` reports about itself.
+    fn new(socket: Socket, local_addr: SocketAddr, gro: bool) -> io::Result<BoundSocket> {
+        let recv_buffer = socket.recv_buffer_size()?;
+        Ok(BoundSocket {
+            socket,
+            local_addr,
+            is_v6: local_addr.is_ipv6(),
+            wants_pktinfo: local_addr.ip().is_unspecified(),
+            recv_buffer,
+            gro,
+        })
+    }
+}
+
 /// Opens a UDP socket with SO_REUSEPORT, sized buffers and packet-info, and binds it.
 pub fn bind_worker_socket(
     addr: SocketAddr,
@@ -51,15 +66,7 @@ pub fn bind_worker_socket(
         .local_addr()?
         .as_socket()
         .ok_or_else(|| io::Error::other("bound socket has no inet address"))?;
-    let recv_buffer = socket.recv_buffer_size()?;
-    Ok(BoundSocket {
-        socket,
-        local_addr,
-        is_v6,
-        wants_pktinfo: wildcard,
-        recv_buffer,
-        gro,
-    })
+    BoundSocket::new(socket, local_addr, gro)
 }
 
 /// Packet-info for wildcard sockets and the buffer sizes: what every worker socket gets,
@@ -153,15 +160,7 @@ pub fn adopt_worker_socket(
         }
         None => get_int(&socket, libc::SOL_UDP, libc::UDP_GRO).is_ok_and(|v| v != 0),
     };
-    let recv_buffer = socket.recv_buffer_size()?;
-    Ok(BoundSocket {
-        socket,
-        local_addr,
-        is_v6,
-        wants_pktinfo: wildcard,
-        recv_buffer,
-        gro,
-    })
+    BoundSocket::new(socket, local_addr, gro)
 }
 
 /// Asks the kernel to report each datagram's TOS / traffic class byte, whose two low bits are

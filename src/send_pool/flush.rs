@@ -21,17 +21,11 @@ use crate::op::{OpKind, UserData};
 pub(crate) struct Train {
     head: u32,
     tail: u32,
-    dest: Dest,
-    /// May still take segments.
-    open: bool,
     count: u16,
     /// The first segment's size: later ones may not be larger, and a smaller one ends it.
     segment: usize,
     bytes: usize,
 }
-
-/// Batches up to this many replies find a destination's open train by scanning.
-const SMALL_BATCH: usize = 16;
 
 /// The newest train of each destination that can still take segments.
 pub(crate) type OpenTrains = HashMap<Dest, usize, BuildHasherDefault<FoldHasher>>;
@@ -120,9 +114,6 @@ impl SendPool {
     fn build_trains(&mut self) {
         self.trains.clear();
         self.open_trains.clear();
-        // Few replies (one or two per peer at low load): a scan of the trains so far costs
-        // less than hashing every destination.
-        let small = self.queued.len() <= SMALL_BATCH;
         for i in 0..self.queued.len() {
             let index = self.queued[i];
             let (dest, len, own) = {
@@ -133,12 +124,7 @@ impl SendPool {
             };
             let joinable = self.gso && !own && len > 0 && len <= usize::from(u16::MAX);
             if joinable {
-                let open = if small {
-                    self.trains.iter().rposition(|t| t.open && t.dest == dest)
-                } else {
-                    self.open_trains.get(&dest).copied()
-                };
-                if let Some(t) = open {
+                if let Some(&t) = self.open_trains.get(&dest) {
                     let train = &mut self.trains[t];
                     if len <= train.segment && train.bytes + len <= MAX_UDP4_PAYLOAD {
                         self.meta[train.tail as usize].next = index;
@@ -147,29 +133,23 @@ impl SendPool {
                         train.bytes += len;
                         if len < train.segment || usize::from(train.count) == MAX_GSO_SEGMENTS {
                             // A shorter segment ends a train, and so does the 64th.
-                            train.open = false;
-                            if !small {
-                                self.open_trains.remove(&dest);
-                            }
+                            self.open_trains.remove(&dest);
                         }
                         continue;
                     }
-                    // This train cannot take the reply: a new one replaces it, so a later
-                    // reply never joins a train sent before one it follows.
-                    train.open = false;
                 }
             }
             let t = self.trains.len();
             self.trains.push(Train {
                 head: index,
                 tail: index,
-                dest,
-                open: joinable,
                 count: 1,
                 segment: len,
                 bytes: len,
             });
-            if joinable && !small {
+            if joinable {
+                // A newer train replaces an older one that could not take this reply, so a
+                // later reply never joins a train sent before one it follows.
                 self.open_trains.insert(dest, t);
             }
         }

@@ -25,7 +25,6 @@ mod timer;
 
 use std::collections::VecDeque;
 use std::io as stdio;
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -37,7 +36,7 @@ use crate::datagram::{CONTROL_LEN, RECVMSG_OUT_LEN, SOCKADDR_IN6_LEN, SOCKADDR_I
 use crate::handler::{Reply, SessionHandler};
 use crate::op::{OpKind, UserData};
 use crate::ring::{has_more, Completion, Ring};
-use crate::send_pool::{send_errno, Dest, SendPool};
+use crate::send_pool::{send_errno, SendPool};
 use crate::session::{Limits, Millis, SessionTable};
 use crate::socket::BoundSocket;
 use crate::stats::Stats;
@@ -485,28 +484,16 @@ impl<H: SessionHandler> Worker<H> {
         }
     }
 
-    /// Asks the handler when it wants its timer and carries out the step (see `timer`): calls
-    /// `on_timer` when the instant has passed and a reply slot is free, else arms or brings
-    /// forward the one timeout. Not while draining: shutdown closes the handler's state.
     /// The handler's last chance to queue replies (`on_shutdown`): they are flushed and
     /// completed before the worker exits, like every other reply.
     fn tell_handler_shutdown(&mut self) {
-        let mut reply = Reply {
-            pool: &mut self.io.sends,
-            counters: &mut self.stats,
-            dest: Dest {
-                fd: self.fd,
-                peer: SocketAddr::from(([0, 0, 0, 0], 0)),
-                local: None,
-                connected: false,
-            },
-            listener_fd: self.fd,
-            session: None,
-            budget: None,
-        };
+        let mut reply = Reply::unaddressed(&mut self.io.sends, &mut self.stats, self.fd);
         self.handler.on_shutdown(Instant::now(), &mut reply);
     }
 
+    /// Asks the handler when it wants its timer and carries out the step (see `timer`): calls
+    /// `on_timer` when the instant has passed and a reply slot is free, else arms or brings
+    /// forward the one timeout. Not while draining: shutdown closes the handler's state.
     fn service_timer(&mut self) -> stdio::Result<()> {
         self.timer_ready = false;
         if self.state != State::Running {
@@ -524,19 +511,8 @@ impl<H: SessionHandler> Worker<H> {
                 TimerStep::Idle => return Ok(()),
                 TimerStep::Fire => {
                     self.stats.handler_timers += 1;
-                    let mut reply = Reply {
-                        pool: &mut self.io.sends,
-                        counters: &mut self.stats,
-                        dest: Dest {
-                            fd: self.fd,
-                            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
-                            local: None,
-                            connected: false,
-                        },
-                        listener_fd: self.fd,
-                        session: None,
-                        budget: None,
-                    };
+                    let mut reply =
+                        Reply::unaddressed(&mut self.io.sends, &mut self.stats, self.fd);
                     self.handler.on_timer(now, &mut reply);
                 }
                 TimerStep::Arm(after) => {
