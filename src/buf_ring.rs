@@ -5,20 +5,58 @@
 //! start-up and never moved: the kernel keeps their addresses. The kernel consumes entries at
 //! the head; we hand buffers back at the tail (`recycle`) and make them visible with one
 //! release store of the tail per loop turn (`publish`).
+//!
+//! Who may touch a buffer is checked in release builds too, because a mistake here lets the
+//! kernel write into bytes a handler is reading: a buffer is either in the ring or out as a
+//! [`RecvBuf`], and the bitmap `lent` says which, so a buffer id reported twice or recycled
+//! twice is refused (and counted) rather than put in the ring twice. A `RecvBuf` names the
+//! ring it came from; another ring refuses it. Each check is one compare or one bit test.
 
 use std::io;
-use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::ptr::{addr_of_mut, NonNull};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 
-use io_uring::types::BufRingEntry;
-use io_uring::IoUring;
+use crate::ring::Ring;
+
+/// Bytes one buffer may have at most: a datagram is at most 64 KiB, plus the `recvmsg_out`
+/// header, the address and the control messages. Larger requests are refused before anything
+/// is mapped.
+pub const MAX_BUF_LEN: u32 = 1 << 20;
+
+/// The kernel's limit on a provided-buffer ring's entries (`io_register_pbuf_ring`).
+pub const MAX_ENTRIES: u16 = 1 << 15;
+
+/// `struct io_uring_buf` from include/uapi/linux/io_uring.h: one descriptor of the ring. The
+/// `resv` field of entry 0 is the ring's tail (`struct io_uring_buf_ring` overlays it), which
+/// the kernel reads while we write other entries: the descriptors are therefore written
+/// field by field through raw pointers, never through a reference to a whole entry.
+#[repr(C)]
+struct BufDesc {
+    addr: u64,
+    len: u32,
+    bid: u16,
+    resv: u16,
+}
+
+const _: () = assert!(std::mem::size_of::<BufDesc>() == 16);
+const _: () = assert!(
+    std::mem::size_of::<BufDesc>() == std::mem::size_of::<io_uring::types::BufRingEntry>()
+);
+
+/// Where ring identities come from: a process-wide counter, so that no two rings (also not
+/// one dropped and a new one made later) share an id.
+static NEXT_RING_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A received datagram's buffer, lent to us by the kernel: the only way to read it
 /// ([`BufRing::bytes`]) and the only way to give it back ([`BufRing::recycle`], which consumes
-/// it). It cannot be copied, so a buffer is recycled at most once; forgetting to recycle it is
-/// caught by a debug assertion when it is dropped.
+/// it). It cannot be copied or cloned, and it names the ring it came from.
+///
+/// Dropping one without recycling it is not unsafe: the buffer simply stays out of the ring
+/// (the kernel never gets it back), as when a worker leaves with datagrams in its backlog.
 #[derive(Debug)]
 pub struct RecvBuf {
+    /// The `BufRing::id` of the ring that lent it.
+    ring: u64,
     bid: u16,
     len: u32,
 }
@@ -31,26 +69,16 @@ impl RecvBuf {
     }
 }
 
-impl Drop for RecvBuf {
-    fn drop(&mut self) {
-        // `recycle` forgets the token, so reaching this is a leaked buffer: the ring shrinks
-        // by one for good. Not unsafe, but a bug.
-        debug_assert!(
-            std::thread::panicking(),
-            "receive buffer {} dropped without being recycled",
-            self.bid
-        );
-    }
-}
-
 /// A ring of `entries` buffers of `buf_len` bytes each, for buffer group `bgid`.
 ///
 /// Ownership of each buffer is in the types: a buffer is either in the ring (the kernel's to
-/// fill) or out as a [`RecvBuf`] (ours to read). The bookkeeping bitmap `lent` double-checks
-/// this in debug builds.
+/// fill) or out as a [`RecvBuf`] (ours to read); the bitmap `lent` checks this in every
+/// build.
 pub struct BufRing {
     ring: Mapping,
     bufs: Mapping,
+    /// This ring's identity, carried by every `RecvBuf` it lends.
+    id: u64,
     entries: u16,
     buf_len: u32,
     stride: usize,
@@ -61,27 +89,48 @@ pub struct BufRing {
     held: usize,
     /// One bit per buffer: set while it is out as a `RecvBuf`.
     lent: Vec<u64>,
-    /// Registered with a ring and not unregistered: the kernel may write into the buffers, so
-    /// `Drop` must not unmap them.
-    registered: bool,
+    /// Ids reported filled while lent, tokens of other rings, buffers recycled twice: each a
+    /// bug somewhere, refused instead of letting the kernel write into a buffer being read.
+    refused: u64,
+    /// The `Ring::id` of the io_uring the group is registered with, until unregistered: the
+    /// kernel may write into the buffers, so `Drop` must not unmap them. Every worker uses
+    /// group 0 on its own ring, so the group id alone does not say which registration is ours.
+    registered: Option<u64>,
+}
+
+/// `InvalidInput` with `message`.
+fn invalid(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message)
 }
 
 impl BufRing {
     /// Allocates the descriptor ring and the buffers and fills the ring with every buffer.
-    /// `entries` must be a power of two no larger than 32768 (the kernel's limit).
+    /// `entries` must be a power of two no larger than [`MAX_ENTRIES`] (the kernel's limit),
+    /// `buf_len` from 1 to [`MAX_BUF_LEN`]; the sizes are checked before anything is mapped.
     pub fn new(entries: u16, buf_len: u32, bgid: u16) -> io::Result<BufRing> {
-        if !entries.is_power_of_two() || entries > 32768 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "buffer count must be a power of two no larger than 32768",
-            ));
+        if !entries.is_power_of_two() || entries > MAX_ENTRIES {
+            return Err(invalid(format!(
+                "buffer count must be a power of two no larger than {MAX_ENTRIES}, got {entries}"
+            )));
+        }
+        if buf_len == 0 || buf_len > MAX_BUF_LEN {
+            return Err(invalid(format!(
+                "receive buffer length must be 1..={MAX_BUF_LEN} bytes, got {buf_len}"
+            )));
         }
         let stride = buffer_stride(buf_len as usize);
-        let ring = Mapping::new(usize::from(entries) * std::mem::size_of::<BufRingEntry>())?;
-        let bufs = Mapping::new(stride * usize::from(entries))?;
+        let ring_len = usize::from(entries)
+            .checked_mul(std::mem::size_of::<BufDesc>())
+            .ok_or_else(|| invalid("buffer ring descriptors overflow usize".to_string()))?;
+        let bufs_len = stride
+            .checked_mul(usize::from(entries))
+            .ok_or_else(|| invalid(format!("{entries} buffers of {stride} bytes overflow usize")))?;
+        let ring = Mapping::new(ring_len)?;
+        let bufs = Mapping::new(bufs_len)?;
         let mut this = BufRing {
             ring,
             bufs,
+            id: NEXT_RING_ID.fetch_add(1, Ordering::Relaxed),
             entries,
             buf_len,
             stride,
@@ -89,7 +138,8 @@ impl BufRing {
             tail: 0,
             held: 0,
             lent: vec![0; usize::from(entries).div_ceil(64)],
-            registered: false,
+            refused: 0,
+            registered: None,
         };
         for bid in 0..entries {
             this.push_entry(bid);
@@ -98,42 +148,59 @@ impl BufRing {
         Ok(this)
     }
 
-    /// Registers the ring with `uring` under this ring's group id (`IORING_REGISTER_PBUF_RING`,
+    /// Registers the ring with `ring` under this ring's group id (`IORING_REGISTER_PBUF_RING`,
     /// 5.19). From now on the kernel may write into any buffer in the ring; `Drop` leaks the
-    /// memory rather than unmap it unless [`BufRing::unregister`] ran first.
-    pub fn register(&mut self, uring: &IoUring) -> io::Result<()> {
-        self.register_with_flags(uring, 0)
+    /// memory rather than unmap it unless [`BufRing::unregister`] ran first, on the same ring.
+    pub fn register(&mut self, ring: &Ring) -> io::Result<()> {
+        self.register_with_flags(ring, 0)
     }
 
-    /// `register` with `IOU_PBUF_RING_*` flags (for the kernel probe).
-    pub fn register_with_flags(&mut self, uring: &IoUring, flags: u16) -> io::Result<()> {
+    /// `register` with `IOU_PBUF_RING_*` flags (for the kernel probe). A ring registered
+    /// already (with any io_uring) is refused: one registration per ring, so that
+    /// `unregister` knows where to undo it.
+    pub fn register_with_flags(&mut self, ring: &Ring, flags: u16) -> io::Result<()> {
+        if self.registered.is_some() {
+            return Err(invalid(format!(
+                "buffer group {} is registered already",
+                self.bgid
+            )));
+        }
         // SAFETY: the descriptor mapping is page-aligned, holds `entries` descriptors and is
         // never unmapped while `registered` is set (see `Drop`), so the kernel's pointer into
         // it stays valid for as long as the registration lasts.
         unsafe {
-            uring.submitter().register_buf_ring_with_flags(
+            ring.uring().submitter().register_buf_ring_with_flags(
                 self.ring.ptr.as_ptr() as u64,
                 self.entries,
                 self.bgid,
                 flags,
             )
         }?;
-        self.registered = true;
+        self.registered = Some(ring.id());
         Ok(())
     }
 
-    /// Unregisters the group, after which the kernel no longer takes buffers from it and
-    /// `Drop` may unmap the memory.
+    /// Unregisters the group from `ring`, after which the kernel no longer takes buffers
+    /// from it and `Drop` may unmap the memory. A ring not registered is left alone; one
+    /// registered with another io_uring is refused (`InvalidInput`) and stays registered:
+    /// unregistering "group `bgid`" there would remove that io_uring's own group instead.
     ///
     /// # Safety
-    /// No receive that selects from this group may be in flight on `uring`: such a request
+    /// No receive that selects from this group may be in flight on `ring`: such a request
     /// may already have picked a buffer and still be writing into it.
-    pub unsafe fn unregister(&mut self, uring: &IoUring) -> io::Result<()> {
-        if self.registered {
-            uring.submitter().unregister_buf_ring(self.bgid)?;
-            self.registered = false;
+    pub unsafe fn unregister(&mut self, ring: &Ring) -> io::Result<()> {
+        match self.registered {
+            None => Ok(()),
+            Some(id) if id == ring.id() => {
+                ring.uring().submitter().unregister_buf_ring(self.bgid)?;
+                self.registered = None;
+                Ok(())
+            }
+            Some(_) => Err(invalid(format!(
+                "buffer group {} is registered with another io_uring",
+                self.bgid
+            ))),
         }
-        Ok(())
     }
 
     /// Buffers the kernel can still fill.
@@ -141,84 +208,109 @@ impl BufRing {
         usize::from(self.entries) - self.held
     }
 
+    /// Tokens and ids refused so far (see the module comment): each one a bug, never input.
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
+
     /// Takes buffer `bid`, which a receive completion reported it filled with `len` bytes.
-    /// `None` (a kernel bug, counted by the caller) for an id outside the ring.
+    /// `None` (a kernel bug, counted by the caller) for an id outside the ring or one that is
+    /// lent already (reported twice): the bitmap check runs in every build.
     ///
     /// # Safety
-    /// `bid` and `len` must come from a completion of a receive that selected from this
-    /// ring's group, and that completion must be passed here once: the kernel then no longer
-    /// touches the buffer until it is recycled.
+    /// `bid` must come from a completion of a receive that selected from this ring's group,
+    /// reported once: the kernel then no longer touches the buffer until it is recycled.
     pub unsafe fn take(&mut self, bid: u16, len: u32) -> Option<RecvBuf> {
         if bid >= self.entries {
             return None;
         }
         let (word, bit) = lent_bit(bid);
-        debug_assert!(
-            self.lent[word] & bit == 0,
-            "buffer {bid} reported filled while it is still lent"
-        );
+        if self.lent[word] & bit != 0 {
+            self.refused += 1;
+            return None;
+        }
         self.lent[word] |= bit;
         self.held += 1;
         Some(RecvBuf {
+            ring: self.id,
             bid,
             len: len.min(self.buf_len),
         })
     }
 
-    /// What the kernel wrote into `buf`.
+    /// What the kernel wrote into `buf`. A token of another ring reads as empty (which the
+    /// receive path counts as malformed): its id means nothing here.
     pub fn bytes<'a>(&'a self, buf: &'a RecvBuf) -> &'a [u8] {
-        debug_assert!(buf.bid < self.entries);
+        if buf.ring != self.id || buf.bid >= self.entries {
+            return &[];
+        }
         let offset = usize::from(buf.bid) * self.stride;
-        // SAFETY: `offset + len` lies inside the buffer mapping (bid < entries, checked by
-        // `take`; len <= buf_len <= stride). A `RecvBuf` exists only between `take` (the
-        // kernel finished writing and will not touch the buffer again) and `recycle` (which
-        // consumes it), so nothing writes these bytes while the returned slice lives.
+        // SAFETY: `offset + len` lies inside the buffer mapping (bid < entries, checked above;
+        // len <= buf_len <= stride, clamped by `take`). The token is this ring's (checked
+        // above) and exists only between `take` (the kernel finished writing and will not
+        // touch the buffer again until it is back in the ring) and `recycle` (which consumes
+        // it), so nothing writes these bytes while the returned slice lives.
         unsafe { std::slice::from_raw_parts(self.bufs.ptr.as_ptr().add(offset), buf.len()) }
     }
 
-    /// Hands `buf` back to the kernel (visible after the next `publish`).
+    /// Hands `buf` back to the kernel (visible after the next `publish`). A token of another
+    /// ring, or a buffer that is not lent (recycled twice), is refused and counted: putting it
+    /// in the ring would let the kernel write into a buffer someone else may be reading.
     pub fn recycle(&mut self, buf: RecvBuf) {
-        let bid = buf.bid;
-        std::mem::forget(buf);
+        let (ring, bid) = (buf.ring, buf.bid);
+        if ring != self.id || bid >= self.entries {
+            self.refused += 1;
+            return;
+        }
         let (word, bit) = lent_bit(bid);
-        debug_assert!(self.lent[word] & bit != 0, "buffer {bid} recycled twice");
+        if self.lent[word] & bit == 0 {
+            self.refused += 1;
+            return;
+        }
         self.lent[word] &= !bit;
         self.held -= 1;
         self.push_entry(bid);
+    }
+
+    /// The descriptor ring's first entry.
+    fn descs(&self) -> *mut BufDesc {
+        self.ring.ptr.as_ptr().cast::<BufDesc>()
     }
 
     /// Writes buffer `bid`'s descriptor after the tail.
     fn push_entry(&mut self, bid: u16) {
         let index = ring_index(self.tail, self.entries);
         let addr = self.bufs.ptr.as_ptr() as u64 + (usize::from(bid) * self.stride) as u64;
-        // SAFETY: `index < entries`, so the entry lies inside the descriptor mapping. The
-        // kernel reads only entries between its head and the published tail; this one is past
-        // the tail, and at most `entries` buffers exist, so it is not one the kernel has yet
-        // to consume.
-        let entry = unsafe { &mut *self.ring.ptr.as_ptr().cast::<BufRingEntry>().add(index) };
-        entry.set_addr(addr);
-        entry.set_len(self.buf_len);
-        entry.set_bid(bid);
+        // SAFETY: `index < entries`, so the entry lies inside the descriptor mapping (which
+        // `new` sized for `entries` descriptors and which is 16-byte aligned: page-aligned).
+        // The kernel reads only entries between its head and the published tail; this one is
+        // past the tail, and at most `entries` buffers exist, so it is not one the kernel has
+        // yet to consume. Only `addr`, `len` and `bid` are written, each through its own raw
+        // place: no reference covers the entry, so none covers entry 0's `resv`, the tail the
+        // kernel may be reading (stored atomically by `publish`).
+        unsafe {
+            let desc = self.descs().add(index);
+            addr_of_mut!((*desc).addr).write(addr);
+            addr_of_mut!((*desc).len).write(self.buf_len);
+            addr_of_mut!((*desc).bid).write(bid);
+        }
         self.tail = self.tail.wrapping_add(1);
     }
 
     /// Makes every recycled buffer visible to the kernel.
     pub fn publish(&self) {
-        // SAFETY: the tail field overlays the `resv` field of entry 0 inside the descriptor
-        // mapping, which is page-aligned; the kernel reads it with acquire semantics and
-        // never writes it.
-        let tail = unsafe {
-            AtomicU16::from_ptr(
-                BufRingEntry::tail(self.ring.ptr.as_ptr().cast::<BufRingEntry>()) as *mut u16,
-            )
-        };
+        // SAFETY: the tail is the `resv` field of entry 0 inside the descriptor mapping, which
+        // is page-aligned (so the u16 is aligned) and lives as long as `self`; the kernel reads
+        // it with acquire semantics (`smp_load_acquire` in `io_ring_buffer_select`) and never
+        // writes it, and we access it only through this atomic.
+        let tail = unsafe { AtomicU16::from_ptr(addr_of_mut!((*self.descs()).resv)) };
         tail.store(self.tail, Ordering::Release);
     }
 }
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        if self.registered {
+        if self.registered.is_some() {
             // The kernel may still write into the buffers: leaking them is the only sound
             // choice. The worker unregisters before it drops the ring, so this happens only
             // when shutdown left receives in flight.
@@ -324,6 +416,18 @@ unsafe impl Send for Mapping {}
 mod tests {
     use super::*;
 
+    /// A ring for the tests below, or `None` (skipped) where io_uring is unavailable.
+    fn uring() -> Option<Ring> {
+        match Ring::new(8, 16) {
+            Ok(ring) => Some(ring),
+            Err(e) => {
+                assert!(std::env::var("CI").as_deref() != Ok("true"), "io_uring: {e}");
+                eprintln!("skipped: io_uring unavailable ({e})");
+                None
+            }
+        }
+    }
+
     #[test]
     fn ring_index_wraps_with_the_u16_tail() {
         assert_eq!(ring_index(0, 8), 0);
@@ -360,38 +464,88 @@ mod tests {
         assert_eq!(ring.tail, 6);
         // SAFETY: as above.
         assert!(unsafe { ring.take(4, 1) }.is_none(), "id outside the ring");
+        assert_eq!(ring.refused(), 0);
     }
 
+    /// Issue 14, defect 7: a buffer id reported while it is lent was caught only by a debug
+    /// assertion; in release a second token for one buffer came out. Now refused everywhere.
     #[test]
-    #[cfg(debug_assertions)]
-    #[should_panic(expected = "still lent")]
-    fn a_buffer_reported_twice_is_caught() {
+    fn a_buffer_reported_twice_is_refused() {
         let mut ring = BufRing::new(4, 100, 0).unwrap();
-        // SAFETY: not registered; this test breaks `take`'s contract on purpose to check that
-        // the debug bookkeeping notices.
-        let _a = unsafe { ring.take(1, 10) };
+        // SAFETY: not registered; the second `take` breaks the contract on purpose.
+        let first = unsafe { ring.take(1, 10) }.expect("first report");
         // SAFETY: as above.
-        let _b = unsafe { ring.take(1, 10) };
+        assert!(unsafe { ring.take(1, 10) }.is_none(), "second token refused");
+        assert_eq!(ring.available(), 3, "one buffer out, not two");
+        assert_eq!(ring.refused(), 1);
+        ring.recycle(first);
+        assert_eq!((ring.available(), ring.tail), (4, 5));
     }
 
+    /// Issue 14, defect 7: a second recycle of one buffer id (a duplicate token, which only
+    /// this test can forge) put the id in the ring twice in release builds.
     #[test]
-    #[cfg(debug_assertions)]
-    #[should_panic(expected = "without being recycled")]
-    fn a_dropped_buffer_is_caught() {
+    fn a_buffer_recycled_twice_is_refused() {
         let mut ring = BufRing::new(4, 100, 0).unwrap();
         // SAFETY: not registered.
-        drop(unsafe { ring.take(1, 10) });
+        let buf = unsafe { ring.take(2, 10) }.unwrap();
+        let forged = RecvBuf {
+            ring: buf.ring,
+            bid: buf.bid,
+            len: buf.len,
+        };
+        ring.recycle(buf);
+        ring.recycle(forged);
+        assert_eq!(ring.tail, 5, "the id went back into the ring once");
+        assert_eq!(ring.available(), 4);
+        assert_eq!(ring.refused(), 1);
+    }
+
+    /// Issue 14, defect 7: a token named no ring, so another ring read and recycled it (its
+    /// bounds checks were debug-only). Now it reads as empty and is refused.
+    #[test]
+    fn a_token_of_another_ring_is_refused() {
+        let mut small = BufRing::new(2, 100, 0).unwrap();
+        let mut other = BufRing::new(8, 100, 0).unwrap();
+        // SAFETY: neither ring is registered.
+        let (ours, theirs) = unsafe { (small.take(1, 50).unwrap(), other.take(5, 50).unwrap()) };
+        assert!(small.bytes(&theirs).is_empty(), "id 5 is outside the small ring");
+        assert!(other.bytes(&ours).is_empty(), "id 1 is free in the other ring");
+        other.recycle(ours);
+        assert_eq!((other.available(), other.tail), (7, 8), "not put in the ring");
+        small.recycle(theirs);
+        assert_eq!((small.available(), small.tail), (1, 2));
+        assert_eq!((small.refused(), other.refused()), (1, 1));
+    }
+
+    /// Issue 14, defect 9: a worker leaving with datagrams in its backlog dropped their
+    /// tokens, and the drop check panicked (debug builds), replacing the worker's real error
+    /// with a panic. Dropping a token now keeps its buffer out of the ring, without a panic.
+    #[test]
+    fn a_dropped_buffer_stays_out_of_the_ring_without_a_panic() {
+        let mut ring = BufRing::new(4, 100, 0).unwrap();
+        {
+            // SAFETY: not registered.
+            let _dropped = unsafe { ring.take(1, 10) }.unwrap();
+        }
+        assert_eq!(ring.available(), 3, "the buffer is not handed back");
+        // SAFETY: as above. The id is still lent: a report of it now is refused.
+        assert!(unsafe { ring.take(1, 10) }.is_none());
+        // SAFETY: as above.
+        let held = unsafe { ring.take(2, 10) }.unwrap();
+        // The ring goes first, with a token still out, as when the worker's `Io` drops
+        // before its backlog.
+        drop(ring);
+        {
+            let _dropped_later = held;
+        }
     }
 
     /// Issue 8, finding 2: buffers the kernel may still fill must not be unmapped. Dropped
     /// while registered, the ring leaks them; unregistered first, it unmaps them.
     #[test]
     fn a_registered_ring_is_never_unmapped() {
-        let Ok(uring) = io_uring::IoUring::new(8) else {
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "io_uring unavailable");
-            eprintln!("skipped: io_uring unavailable");
-            return;
-        };
+        let Some(uring) = uring() else { return };
         let mut registered = BufRing::new(4, 4096, 3).unwrap();
         registered.register(&uring).unwrap();
         let (addr, len) = registered.buffers_range();
@@ -407,9 +561,53 @@ mod tests {
         assert!(!BufRing::buffers_mapped_at(addr, len), "unmapped once unregistered");
     }
 
+    /// Issue 14, defect 7: one `registered` flag for every io_uring, although every worker
+    /// registers group 0 on its own: unregistering ring A's buffers "from" ring B removed B's
+    /// group 0 and let A's memory be unmapped while A's kernel ring still used it.
+    #[test]
+    fn a_registration_belongs_to_its_own_ring() {
+        let (Some(uring_a), Some(uring_b)) = (uring(), uring()) else {
+            return;
+        };
+        let mut a = BufRing::new(4, 4096, 0).unwrap();
+        let mut b = BufRing::new(4, 4096, 0).unwrap();
+        a.register(&uring_a).unwrap();
+        b.register(&uring_b).unwrap();
+        assert!(a.register(&uring_b).is_err(), "one registration at a time");
+        // SAFETY: no request was submitted on either ring.
+        let wrong = unsafe { a.unregister(&uring_b) };
+        assert_eq!(
+            wrong.map_err(|e| e.kind()).err(),
+            Some(io::ErrorKind::InvalidInput),
+            "refused: group 0 on ring B is b's"
+        );
+        // b is still registered with B (its group was not removed by a's mistake).
+        // SAFETY: as above.
+        unsafe { b.unregister(&uring_b) }.expect("b's group 0 still registered on B");
+        // a is still registered with A: dropped now, it must leak, not unmap.
+        let (addr, len) = a.buffers_range();
+        drop(a);
+        assert!(BufRing::buffers_mapped_at(addr, len), "a stays mapped");
+        let (addr, len) = b.buffers_range();
+        drop(b);
+        assert!(!BufRing::buffers_mapped_at(addr, len), "b unmapped");
+    }
+
     #[test]
     fn rejects_bad_sizes() {
         assert!(BufRing::new(3, 10, 0).is_err());
         assert!(BufRing::new(0, 10, 0).is_err());
+        assert!(BufRing::new(4, 0, 0).is_err());
+    }
+
+    /// Issue 14, defect 1: sizes are checked against a stated maximum before any mapping.
+    #[test]
+    fn rejects_sizes_past_the_stated_maximum() {
+        let err = BufRing::new(MAX_ENTRIES, MAX_BUF_LEN + 1, 0).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("receive buffer length"), "{err}");
+        assert!(BufRing::new(MAX_ENTRIES, u32::MAX, 0).is_err());
+        assert!(BufRing::new(u16::MAX, 64, 0).is_err());
+        assert!(BufRing::new(1, MAX_BUF_LEN, 0).is_ok());
     }
 }

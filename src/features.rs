@@ -270,11 +270,11 @@ fn probe_buf_ring_flags(flags: u16) -> bool {
     let Ok(ring) = Ring::new(8, 16) else {
         return false;
     };
-    if bufs.register_with_flags(ring.uring(), flags).is_err() {
+    if bufs.register_with_flags(&ring, flags).is_err() {
         return false;
     }
     // SAFETY: no request was ever submitted on `ring`, so none selects from the group.
-    unsafe { bufs.unregister(ring.uring()) }.is_ok()
+    unsafe { bufs.unregister(&ring) }.is_ok()
 }
 
 /// Whether a UDP socket knows the `SOL_UDP` option `name`: set to 1 when `set`, else read.
@@ -334,7 +334,7 @@ fn probe_recvmsg_multishot() -> bool {
     let Ok(mut ring) = Ring::new(8, 16) else {
         return false;
     };
-    if bufs.register(ring.uring()).is_err() {
+    if bufs.register(&ring).is_err() {
         return false;
     }
     let entry = opcode::RecvMsgMulti::new(types::Fd(rx.as_raw_fd()), &msg, 1)
@@ -364,8 +364,8 @@ fn probe_recvmsg_multishot() -> bool {
         }
         ring.drain(&mut seen);
         if let Some(c) = seen.first() {
-            verdict = Some(c.result >= 0 && has_more(c.flags));
-            ended = !has_more(c.flags);
+            verdict = Some(c.result() >= 0 && has_more(c.flags()));
+            ended = !has_more(c.flags());
             break;
         }
     }
@@ -385,7 +385,10 @@ fn probe_recvmsg_multishot() -> bool {
                     break;
                 }
                 ring.drain(&mut seen);
-                if seen.iter().any(|c| c.user_data == 1 && !has_more(c.flags)) {
+                if seen
+                    .iter()
+                    .any(|c| c.user_data() == 1 && !has_more(c.flags()))
+                {
                     ended = true;
                     break;
                 }
@@ -395,7 +398,7 @@ fn probe_recvmsg_multishot() -> bool {
     if ended {
         // SAFETY: the receive's final completion was seen, so no request selects from the
         // group any more.
-        let _ = unsafe { bufs.unregister(ring.uring()) };
+        let _ = unsafe { bufs.unregister(&ring) };
     }
     verdict.unwrap_or(false)
 }

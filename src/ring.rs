@@ -4,7 +4,9 @@
 //! (a `msghdr`, a buffer) that the kernel will read or write until the operation completes.
 
 use std::io;
+use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use io_uring::{cqueue, squeue, types, IoUring};
@@ -32,21 +34,72 @@ impl TaskRunMode {
 }
 
 /// A completion copied out of the completion queue.
-#[derive(Debug, Clone, Copy)]
+///
+/// Neither `Copy` nor `Clone`, and made only by [`Ring::drain`]: a completion that names a
+/// provided buffer is the kernel's word that the buffer is filled and ours, so it must be
+/// spent once (taking the buffer consumes it) and cannot be made up by safe code.
+#[derive(Debug)]
 pub struct Completion {
-    pub user_data: u64,
-    pub result: i32,
-    pub flags: u32,
+    user_data: u64,
+    result: i32,
+    flags: u32,
 }
 
+impl Completion {
+    /// The `user_data` of the request it completes.
+    #[inline]
+    pub fn user_data(&self) -> u64 {
+        self.user_data
+    }
+
+    /// The request's result: a count, or a negated errno.
+    #[inline]
+    pub fn result(&self) -> i32 {
+        self.result
+    }
+
+    /// `IORING_CQE_F_*` flags (`F_MORE`, `F_BUFFER` with the buffer id above them).
+    #[inline]
+    pub fn flags(&self) -> u32 {
+        self.flags
+    }
+
+    /// A completion the kernel did not post, for tests.
+    ///
+    /// # Safety
+    /// If `flags` names a provided buffer, that buffer must not be one the kernel can write
+    /// (its ring is not registered) and must not be named by another live completion.
+    #[cfg(test)]
+    pub(crate) unsafe fn forged(user_data: u64, result: i32, flags: u32) -> Completion {
+        Completion {
+            user_data,
+            result,
+            flags,
+        }
+    }
+}
+
+/// Where ring identities come from: never reused within a process.
+static NEXT_RING_ID: AtomicU64 = AtomicU64::new(1);
+
 /// One worker's ring.
+///
+/// Not `Send`: the registered ring index (below) is an index into the *thread's* table of
+/// registered rings (`current->io_uring->registered_rings`), so enters and the unregistration
+/// in `Drop` must happen on the thread that made the ring, as does every submission of a
+/// `SINGLE_ISSUER` ring.
 pub struct Ring {
     uring: IoUring,
     mode: TaskRunMode,
     /// The ring's own descriptor registered with `IORING_REGISTER_RING_FDS` (5.18): every enter
     /// passes this index with `IORING_ENTER_REGISTERED_RING`, which skips the kernel's file
     /// lookup (`fdget`/`fdput`) on each `io_uring_enter`. `None` where the kernel refused it.
+    /// Unregistered in `Drop`: the thread's table holds a reference to the ring's file (the
+    /// ring outlives its descriptor until the thread exits) and has only 16 places.
     registered_index: Option<u32>,
+    /// This ring's identity, for registrations tied to it (a buffer group).
+    id: u64,
+    _not_send: PhantomData<*const ()>,
 }
 
 // From include/uapi/linux/io_uring.h; the libc crate does not carry them.
@@ -55,6 +108,7 @@ const IORING_ENTER_EXT_ARG: u32 = 1 << 3;
 const IORING_ENTER_REGISTERED_RING: u32 = 1 << 4;
 const IORING_ENTER_NO_IOWAIT: u32 = 1 << 7;
 const IORING_REGISTER_RING_FDS: libc::c_uint = 20;
+const IORING_UNREGISTER_RING_FDS: libc::c_uint = 21;
 
 /// `struct io_uring_rsrc_update`.
 #[repr(C)]
@@ -93,6 +147,33 @@ fn register_ring_fd(uring: &IoUring) -> Option<u32> {
         )
     };
     (rc == 1).then_some(update.offset)
+}
+
+/// Removes registered ring index `index` from this thread's table.
+fn unregister_ring_fd(uring: &IoUring, index: u32) -> io::Result<()> {
+    let mut update = RsrcUpdate {
+        offset: index,
+        resv: 0,
+        data: 0,
+    };
+    // SAFETY: as in `register_ring_fd`: `update` is a live local holding the one entry the
+    // count says; the kernel reads `offset` during the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            uring.as_raw_fd(),
+            IORING_UNREGISTER_RING_FDS,
+            &mut update as *mut RsrcUpdate,
+            1,
+        )
+    };
+    match rc {
+        1 => Ok(()),
+        -1 => Err(io::Error::last_os_error()),
+        _ => Err(io::Error::other(
+            "IORING_UNREGISTER_RING_FDS removed nothing",
+        )),
+    }
 }
 
 /// Explains an io_uring set-up failure in terms of what the user can do about it.
@@ -135,6 +216,8 @@ impl Ring {
                         uring,
                         mode,
                         registered_index,
+                        id: NEXT_RING_ID.fetch_add(1, Ordering::Relaxed),
+                        _not_send: PhantomData,
                     });
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last_err = Some(e),
@@ -150,6 +233,11 @@ impl Ring {
 
     pub fn uring(&self) -> &IoUring {
         &self.uring
+    }
+
+    /// This ring's identity: unique in the process, never reused.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Queues `entry`, submitting what is queued first if the submission queue is full.
@@ -285,6 +373,18 @@ impl Ring {
     }
 }
 
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // Before the descriptor closes (the `uring` field drops after this body): the
+        // thread's table entry refers to the ring's file, not to the descriptor.
+        if let Some(index) = self.registered_index.take() {
+            if let Err(e) = unregister_ring_fd(&self.uring, index) {
+                tracing::warn!(error = %e, index, "cannot unregister the ring's descriptor");
+            }
+        }
+    }
+}
+
 /// Whether more completions will follow for a multishot request.
 #[inline]
 pub fn has_more(flags: u32) -> bool {
@@ -295,4 +395,60 @@ pub fn has_more(flags: u32) -> bool {
 #[inline]
 pub fn buffer_id(flags: u32) -> Option<u16> {
     cqueue::buffer_select(flags)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 14, defect 7: `Completion` was `Copy`, so one completion could yield two buffer
+    /// tokens. This does not compile if `Completion` is `Copy` or `Clone` (the two impls
+    /// below then both apply and the call is ambiguous).
+    #[test]
+    fn a_completion_cannot_be_duplicated() {
+        trait AmbiguousIfDuplicable<A> {
+            fn check() {}
+        }
+        impl<T: ?Sized> AmbiguousIfDuplicable<()> for T {}
+        struct IsClone;
+        impl<T: Clone> AmbiguousIfDuplicable<IsClone> for T {}
+        <Completion as AmbiguousIfDuplicable<_>>::check();
+        <crate::buf_ring::RecvBuf as AmbiguousIfDuplicable<_>>::check();
+    }
+
+    /// Issue 14, defect 9: `IORING_REGISTER_RING_FDS` was never undone, so each ring a thread
+    /// made and dropped kept a place in the thread's table (16 of them) and kept the ring's
+    /// file open until the thread exited: from the 17th ring on, enters went unregistered.
+    #[test]
+    fn dropped_rings_give_back_their_registered_index() {
+        let outcome = std::thread::spawn(|| {
+            let first = match Ring::new(8, 16) {
+                Ok(ring) => ring,
+                Err(e) => return Err(format!("io_uring unavailable: {e}")),
+            };
+            if !first.ring_fd_registered() {
+                return Err("the kernel refuses IORING_REGISTER_RING_FDS".to_string());
+            }
+            drop(first);
+            for n in 1..40 {
+                let ring = Ring::new(8, 16).expect("ring");
+                assert!(ring.ring_fd_registered(), "ring {n} could not register");
+            }
+            Ok(())
+        })
+        .join()
+        .expect("the test thread panicked");
+        if let Err(why) = outcome {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+            eprintln!("skipped: {why}");
+        }
+    }
+
+    #[test]
+    fn ring_ids_are_unique() {
+        let (Ok(a), Ok(b)) = (Ring::new(8, 16), Ring::new(8, 16)) else {
+            return;
+        };
+        assert_ne!(a.id(), b.id());
+    }
 }

@@ -23,12 +23,20 @@ use std::ptr::NonNull;
 use io_uring::squeue;
 
 use crate::datagram::{encode_pktinfo, encode_sockaddr, CONTROL_LEN, MAX_GSO_SEGMENTS};
-use crate::op::{next_generation, UserData};
+use crate::op::{next_generation, OpKind, UserData};
 
 mod flush;
 
 /// End of a train's member chain.
 const NO_SLOT: u32 = u32::MAX;
+
+/// The most slots a pool may have (twice the command line's limit). Sizes are checked
+/// against this and [`MAX_SLOT_CAPACITY`] before anything is allocated.
+pub const MAX_SLOTS: usize = 1 << 17;
+
+/// The most bytes a slot may hold: a UDP datagram, or a ready-made GSO train, is at most
+/// 64 KiB.
+pub const MAX_SLOT_CAPACITY: usize = 1 << 16;
 
 /// Why a reply was not queued. Each case is counted in `send_dropped`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,7 +193,33 @@ impl SendPool {
     /// `count` slots of `slot_capacity` bytes each; unconnected destinations are encoded for
     /// an IPv6 socket when `socket_is_v6`. The data area is one zeroed allocation; pages the
     /// replies never touch are never made resident.
-    pub fn new(count: usize, slot_capacity: usize, socket_is_v6: bool, gso: bool) -> SendPool {
+    ///
+    /// `InvalidInput` for more than [`MAX_SLOTS`] slots or more than [`MAX_SLOT_CAPACITY`]
+    /// bytes a slot, checked before anything is allocated: the pool hands the kernel pointers
+    /// computed from these numbers, so an overflowed product would let it (and `data_mut`)
+    /// reach far past a too-small allocation.
+    pub fn new(
+        count: usize,
+        slot_capacity: usize,
+        socket_is_v6: bool,
+        gso: bool,
+    ) -> io::Result<SendPool> {
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+        if count > MAX_SLOTS {
+            return Err(invalid(format!(
+                "send pool: {count} slots, at most {MAX_SLOTS} allowed"
+            )));
+        }
+        if slot_capacity > MAX_SLOT_CAPACITY {
+            return Err(invalid(format!(
+                "send pool: {slot_capacity}-byte slots, at most {MAX_SLOT_CAPACITY} bytes allowed"
+            )));
+        }
+        let data_len = count.checked_mul(slot_capacity).ok_or_else(|| {
+            invalid(format!(
+                "send pool: {count} slots of {slot_capacity} bytes overflow usize"
+            ))
+        })?;
         let headers: Box<[SlotHeaders]> = (0..count)
             .map(|_| SlotHeaders {
                 // SAFETY: msghdr and iovec are plain C structs for which all-zero is valid.
@@ -196,7 +230,7 @@ impl SendPool {
                 control: [0; CONTROL_LEN],
             })
             .collect();
-        let data: Box<[u8]> = vec![0u8; count * slot_capacity].into_boxed_slice();
+        let data: Box<[u8]> = vec![0u8; data_len].into_boxed_slice();
         let headers = NonNull::new(Box::into_raw(headers).cast::<SlotHeaders>())
             .expect("Box::into_raw is never null");
         let data =
@@ -248,7 +282,7 @@ impl SendPool {
                 (*h).msg.msg_iovlen = 1;
             }
         }
-        pool
+        Ok(pool)
     }
 
     /// Slots a reply can still take this turn.
@@ -494,9 +528,14 @@ impl SendPool {
         self.free.push(index);
     }
 
-    /// Frees the slot a `Send` completion names. `None` when the completion is stale (its
-    /// generation no longer matches, or the slot is not in flight): the caller counts it.
+    /// Frees the slot a `Send` completion names. `None` when the `UserData` is not what the
+    /// slot was submitted with (another kind, a slot outside the pool, a generation that no
+    /// longer matches, a slot not in flight): the caller counts it. Checked in every build:
+    /// freeing a slot the kernel still reads would let the next reply overwrite it.
     pub fn complete(&mut self, ud: UserData) -> Option<Completed> {
+        if ud.kind != OpKind::Send {
+            return None;
+        }
         let meta = self.meta.get(ud.slot as usize)?;
         if meta.state != SlotState::InFlight || meta.generation != ud.generation {
             return None;

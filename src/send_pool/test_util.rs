@@ -3,7 +3,7 @@
 use super::*;
 
 pub(crate) fn pool(count: usize, cap: usize) -> SendPool {
-    SendPool::new(count, cap, false, true)
+    SendPool::new(count, cap, false, true).unwrap()
 }
 
 pub(crate) fn dest(peer: &str) -> Dest {

@@ -20,8 +20,9 @@ use crate::ring::{buffer_id, Completion, Ring};
 use crate::send_pool::{FlushError, SendPool, Submit};
 use crate::session::SessionId;
 
-/// The buffer group every worker's receive ring registers (each worker has its own ring, so
-/// the ids do not collide).
+/// The buffer group every worker's receive ring registers. Each worker has its own io_uring,
+/// so the ids do not collide; `BufRing` remembers which io_uring its registration belongs to
+/// and unregisters only from that one.
 pub(super) const BUF_GROUP: u16 = 0;
 
 /// The listener's slot in the ring's registered file table.
@@ -109,7 +110,7 @@ impl Io {
         if listener_fixed {
             sends.use_fixed_file(listener_fd, LISTENER_SLOT);
         }
-        bufs.register(ring.uring()).map_err(|e| {
+        bufs.register(&ring).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("cannot register the provided buffer ring ({e}): needs Linux 5.19+"),
@@ -156,17 +157,21 @@ impl Io {
         self.ring.submit()
     }
 
-    /// The buffer a receive completion filled, taken out of the ring. `None` when the
-    /// completion carries no buffer or names one outside the ring (counted by the caller).
-    pub fn take_buffer(&mut self, c: &Completion) -> Option<RecvBuf> {
-        debug_assert!(c.result >= 0);
-        let bid = buffer_id(c.flags)?;
-        let kind = UserData::decode(c.user_data).map(|ud| ud.kind);
+    /// The buffer a receive completion filled, taken out of the ring; the completion is spent
+    /// (it is not `Copy`), so one completion yields at most one token. `None` when the
+    /// completion carries no buffer, failed, or names a buffer outside the ring or one that is
+    /// lent already (counted by the caller).
+    pub fn take_buffer(&mut self, c: Completion) -> Option<RecvBuf> {
+        let bid = buffer_id(c.flags())?;
+        let len = u32::try_from(c.result()).ok()?;
+        let kind = UserData::decode(c.user_data()).map(|ud| ud.kind);
         debug_assert!(matches!(kind, Some(OpKind::Recv | OpKind::SessionRecv)));
-        // SAFETY: `c` is a successful completion of one of our multishot receives (the only
-        // requests with BUFFER_SELECT), each of which selects from `BUF_GROUP` of `bufs`; the
-        // worker hands each completion here once.
-        unsafe { self.bufs.take(bid, c.result as u32) }
+        // SAFETY: only `Ring::drain` makes a `Completion`, from this ring's completion queue
+        // (`Io` owns the one ring and the one buffer ring), and it is consumed here, so the
+        // kernel reported `bid` filled once. The only requests with BUFFER_SELECT are our
+        // multishot receives, and each selects from `BUF_GROUP`, which only `bufs` registers
+        // on this ring. `take` refuses an id that is lent already in every build.
+        unsafe { self.bufs.take(bid, len) }
     }
 
     /// Pushes the turn's replies (they reach the kernel with the next enter).
@@ -307,11 +312,19 @@ fn timespec(after: Duration) -> types::Timespec {
 
 impl Drop for Io {
     fn drop(&mut self) {
+        if self.bufs.refused() > 0 {
+            // Each one a bug (a buffer reported twice, a token recycled twice or into the
+            // wrong ring), refused so the kernel never wrote into a buffer being read.
+            tracing::error!(
+                refused = self.bufs.refused(),
+                "receive buffer tokens were refused"
+            );
+        }
         let in_flight = self.in_flight();
         if in_flight == 0 {
             // SAFETY: no receive is in flight (the ledger counts every armed one), so none can
             // be holding a buffer of the group.
-            if let Err(e) = unsafe { self.bufs.unregister(self.ring.uring()) } {
+            if let Err(e) = unsafe { self.bufs.unregister(&self.ring) } {
                 tracing::warn!(error = %e, "cannot unregister the provided buffer ring");
             }
             // The registered file table holds its own reference to the listener: released
@@ -366,8 +379,41 @@ mod tests {
             return None;
         };
         let bufs = BufRing::new(4, 4096, BUF_GROUP).unwrap();
-        let sends = SendPool::new(4, 64, false, false);
+        let sends = SendPool::new(4, 64, false, false).unwrap();
         Some(Io::new(ring, bufs, sends, 16, 0, listener, wake).unwrap())
+    }
+
+    /// Issue 14, defect 7: a `Copy` completion could be handed to `take_buffer` twice and
+    /// yield two tokens for one buffer. Now a completion is spent taking its buffer, and a
+    /// second completion naming a buffer that is still out (a kernel bug) is refused.
+    #[test]
+    fn a_buffer_is_taken_once() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let wake = crate::sys::eventfd().unwrap();
+        let Some(mut io) = io_for(socket.as_raw_fd(), wake.as_raw_fd()) else {
+            return;
+        };
+        // IORING_CQE_F_BUFFER with buffer id 2 above IORING_CQE_BUFFER_SHIFT (16).
+        let flags = 1 | (2 << 16);
+        let ud = UserData::new(OpKind::Recv, 0, 0).encode();
+        // SAFETY: no receive was ever armed on this ring, so the kernel selects and writes no
+        // buffer of the group. The second completion names buffer 2 again on purpose.
+        let (first, again) = unsafe {
+            (
+                Completion::forged(ud, 40, flags),
+                Completion::forged(ud, 40, flags),
+            )
+        };
+        let buf = io.take_buffer(first).expect("the buffer");
+        assert_eq!(io.bufs.bytes(&buf).len(), 40);
+        assert!(
+            io.take_buffer(again).is_none(),
+            "a second token for buffer 2"
+        );
+        assert_eq!(io.bufs.available(), 3);
+        assert_eq!(io.bufs.refused(), 1);
+        io.bufs.recycle(buf);
+        assert_eq!(io.bufs.available(), 4);
     }
 
     /// Issue 8, finding 2: the worker freed the buffers before the ring went. Now teardown

@@ -117,6 +117,8 @@ pub struct Worker<H: SessionHandler> {
     stats: Stats,
     backlog: VecDeque<Pending>,
     completions: Vec<Completion>,
+    /// Completions the last turn drained (`completions` is emptied as they are dispatched).
+    turn_completions: usize,
     name_space: usize,
     control_space: usize,
     backpressured: bool,
@@ -197,7 +199,7 @@ impl<H: SessionHandler> Worker<H> {
             config.max_datagram,
             socket.is_v6,
             config.gso,
-        );
+        )?;
         let fd = socket.socket.as_raw_fd();
         let io = Io::new(
             ring,
@@ -228,6 +230,7 @@ impl<H: SessionHandler> Worker<H> {
             stats: Stats::default(),
             backlog: VecDeque::with_capacity(buffers),
             completions: Vec::with_capacity(cq_entries as usize),
+            turn_completions: 0,
             name_space,
             control_space,
             backpressured: false,
@@ -293,8 +296,11 @@ impl<H: SessionHandler> Worker<H> {
             let mut completions = std::mem::take(&mut self.completions);
             completions.clear();
             self.io.ring().drain(&mut completions);
-            for c in &completions {
-                self.dispatch(*c)?;
+            self.turn_completions = completions.len();
+            // Each completion is dispatched by value, once: one that names a buffer is spent
+            // taking it.
+            for c in completions.drain(..) {
+                self.dispatch(c)?;
             }
             self.completions = completions;
             self.process_backlog();
@@ -356,7 +362,7 @@ impl<H: SessionHandler> Worker<H> {
             // Gather a batch only while batches are coming: at low load a timed wait
             // would fire its timer for nothing on every turn.
             (State::Running | State::Released, Some(wait))
-                if self.completions.len() >= BUSY_TURN =>
+                if self.turn_completions >= BUSY_TURN =>
             {
                 (self.pacing.batch_size, Some(wait))
             }
@@ -380,7 +386,7 @@ impl<H: SessionHandler> Worker<H> {
         let Some(budget) = self.pacing.busy_poll else {
             return Ok(false);
         };
-        if self.completions.is_empty() {
+        if self.turn_completions == 0 {
             return Ok(false); // idle: do not burn a core waiting for nothing
         }
         let until = Instant::now() + budget;
@@ -398,18 +404,18 @@ impl<H: SessionHandler> Worker<H> {
 
     /// The completion table: one arm per operation kind.
     fn dispatch(&mut self, c: Completion) -> stdio::Result<()> {
-        let Some(ud) = UserData::decode(c.user_data) else {
+        let Some(ud) = UserData::decode(c.user_data()) else {
             // We never submit kind 0 or an unknown kind: this is a bug somewhere, not input.
             self.stats.stale_completions += 1;
             tracing::error!(
-                user_data = c.user_data,
+                user_data = c.user_data(),
                 "completion with an unknown user_data"
             );
             return Ok(());
         };
         match ud.kind {
             OpKind::Recv => {
-                if !has_more(c.flags) && ud.generation == self.io.ledger.recv_generation {
+                if !has_more(c.flags()) && ud.generation == self.io.ledger.recv_generation {
                     self.io.ledger.recv_armed = false;
                 }
                 self.take_received(c, Source::Listener);
@@ -455,10 +461,10 @@ impl<H: SessionHandler> Worker<H> {
     fn on_send(&mut self, ud: UserData, c: Completion) {
         match self.io.sends.complete(ud) {
             None => self.stats.stale_completions += 1,
-            Some(done) if c.result < 0 => {
+            Some(done) if c.result() < 0 => {
                 let segments = u64::from(done.segments);
                 self.stats.send_errors += segments;
-                let errno = -c.result;
+                let errno = -c.result();
                 // A kernel or device that cannot segment says EIO or EINVAL to a train: stop
                 // building trains (one log line) and carry on with plain sends.
                 if segments > 1 && (errno == libc::EIO || errno == libc::EINVAL) {
@@ -469,14 +475,14 @@ impl<H: SessionHandler> Worker<H> {
                     && self.io.sends.gso()
                 {
                     self.io.sends.disable_gso();
-                    tracing::warn!(worker = self.id, error = %send_errno(c.result), "UDP GSO refused; sending datagrams one by one");
+                    tracing::warn!(worker = self.id, error = %send_errno(c.result()), "UDP GSO refused; sending datagrams one by one");
                 } else if let Some(held_back) = self.send_log.check() {
-                    tracing::warn!(worker = self.id, error = %send_errno(c.result), held_back, "send failed");
+                    tracing::warn!(worker = self.id, error = %send_errno(c.result()), held_back, "send failed");
                 }
             }
             Some(done) => {
                 self.stats.tx_datagrams += u64::from(done.segments);
-                self.stats.tx_bytes += c.result as u64;
+                self.stats.tx_bytes += c.result() as u64;
                 if done.segments > 1 {
                     self.stats.gso_trains += 1;
                 }

@@ -62,8 +62,9 @@ impl<'a> Bytes<'a> {
 impl<H: SessionHandler> Worker<H> {
     /// Queues a receive completion's datagram for the handler, or counts its error.
     pub(super) fn take_received(&mut self, c: Completion, source: Source) {
-        if c.result >= 0 {
-            match self.io.take_buffer(&c) {
+        let result = c.result();
+        if result >= 0 {
+            match self.io.take_buffer(c) {
                 // Never grows past the buffer count: each pending entry holds a buffer.
                 Some(buf) => self.backlog.push_back(Pending::Buffer {
                     buf,
@@ -74,7 +75,7 @@ impl<H: SessionHandler> Worker<H> {
             }
             return;
         }
-        match -c.result {
+        match -result {
             // The ring ran dry: the multishot request ended. It is armed again at the end of
             // the turn, once the handler has returned buffers.
             libc::ENOBUFS => self.stats.enobufs += 1,

@@ -314,7 +314,7 @@ impl<H: SessionHandler> Worker<H> {
             slot: ud.slot,
             generation: ud.generation,
         };
-        if !has_more(c.flags) {
+        if !has_more(c.flags()) {
             let ledger = &mut self.io.ledger;
             ledger.session_recvs = ledger.session_recvs.saturating_sub(1);
             if let Some(fd) = self.socks.cancelling.remove(&id) {
@@ -324,7 +324,7 @@ impl<H: SessionHandler> Worker<H> {
                     sock.recv_armed = false;
                     if self.serving() {
                         self.socks.rearm.push(id);
-                        if c.result >= 0 || c.result == -libc::ENOBUFS {
+                        if c.result() >= 0 || c.result() == -libc::ENOBUFS {
                             self.stats.rearms += 1;
                         }
                     }
