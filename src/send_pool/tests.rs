@@ -71,3 +71,61 @@ fn a_slot_reused_for_another_peer_or_a_connected_socket_is_re_encoded() {
     let (_, name_b) = send(&mut p, dest("127.0.0.1:6"));
     assert_ne!(name_a, name_b);
 }
+
+/// Issue 14, defect 7: `complete` freed a slot for a `UserData` of any kind that happened to
+/// carry the slot's index and generation; the slot then went back to the free list while the
+/// kernel still read it.
+#[test]
+fn complete_frees_only_what_the_slot_was_submitted_with() {
+    let mut p = pool(2, 16);
+    queue_bytes(&mut p, "127.0.0.1:5", b"x").unwrap();
+    let mut sink = FailingSink {
+        room: 8,
+        accepted: Vec::new(),
+    };
+    p.flush(&mut sink).unwrap();
+    let ud = sink.accepted[0];
+    for kind in [
+        OpKind::Recv,
+        OpKind::SessionRecv,
+        OpKind::Cancel,
+        OpKind::Wake,
+    ] {
+        let foreign = UserData::new(kind, ud.generation, ud.slot);
+        assert_eq!(p.complete(foreign), None, "{kind:?} names no send");
+    }
+    let older = UserData::new(OpKind::Send, ud.generation.wrapping_sub(1), ud.slot);
+    assert_eq!(p.complete(older), None, "another generation");
+    assert_eq!(
+        (p.in_flight(), p.free_slots()),
+        (1, 1),
+        "still the kernel's"
+    );
+    assert_eq!(p.complete(ud), Some(Completed { segments: 1 }));
+    free_list_is_a_set(&p);
+}
+
+/// Issue 14, defect 1: `count * slot_capacity` was not checked; an overflowed product
+/// allocated too little and the slots' pointers and slices reached past it.
+#[test]
+fn sizes_are_checked_before_anything_is_allocated() {
+    for (count, capacity) in [
+        (2, 1 << 63),
+        (usize::MAX, 2),
+        (usize::MAX, usize::MAX),
+        (MAX_SLOTS + 1, 1),
+        (1, MAX_SLOT_CAPACITY + 1),
+    ] {
+        let err = SendPool::new(count, capacity, false, true)
+            .err()
+            .expect("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("at most"), "{err}");
+    }
+    let p = SendPool::new(4, MAX_SLOT_CAPACITY, false, true).expect("the largest slots");
+    assert_eq!(p.slot_capacity(), MAX_SLOT_CAPACITY);
+    assert!(
+        SendPool::new(0, 0, false, false).is_ok(),
+        "an empty pool is no danger"
+    );
+}
