@@ -257,9 +257,9 @@ impl Ring {
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EINTR) | Some(libc::ETIME) => Ok(()),
-            // The kernel took nothing and waited for nothing: the entries are still queued
-            // (`unsubmitted` > 0), which keeps what they name alive; reaping completions is
-            // what frees the kernel to take them at the next enter.
+            // The kernel took nothing and waited for nothing: whatever was queued is still
+            // queued (`unsubmitted` says so, and keeps what the entries name alive); reaping
+            // completions is what lets the kernel take them at the next enter.
             Some(libc::EBUSY) | Some(libc::EAGAIN) => Ok(()),
             _ => Err(e),
         }

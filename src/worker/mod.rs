@@ -288,7 +288,8 @@ impl<H: SessionHandler> Worker<H> {
             self.wait()?;
             // One clock read per turn: session activity is stamped with it, no syscall.
             self.now_ms = self.started.elapsed().as_millis() as Millis;
-            // Sockets parked last turn: the sends naming them have been submitted now.
+            // Parked sockets close once the kernel has taken every queued entry (the sends
+            // naming them were pushed in the turn that parked them).
             self.close_parked_sockets();
             let mut completions = std::mem::take(&mut self.completions);
             completions.clear();
