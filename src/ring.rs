@@ -269,6 +269,14 @@ impl Ring {
     /// Submits what is queued and waits for at least `want` completions, or until `timeout`.
     /// Interrupted and timed-out waits return normally: the caller just drains what is there.
     ///
+    /// Returning `Ok` does not mean every queued entry reached the kernel: it may take only
+    /// some (it stops at the first entry that fails to initialise, `io_submit_sqes`) or none
+    /// (`EBUSY`: completions overflowed and must be reaped first; `EAGAIN`: no memory for
+    /// requests now), and then it does not wait either. What it left stays queued, in
+    /// order, for the next enter: [`Ring::unsubmitted`] says how many, and nothing such an
+    /// entry names (a descriptor, a buffer) may be released until it is 0. The caller reaps
+    /// the completions that are there and enters again.
+    ///
     /// One raw `io_uring_enter`, so that it can use the registered ring index (the crate's
     /// `Submitter` forgets a registration between calls).
     pub fn submit_and_wait(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<()> {
@@ -331,15 +339,28 @@ impl Ring {
             )
         };
         if rc >= 0 {
+            // `rc` entries were consumed; any others stay queued (see `unsubmitted`).
             return Ok(());
         }
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
-            Some(libc::EINTR) | Some(libc::ETIME) | Some(libc::EBUSY) | Some(libc::EAGAIN) => {
-                Ok(())
-            }
+            Some(libc::EINTR) | Some(libc::ETIME) => Ok(()),
+            // The kernel took nothing and waited for nothing: whatever was queued is still
+            // queued (`unsubmitted` says so, and keeps what the entries name alive); reaping
+            // completions is what lets the kernel take them at the next enter.
+            Some(libc::EBUSY) | Some(libc::EAGAIN) => Ok(()),
             _ => Err(e),
         }
+    }
+
+    /// Entries pushed but not yet consumed by the kernel (the submission queue's tail minus
+    /// the head the kernel has advanced). The kernel resolves an entry's descriptor when it
+    /// first issues it, inside the enter that consumes it (`io_issue_sqe` ->
+    /// `io_assign_file`; later only for linked or `IOSQE_ASYNC` entries, which the engine
+    /// never submits), so a descriptor that a pushed entry names may be closed (and its
+    /// number reused) only once this is 0.
+    pub fn unsubmitted(&mut self) -> usize {
+        self.uring.submission().len()
     }
 
     /// Whether enters use the registered ring index.

@@ -55,21 +55,37 @@ pub fn local_for(
     Some(SocketAddr::new(ip, port))
 }
 
+/// What [`drain`] read from a closing per-client socket.
+#[derive(Debug, Default)]
+pub struct Drained {
+    /// Datagrams of at most `max_datagram` bytes, with their senders, in arrival order.
+    pub datagrams: Vec<(SocketAddr, Vec<u8>)>,
+    /// Datagrams longer than `max_datagram`: read off the queue and dropped, to be counted
+    /// as `truncated` like the receive path's (a shortened datagram is never passed on).
+    pub truncated: u64,
+}
+
 /// Reads what is still queued on a per-client socket that is about to close, so datagrams
 /// the kernel delivered to it are routed elsewhere instead of dying with it. The socket is
-/// non-blocking; reading stops at the first `EAGAIN` (or after `limit` datagrams).
-/// Returns the descriptor too: the caller decides when it may be closed.
-pub fn drain(
-    fd: OwnedFd,
-    max_datagram: usize,
-    limit: usize,
-) -> (OwnedFd, Vec<(SocketAddr, Vec<u8>)>) {
+/// non-blocking; reading stops at the first `EAGAIN` (or after `limit` datagrams, truncated
+/// ones included). Returns the descriptor too: the caller decides when it may be closed.
+pub fn drain(fd: OwnedFd, max_datagram: usize, limit: usize) -> (OwnedFd, Drained) {
     let socket = std::net::UdpSocket::from(fd);
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; max_datagram];
-    while out.len() < limit {
+    let mut out = Drained::default();
+    // One byte more than the longest datagram taken: a read that fills it was longer than
+    // `max_datagram` (`recvfrom` returns at most the buffer's length and drops the rest).
+    let mut buf = vec![0u8; max_datagram.saturating_add(1)];
+    let mut read = 0;
+    while read < limit {
         match socket.recv_from(&mut buf) {
-            Ok((n, peer)) => out.push((peer, buf[..n].to_vec())),
+            Ok((n, _)) if n > max_datagram => {
+                read += 1;
+                out.truncated += 1;
+            }
+            Ok((n, peer)) => {
+                read += 1;
+                out.datagrams.push((peer, buf[..n].to_vec()));
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             // EAGAIN: empty. ECONNREFUSED (an ICMP error queued on a connected socket) and
             // anything else: nothing more to read that matters.
@@ -118,9 +134,31 @@ mod tests {
             client.send_to(&[i], server.local_addr().unwrap()).unwrap();
         }
         let (_fd, got) = drain(OwnedFd::from(server), 1500, 10);
-        assert_eq!(got.len(), 3);
-        assert_eq!(got[2].1, vec![2]);
-        assert_eq!(got[0].0, client.local_addr().unwrap());
+        assert_eq!(got.datagrams.len(), 3);
+        assert_eq!(got.datagrams[2].1, vec![2]);
+        assert_eq!(got.datagrams[0].0, client.local_addr().unwrap());
+        assert_eq!(got.truncated, 0);
+    }
+
+    /// Issue 14, defect 8: `drain` read into a `max_datagram` buffer and passed a longer
+    /// datagram on cut short, counted as received. Now it is reported as truncated (and
+    /// nothing of it is passed on), like the receive path counts it; one of exactly
+    /// `max_datagram` bytes is whole.
+    #[test]
+    fn drain_reports_long_datagrams_as_truncated() {
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        server.set_nonblocking(true).unwrap();
+        let to = server.local_addr().unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(&[7; 100], to).unwrap();
+        client.send_to(&[8; 101], to).unwrap();
+        client.send_to(&[9; 3000], to).unwrap();
+        client.send_to(&[1; 5], to).unwrap();
+        let (_fd, got) = drain(OwnedFd::from(server), 100, 10);
+        assert_eq!(got.truncated, 2);
+        let lens: Vec<usize> = got.datagrams.iter().map(|(_, d)| d.len()).collect();
+        assert_eq!(lens, vec![100, 5]);
+        assert_eq!(got.datagrams[0].1, vec![7; 100]);
     }
 
     #[test]

@@ -1,6 +1,19 @@
 //! Per-worker counters. The worker bumps plain integers on its own thread and publishes a copy
 //! to shared atomics once per loop turn, so the datagram path has no atomic read-modify-write
 //! and no lock, while the main thread can still print summaries at any time.
+//!
+//! Every datagram is in exactly one counter of each stage (issue 14):
+//! - what reached a worker's sockets = `rx_datagrams + truncated + malformed + kernel_drops`
+//!   (the kernel's drops are read on the listener only);
+//! - `rx_datagrams` = those handed to the handler + `shutdown_dropped` + the refusals
+//!   (`refused()`) + Retry answers (`retries_sent`, or `amplification_limited` /
+//!   `send_dropped` for a Retry not sent) + `cookies_forged`, summed over the workers. A
+//!   datagram forwarded to the worker that owns its peer (`forwarded`, a tally outside this
+//!   sum) ends in one of these there, or in `deferred_dropped` when that worker's mailbox
+//!   refused it or closed with it;
+//! - replies asked for (handler replies, Retries, deferred replies taken from the mailbox) =
+//!   `tx_datagrams + send_errors + send_dropped + amplification_limited`, and a deferred reply
+//!   that finds its session closed is `deferred_dropped` instead.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,6 +137,9 @@ define_counters! {
     deferred_sent,
     /// Deferred replies whose session had closed before the worker got them.
     deferred_dropped,
+    /// Datagrams received after shutdown had closed the sessions (still queued on a closing
+    /// per-client socket, or forwarded late), dropped: no session or handler state is left.
+    shutdown_dropped,
     /// Cookie (Retry) replies sent to unvalidated new peers.
     retries_sent,
     /// Valid cookies that opened a session.
@@ -188,11 +204,11 @@ impl fmt::Display for Summary<'_> {
             c.enters,
             c.gso_trains
         )?;
-        if c.amplification_limited > 0 || c.kernel_drops > 0 {
+        if c.amplification_limited > 0 || c.kernel_drops > 0 || c.shutdown_dropped > 0 {
             write!(
                 f,
-                " amplification_limited={} kernel_drops={}",
-                c.amplification_limited, c.kernel_drops
+                " amplification_limited={} kernel_drops={} shutdown_dropped={}",
+                c.amplification_limited, c.kernel_drops, c.shutdown_dropped
             )?;
         }
         if c.sessions_opened > 0 || c.refused() > 0 || c.retries_sent > 0 {

@@ -505,3 +505,205 @@ fn session_sockets_work_over_ipv6_and_dual_stack() {
         }
     }
 }
+
+/// What the accounting test's handler saw and did, read by the test after shutdown.
+#[derive(Default)]
+struct Tally {
+    /// Datagrams handed to the handler.
+    handled: AtomicU64,
+    /// Replies the handler asked for (whatever became of them).
+    replies: AtomicU64,
+    /// Deferred replies `on_shutdown` posted through session handles, accepted.
+    posted: AtomicU64,
+    /// One handle per session, taken on its first datagram.
+    handles: Mutex<Vec<SessionHandle>>,
+    /// Clients and the address their session listens on: `on_shutdown` sends from each
+    /// right before the sessions close, so datagrams sit on sockets about to close.
+    late: Mutex<Vec<(UdpSocket, SocketAddr)>>,
+}
+
+/// Datagrams each client sends from `on_shutdown`: small ones, then one too long.
+const LATE_SMALL: usize = 3;
+const LONGEST: usize = 512;
+
+/// Echoes every datagram, keeps a handle per session; at shutdown sends the late
+/// datagrams and posts a deferred goodbye to every session.
+struct Accounting {
+    tally: Arc<Tally>,
+}
+
+impl SessionHandler for Accounting {
+    type State = bool;
+
+    fn session_open(&mut self, _: &SessionInfo) -> bool {
+        false
+    }
+
+    fn session_datagram(&mut self, seen: &mut bool, d: &Datagram<'_>, reply: &mut Reply<'_>) {
+        self.tally.handled.fetch_add(1, Ordering::Relaxed);
+        if !*seen {
+            *seen = true;
+            if let Some(handle) = reply.session_handle() {
+                self.tally.handles.lock().push(handle);
+            }
+        }
+        self.tally.replies.fetch_add(1, Ordering::Relaxed);
+        let _ = reply.send(d.payload);
+    }
+
+    fn on_shutdown(&mut self, _: Instant, _: &mut Reply<'_>) {
+        for (client, to) in self.tally.late.lock().iter() {
+            for _ in 0..LATE_SMALL {
+                client.send_to(b"late", *to).expect("send");
+            }
+            client.send_to(&[0xab; LONGEST + 100], *to).expect("send");
+        }
+        for handle in self.tally.handles.lock().iter() {
+            // The sessions are still open: every post is accepted.
+            if handle.send(b"bye").is_ok() {
+                self.tally.posted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Issue 14, defect 8: every datagram in exactly one counter, across shutdown. Clients send
+/// datagrams (one too long each), then, in the modes with per-client sockets, more datagrams
+/// (again one too long) onto sockets that shutdown is about to close, while `on_shutdown`
+/// posts a deferred reply to every open session. Before: datagrams drained from the closing
+/// sockets were counted as received and dropped uncounted, a long one among them silently
+/// cut short, and the deferred replies were counted as dropped although their sessions were
+/// open. Now the final counters add up to what was sent, stage by stage (see `stats.rs`).
+fn every_datagram_in_one_counter(mode: SessionMode) {
+    if !kernel_supports_udpring() {
+        return;
+    }
+    const CLIENTS: usize = 20;
+    const EACH: usize = 5;
+    let tally = Arc::new(Tally::default());
+    let t2 = tally.clone();
+    let server = start(
+        ServerConfig {
+            max_datagram: LONGEST,
+            ..session_config(mode, 1)
+        },
+        move |_| Accounting { tally: t2.clone() },
+    );
+    let main = server.local_addr();
+    let clients: Vec<UdpSocket> = (0..CLIENTS).map(|_| client_for(main)).collect();
+    // The first datagram opens the session; port-per-client peers move to its port.
+    for c in &clients {
+        c.send_to(b"hello", main).expect("send");
+    }
+    let first = collect_replies(&clients, CLIENTS, WAIT);
+    let targets: Vec<SocketAddr> = first
+        .iter()
+        .enumerate()
+        .map(|(i, got)| {
+            assert_eq!(got.len(), 1, "{mode:?}: client {i}: {got:?}");
+            match mode {
+                SessionMode::PortPerClient => got[0].1,
+                _ => main,
+            }
+        })
+        .collect();
+    for (c, &to) in clients.iter().zip(&targets) {
+        for k in 1..EACH {
+            c.send_to(format!("d{k}").as_bytes(), to).expect("send");
+        }
+        c.send_to(&[0xcd; LONGEST + 1], to).expect("send");
+    }
+    let sent = (CLIENTS * (EACH + 1)) as u64;
+    assert!(
+        wait_until(WAIT, || arrived(&server.total_counters()) == sent),
+        "{mode:?}: sent {sent}: {}",
+        server.total_counters().summary()
+    );
+    let echoes: usize = collect_replies(&clients, CLIENTS * (EACH - 1), WAIT)
+        .iter()
+        .map(Vec::len)
+        .sum();
+    assert_eq!(echoes, CLIENTS * (EACH - 1), "{mode:?}");
+    let own_sockets = matches!(mode, SessionMode::Connected | SessionMode::PortPerClient);
+    if own_sockets {
+        *tally.late.lock() = clients
+            .iter()
+            .zip(&targets)
+            .map(|(c, &to)| (c.try_clone().expect("clone"), to))
+            .collect();
+    }
+    let c = sum(&server.shutdown().expect("shutdown"));
+    let (late_small, late_long) = if own_sockets {
+        ((CLIENTS * LATE_SMALL) as u64, CLIENTS as u64)
+    } else {
+        (0, 0)
+    };
+    let summary = c.summary();
+    // What reached the server's sockets.
+    assert_eq!(c.kernel_drops, 0, "{mode:?}: {summary}");
+    assert_eq!(c.malformed, 0, "{mode:?}: {summary}");
+    assert_eq!(
+        arrived(&c),
+        sent + late_small + late_long,
+        "{mode:?}: {summary}"
+    );
+    assert_eq!(
+        c.truncated,
+        CLIENTS as u64 + late_long,
+        "{mode:?}: {summary}"
+    );
+    // What was received: handed to the handler, or dropped because its session had closed
+    // (no refusals, cookies or forwarding in this set-up).
+    let handled = tally.handled.load(Ordering::Relaxed);
+    assert_eq!(handled, (CLIENTS * EACH) as u64, "{mode:?}: {summary}");
+    assert_eq!(
+        c.rx_datagrams,
+        handled + c.shutdown_dropped,
+        "{mode:?}: {summary}"
+    );
+    assert_eq!(c.shutdown_dropped, late_small, "{mode:?}: {summary}");
+    // Replies: every one asked for, handler's and deferred, is sent or counted as not sent.
+    let posted = tally.posted.load(Ordering::Relaxed);
+    let sessions = if mode == SessionMode::None {
+        0
+    } else {
+        CLIENTS
+    };
+    assert_eq!(posted, sessions as u64, "{mode:?}: {summary}");
+    assert_eq!(
+        c.deferred_dropped, 0,
+        "{mode:?}: sessions were open: {summary}"
+    );
+    assert_eq!(c.deferred_sent, posted, "{mode:?}: {summary}");
+    assert_eq!(
+        tally.replies.load(Ordering::Relaxed) + c.deferred_sent,
+        c.tx_datagrams + c.send_errors + c.send_dropped + c.amplification_limited,
+        "{mode:?}: {summary}"
+    );
+    // The goodbyes arrived, each from its session's address.
+    let byes = collect_replies(&clients, sessions, WAIT);
+    for (i, got) in byes.iter().enumerate().take(sessions) {
+        let expected = vec![(b"bye".to_vec(), targets[i])];
+        assert_eq!(got, &expected, "{mode:?}: client {i}");
+    }
+}
+
+#[test]
+fn every_datagram_in_one_counter_without_sessions() {
+    every_datagram_in_one_counter(SessionMode::None);
+}
+
+#[test]
+fn every_datagram_in_one_counter_in_shared_mode() {
+    every_datagram_in_one_counter(SessionMode::Shared);
+}
+
+#[test]
+fn every_datagram_in_one_counter_in_connected_mode() {
+    every_datagram_in_one_counter(SessionMode::Connected);
+}
+
+#[test]
+fn every_datagram_in_one_counter_in_port_per_client_mode() {
+    every_datagram_in_one_counter(SessionMode::PortPerClient);
+}

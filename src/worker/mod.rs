@@ -291,7 +291,8 @@ impl<H: SessionHandler> Worker<H> {
             self.wait()?;
             // One clock read per turn: session activity is stamped with it, no syscall.
             self.now_ms = self.started.elapsed().as_millis() as Millis;
-            // Sockets parked last turn: the sends naming them have been submitted now.
+            // Parked sockets close once the kernel has taken every queued entry (the sends
+            // naming them were pushed in the turn that parked them).
             self.close_parked_sockets();
             let mut completions = std::mem::take(&mut self.completions);
             completions.clear();
@@ -576,15 +577,25 @@ impl<H: SessionHandler> Worker<H> {
     /// While draining: once the listener's receive has delivered its last completion and the
     /// backlog is empty, every datagram received has been answered; close the sessions
     /// (their handlers see `session_close`) and let the drain finish.
+    ///
+    /// Until then the sessions are open, so work posted to them is taken every turn (the
+    /// wake-up read is not armed again while draining): a deferred reply posted now is sent,
+    /// not counted as dropped at exit. So is what `on_shutdown` posts through session
+    /// handles, taken right before the sessions close.
     fn close_sessions_when_drained(&mut self) {
-        if matches!(self.state, State::Draining { .. })
-            && !self.sessions_closed
-            && !self.io.ledger.recv_armed
-            && self.backlog.is_empty()
-        {
-            self.sessions_closed = true;
-            self.tell_handler_shutdown();
-            self.close_all_sessions();
+        if !matches!(self.state, State::Draining { .. }) || self.sessions_closed {
+            return;
         }
+        self.read_posted();
+        if self.io.ledger.recv_armed || !self.backlog.is_empty() {
+            return;
+        }
+        self.sessions_closed = true;
+        self.tell_handler_shutdown();
+        self.read_posted();
+        // Datagrams forwarded meanwhile still find their sessions (while reply slots last);
+        // what is left is counted as `shutdown_dropped` in the next turns.
+        self.process_backlog();
+        self.close_all_sessions();
     }
 }

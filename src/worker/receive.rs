@@ -272,7 +272,9 @@ impl<H: SessionHandler> Worker<H> {
     ) {
         let payload = bytes.view(&self.io.bufs);
         let Some(state) = self.stateless.as_mut() else {
-            return; // closed at shutdown
+            // Closed at shutdown: no handler state is left to take it.
+            self.stats.shutdown_dropped += 1;
+            return;
         };
         // No per-peer state here: the anti-amplification budget is per datagram.
         let mut budget = self.amplification_factor * payload.len() as u64;

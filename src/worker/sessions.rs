@@ -31,10 +31,10 @@ pub(super) struct SessionSockets {
     cancelling: HashMap<SessionId, OwnedFd>,
     /// Sockets no receive uses any more: what they hold is read into the backlog this turn.
     retiring: Vec<OwnedFd>,
-    /// Sockets read and waiting to be closed. Replies already queued may still name them:
-    /// they stay open until the next `io_uring_enter` has submitted those sends (the kernel
-    /// resolves a descriptor number when it issues the request), so a number reused by a new
-    /// socket never receives someone else's reply.
+    /// Sockets read and waiting to be closed. Replies already pushed may still name them:
+    /// they stay open until the kernel has consumed every queued entry (the kernel resolves
+    /// a descriptor number when it issues the request), so a number reused by a new socket
+    /// never receives someone else's reply (`closable`).
     parked: Vec<OwnedFd>,
     /// Sessions whose socket needs its receive armed.
     rearm: Vec<SessionId>,
@@ -59,6 +59,24 @@ impl SessionSockets {
     /// Sockets wait to be read or closed: the loop must not sleep before it has done so.
     pub fn busy(&self) -> bool {
         !self.retiring.is_empty() || !self.parked.is_empty()
+    }
+
+    /// Parks a socket that has been read: it closes once no queued entry can name it.
+    fn park(&mut self, fd: OwnedFd) {
+        self.parked.push(fd);
+    }
+
+    /// The parked sockets that may be closed now, given the ring's `unsubmitted` entries:
+    /// every one once the kernel has consumed all that was pushed (each reply naming a
+    /// parked socket was pushed in the turn that parked it, and no later one can name it:
+    /// its session is gone), none while an entry is still queued (the kernel may have taken
+    /// only part of the queue, or none of it: `Ring::submit_and_wait`), since that entry may
+    /// name one and would reach whatever socket reuses the number.
+    fn closable(&mut self, unsubmitted: usize) -> Vec<OwnedFd> {
+        if unsubmitted > 0 {
+            return Vec::new();
+        }
+        std::mem::take(&mut self.parked)
     }
 }
 
@@ -110,6 +128,8 @@ impl<H: SessionHandler> Worker<H> {
         validated: bool,
     ) -> Option<SessionId> {
         if !self.running() {
+            // Shutdown has closed the sessions: the datagram that asked for one is dropped.
+            self.stats.shutdown_dropped += 1;
             return None;
         }
         if let Err(refusal) = self.router.sessions.admit(&peer, self.now_ms) {
@@ -266,25 +286,31 @@ impl<H: SessionHandler> Worker<H> {
         for fd in std::mem::take(&mut self.socks.retiring) {
             let fd = self.requeue_held(fd);
             added = true;
-            self.socks.parked.push(fd);
+            self.socks.park(fd);
         }
         added
     }
 
-    /// Closes the sockets parked last turn, reading each one last time right before
-    /// `close()`. Only a datagram that arrives in the microsecond between that read and
-    /// `close()` is lost; the peer's retransmission then reaches the listener.
+    /// Closes the parked sockets once the kernel has taken every queued entry (the replies
+    /// naming them were pushed in the turn that parked them), reading each one last time
+    /// right before `close()`. Only a datagram that arrives in the microsecond between that
+    /// read and `close()` is lost; the peer's retransmission then reaches the listener.
+    /// While entries are still queued they stay parked, and `busy` keeps the loop entering
+    /// the kernel without sleeping until it has taken them.
     pub(super) fn close_parked_sockets(&mut self) {
-        for fd in std::mem::take(&mut self.socks.parked) {
+        let unsubmitted = self.io.ring().unsubmitted();
+        for fd in self.socks.closable(unsubmitted) {
             drop(self.requeue_held(fd));
         }
     }
 
-    /// Moves what is queued on `fd` into the backlog, routed as if it reached the listener.
+    /// Moves what is queued on `fd` into the backlog, routed as if it reached the listener;
+    /// datagrams longer than `--max-datagram` are counted as truncated, as on the receive
+    /// path.
     fn requeue_held(&mut self, fd: OwnedFd) -> OwnedFd {
-        let limit = self.io.sends.slot_capacity();
-        let (fd, queued) = session_socket::drain(fd, limit, RETIRE_READ_LIMIT);
-        for (peer, payload) in queued {
+        let (fd, drained) = session_socket::drain(fd, self.max_datagram, RETIRE_READ_LIMIT);
+        self.stats.truncated += drained.truncated;
+        for (peer, payload) in drained.datagrams {
             self.stats.rx_datagrams += 1;
             self.stats.rx_bytes += payload.len() as u64;
             self.backlog.push_back(Pending::Owned {
@@ -418,5 +444,101 @@ impl<H: SessionHandler> Worker<H> {
             Ok(_) => self.stats.deferred_sent += 1,
             Err(_) => self.stats.send_dropped += 1,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+    use std::os::fd::AsRawFd;
+    use std::time::{Duration, Instant};
+
+    use io_uring::{opcode, squeue, types};
+
+    use super::*;
+    use crate::ring::Ring;
+
+    /// An SQE flag bit no kernel defines (include/uapi/linux/io_uring.h stops at bit 6):
+    /// `io_init_req` refuses the entry with `-EINVAL`, and `io_submit_sqes` stops there,
+    /// leaving every later entry in the queue, as an `EBUSY` or `EAGAIN` enter leaves all.
+    const UNDEFINED_SQE_FLAG: u8 = 1 << 7;
+
+    /// Issue 14, defect 6: a parked session socket was closed after the next enter whatever
+    /// that enter had submitted, so a reply still queued behind it named a descriptor number
+    /// that a new session's socket could take, and went to that socket's peer. Now a parked
+    /// socket closes only once the kernel has consumed every queued entry.
+    #[test]
+    fn a_parked_socket_outlives_every_queued_entry_naming_it() {
+        let Ok(mut ring) = Ring::new(8, 16) else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "io_uring unavailable"
+            );
+            eprintln!("skipped: io_uring unavailable");
+            return;
+        };
+        let old_peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let new_peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        new_peer.set_nonblocking(true).unwrap();
+        // The closing session's socket, connected to its peer, and a reply to it queued
+        // behind an entry the kernel refuses.
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.connect(old_peer.local_addr().unwrap()).unwrap();
+        let number = sock.as_raw_fd();
+        static PAYLOAD: &[u8] = b"for the old peer";
+        let refused = opcode::Nop::new()
+            .build()
+            .flags(squeue::Flags::from_bits_retain(UNDEFINED_SQE_FLAG))
+            .user_data(1);
+        let reply = opcode::Send::new(types::Fd(number), PAYLOAD.as_ptr(), PAYLOAD.len() as u32)
+            .build()
+            .user_data(2);
+        // SAFETY: the Nop carries no pointer; the Send points at a static.
+        unsafe {
+            ring.push(&refused).unwrap();
+            ring.push(&reply).unwrap();
+        }
+        let mut socks = SessionSockets::new(0, 0);
+        socks.park(OwnedFd::from(sock));
+        ring.submit().unwrap();
+        assert_eq!(
+            ring.unsubmitted(),
+            1,
+            "the kernel stops at the refused entry; the reply stays queued"
+        );
+        // What the worker does next turn: close what may be closed, then open a socket for
+        // a new peer, which takes the lowest free descriptor number.
+        for fd in socks.closable(ring.unsubmitted()) {
+            drop(fd);
+        }
+        let newcomer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        newcomer.connect(new_peer.local_addr().unwrap()).unwrap();
+        assert_ne!(
+            newcomer.as_raw_fd(),
+            number,
+            "the parked socket was closed with a reply naming it still queued"
+        );
+        // The next enter takes the reply; it leaves from the parked socket, to its peer.
+        let mut completions = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !completions.iter().any(|c: &Completion| c.user_data == 2) {
+            assert!(Instant::now() < deadline, "no completion for the reply");
+            ring.submit_and_wait(1, Some(Duration::from_millis(100)))
+                .unwrap();
+            ring.drain(&mut completions);
+        }
+        assert_eq!(ring.unsubmitted(), 0);
+        let sent = completions.iter().find(|c| c.user_data == 2).unwrap();
+        assert_eq!(sent.result, PAYLOAD.len() as i32);
+        old_peer
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = old_peer.recv(&mut buf).expect("the reply reaches its peer");
+        assert_eq!(&buf[..n], PAYLOAD);
+        assert!(new_peer.recv(&mut buf).is_err(), "nothing for the new peer");
+        // Nothing is queued any more: now it closes.
+        assert_eq!(socks.closable(ring.unsubmitted()).len(), 1);
+        assert!(!socks.busy());
     }
 }
