@@ -521,15 +521,15 @@ mod tests {
         // The next enter takes the reply; it leaves from the parked socket, to its peer.
         let mut completions = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !completions.iter().any(|c: &Completion| c.user_data == 2) {
+        while !completions.iter().any(|c: &Completion| c.user_data() == 2) {
             assert!(Instant::now() < deadline, "no completion for the reply");
             ring.submit_and_wait(1, Some(Duration::from_millis(100)))
                 .unwrap();
             ring.drain(&mut completions);
         }
         assert_eq!(ring.unsubmitted(), 0);
-        let sent = completions.iter().find(|c| c.user_data == 2).unwrap();
-        assert_eq!(sent.result, PAYLOAD.len() as i32);
+        let sent = completions.iter().find(|c| c.user_data() == 2).unwrap();
+        assert_eq!(sent.result(), PAYLOAD.len() as i32);
         old_peer
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
