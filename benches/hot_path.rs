@@ -4,10 +4,12 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use udpring::apps::{Echo, Sockperf};
 use udpring::buf_ring::BufRing;
 use udpring::datagram::{decode_sockaddr, encode_sockaddr, parse_recvmsg_out, RECVMSG_OUT_LEN};
 use udpring::op::{OpKind, UserData};
-use udpring::{Datagram, Echo, Harness, Sockperf};
+use udpring::testing::Harness;
+use udpring::Datagram;
 
 fn user_data(c: &mut Criterion) {
     let raw: Vec<u64> = (0..1024u32)
@@ -73,7 +75,7 @@ fn dispatch(c: &mut Criterion) {
         })
     });
     let mut msg = [0u8; 64];
-    udpring::sockperf::Header {
+    udpring::apps::sockperf::Header {
         sequence: 1,
         flags: 3,
         length: 64,

@@ -8,11 +8,13 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Parser;
 use quinn::crypto::rustls::QuicServerConfig;
 use udpring::quic::{Identity, ALPN_ECHO, ALPN_HQ};
+
+#[path = "common/quic.rs"]
+mod quic_common;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -36,16 +38,7 @@ fn main() -> std::io::Result<()> {
     let crypto = QuicServerConfig::try_from(tls).map_err(std::io::Error::other)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     // The same limits as udpring's QUIC service (`udpring::quic::Quic::new`).
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_idle_timeout(Some(
-            Duration::from_secs(30)
-                .try_into()
-                .expect("30 s is a valid idle timeout"),
-        ))
-        .max_concurrent_bidi_streams(1024u32.into())
-        .max_concurrent_uni_streams(0u32.into());
-    config.transport_config(Arc::new(transport));
+    config.transport_config(quic_common::baseline_transport(1000, 0));
     let root: Option<Arc<Path>> = args.root.map(|r| Arc::from(r.as_path()));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

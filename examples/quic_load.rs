@@ -13,10 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use quinn::crypto::rustls::QuicClientConfig;
+use quic_common::client_endpoint;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use udpring::quic::{Identity, ALPN_ECHO, ALPN_HQ};
+
+#[path = "common/quic.rs"]
+mod quic_common;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -81,22 +84,6 @@ fn main() -> std::io::Result<()> {
     })
 }
 
-fn endpoint(cert: &CertificateDer<'static>, alpn: &[u8]) -> std::io::Result<quinn::Endpoint> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.clone()).map_err(std::io::Error::other)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(std::io::Error::other)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    let crypto = QuicClientConfig::try_from(tls).map_err(std::io::Error::other)?;
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("literal"))?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    Ok(endpoint)
-}
-
 async fn small(
     addr: SocketAddr,
     cert: &CertificateDer<'static>,
@@ -107,7 +94,7 @@ async fn small(
 ) -> std::io::Result<()> {
     // Eight client sockets, so that the connections reach the server from several ports.
     let endpoints: Vec<quinn::Endpoint> = (0..8)
-        .map(|_| endpoint(cert, ALPN_ECHO))
+        .map(|_| client_endpoint(cert, ALPN_ECHO))
         .collect::<std::io::Result<_>>()?;
     let mut connections = Vec::with_capacity(conns);
     for c in 0..conns {
@@ -160,7 +147,7 @@ async fn request_once(conn: &quinn::Connection, request: &[u8]) -> Option<()> {
 }
 
 async fn bulk(addr: SocketAddr, cert: &CertificateDer<'static>, path: &str) -> std::io::Result<()> {
-    let endpoint = endpoint(cert, ALPN_HQ)?;
+    let endpoint = client_endpoint(cert, ALPN_HQ)?;
     let conn = endpoint
         .connect(addr, "localhost")
         .map_err(std::io::Error::other)?

@@ -6,9 +6,16 @@ worker, runs the same client (examples/quic_load.rs, pinned to CPU 1) against it
 server's CPU time from /proc/PID/stat around the measured run; the servers alternate inside a
 round, and ratios are computed per round, then their medians reported.
 
-Workloads: small requests (64 connections x 8 concurrent streams, 64 B echoed, one stream per
-request) and bulk (one connection downloads a file over hq-interop; 256 MiB by default instead
-of the issue's 1 GiB, to keep a round short: --bulk-mib 1024 for the full size).
+Workloads (--workloads picks; all by default):
+- small: 64 connections x 8 concurrent streams, 64 B echoed, one stream per request; udpring
+  against quinn on tokio (examples/baseline_quinn.rs), client examples/quic_load.rs.
+- bulk: one connection downloads a file over hq-interop (256 MiB by default: --bulk-mib);
+  same servers and client.
+- h3-small: HTTP/3, 64 connections x 8 concurrent GETs of a 64-byte file; udpring (ALPN h3)
+  against the h3 crate on h3-quinn on tokio (examples/baseline_h3.rs), client
+  examples/h3_load.rs (the h3 crate; every response's status and length checked).
+- h3-bulk: HTTP/3, one GET of the bulk file; same servers and client.
+The examples need `--features bench-h3` (`make bench-quic` builds them).
 
 Every command is printed before it runs. Results go to target/bench/quic.json.
 """
@@ -78,20 +85,32 @@ def servers(args, pin: bool, cert: Path, key: Path, root: Path) -> dict:
                "--cert", str(cert), "--key", str(key), "--root", str(root)]
     quinn = [str(RELEASE / "examples" / "baseline_quinn"), "--cert", str(cert), "--key", str(key),
              "--root", str(root)]
+    h3 = [str(RELEASE / "examples" / "baseline_h3"), "--cert", str(cert), "--key", str(key),
+          "--root", str(root)]
     return {
         "udpring": (lambda port: taskset(0, [*udpring, "--bind", f"127.0.0.1:{port}"], pin),
                     "udpring listening on "),
         "quinn": (lambda port: taskset(0, [*quinn, "--bind", f"127.0.0.1:{port}"], pin),
                   "baseline_quinn listening on "),
+        "h3": (lambda port: taskset(0, [*h3, "--bind", f"127.0.0.1:{port}"], pin),
+               "baseline_h3 listening on "),
     }
 
 
+# Each workload: the baseline server it is compared with.
+BASELINE = {"small": "quinn", "bulk": "quinn", "h3-small": "h3", "h3-bulk": "h3"}
+
+
 def client(args, pin: bool, port: int, cert: Path, workload: str) -> list:
-    base = [str(RELEASE / "examples" / "quic_load"), "--addr", f"127.0.0.1:{port}",
+    program = "h3_load" if workload.startswith("h3-") else "quic_load"
+    base = [str(RELEASE / "examples" / program), "--addr", f"127.0.0.1:{port}",
             "--cafile", str(cert)]
     if workload == "small":
         cmd = [*base, "small", "--conns", str(args.conns), "--streams", str(args.streams),
                "--size", str(args.size), "--secs", str(args.secs)]
+    elif workload == "h3-small":
+        cmd = [*base, "small", "--get", "/small.bin", "--conns", str(args.conns),
+               "--streams", str(args.streams), "--secs", str(args.secs)]
     else:
         cmd = [*base, "bulk", "--get", "/bulk.bin"]
     return taskset(1, cmd, pin)
@@ -114,8 +133,11 @@ def measure(args, pin, name, make_cmd, ready, cert, workload) -> dict:
         raise RuntimeError(f"client failed: {out.stderr.strip()}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result.update(server=name, server_cpu_s=cpu, wall_s=wall)
-    if workload == "small":
+    if "requests" in result:
+        if result["failed"]:
+            raise RuntimeError(f"{name} {workload}: {result['failed']} requests failed")
         result["cpu_us_per_request"] = cpu * 1e6 / max(result["requests"], 1)
+        result["req_per_cpu_s"] = result["requests"] / max(cpu, 1e-9)
     else:
         # Throughput per server core: bytes per CPU-second of the server.
         result["mbit_per_cpu_s"] = result["bytes"] * 8 / 1e6 / max(cpu, 1e-9)
@@ -131,8 +153,14 @@ def main() -> int:
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--bulk-mib", type=int, default=256)
+    p.add_argument("--workloads", default="small,bulk,h3-small,h3-bulk",
+                   help="comma-separated: small, bulk, h3-small, h3-bulk")
     p.add_argument("--quick", action="store_true", help="one short round (a smoke test)")
     args = p.parse_args()
+    workloads = [w for w in args.workloads.split(",") if w]
+    for w in workloads:
+        if w not in BASELINE:
+            p.error(f"unknown workload {w!r} (small, bulk, h3-small, h3-bulk)")
     if args.quick:
         args.rounds, args.secs, args.bulk_mib = 1, 1.0, 16
     pin = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
@@ -145,6 +173,7 @@ def main() -> int:
     subprocess.run(make_cert, check=True)
     root = OUT / "root"
     root.mkdir(exist_ok=True)
+    (root / "small.bin").write_bytes(os.urandom(args.size))
     bulk = root / "bulk.bin"
     if not bulk.exists() or bulk.stat().st_size != args.bulk_mib << 20:
         with open(bulk, "wb") as f:
@@ -155,29 +184,37 @@ def main() -> int:
     for r in range(args.rounds):
         log(f"round {r + 1}/{args.rounds}")
         row = {}
-        for workload in ("small", "bulk"):
+        ratios = {}
+        for workload in workloads:
+            base = BASELINE[workload]
             # Alternate which server goes first, round by round.
-            order = ["udpring", "quinn"] if r % 2 == 0 else ["quinn", "udpring"]
+            order = ["udpring", base] if r % 2 == 0 else [base, "udpring"]
             for name in order:
                 make_cmd, ready = table[name]
                 row[(name, workload)] = measure(args, pin, name, make_cmd, ready, cert, workload)
-        u, q = row[("udpring", "small")], row[("quinn", "small")]
-        ub, qb = row[("udpring", "bulk")], row[("quinn", "bulk")]
-        ratios = {
-            "small_req_per_s": u["req_per_s"] / max(q["req_per_s"], 1e-9),
-            "small_cpu_per_request": u["cpu_us_per_request"] / max(q["cpu_us_per_request"], 1e-9),
-            "bulk_mbit_per_s": ub["mbit_per_s"] / max(qb["mbit_per_s"], 1e-9),
-            "bulk_mbit_per_cpu_s": ub["mbit_per_cpu_s"] / max(qb["mbit_per_cpu_s"], 1e-9),
-        }
-        print(f"round {r + 1}: udpring / quinn: " +
+            u, b = row[("udpring", workload)], row[(base, workload)]
+            if "requests" in u:
+                ratios[f"{workload}_req_per_s"] = u["req_per_s"] / max(b["req_per_s"], 1e-9)
+                ratios[f"{workload}_req_per_server_cpu_s"] = (
+                    u["req_per_cpu_s"] / max(b["req_per_cpu_s"], 1e-9))
+                ratios[f"{workload}_cpu_per_request"] = (
+                    u["cpu_us_per_request"] / max(b["cpu_us_per_request"], 1e-9))
+            else:
+                ratios[f"{workload}_mbit_per_s"] = u["mbit_per_s"] / max(b["mbit_per_s"], 1e-9)
+                ratios[f"{workload}_server_cpu"] = u["server_cpu_s"] / max(b["server_cpu_s"], 1e-9)
+                ratios[f"{workload}_mbit_per_cpu_s"] = (
+                    u["mbit_per_cpu_s"] / max(b["mbit_per_cpu_s"], 1e-9))
+        print(f"round {r + 1}: udpring / baseline (quinn for small and bulk, h3 for h3-*): " +
               ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), flush=True)
         rounds.append({"ratios": ratios,
                        "runs": [dict(v) for v in row.values()]})
     medians = {k: statistics.median(r["ratios"][k] for r in rounds) for k in rounds[0]["ratios"]}
-    print("medians, udpring / quinn (goals: small req/s >= 1.5, small CPU/request <= 0.7, "
-          "bulk throughput per server core >= 1.2):")
+    print("medians, udpring / baseline, per-round ratios (goals, server CPU counted: "
+          "small req/s per server CPU-second >= 2 against quinn; h3-small req/s per server "
+          "CPU-second >= 2 against h3 + h3-quinn; bulk throughput >= 1.5 at server CPU <= 0.7):")
     for k, v in medians.items():
         print(f"  {k}: {v:.2f}")
+    print("command: " + " ".join([sys.argv[0], *sys.argv[1:]]))
     (OUT.parent / "quic.json").write_text(json.dumps(
         {"args": vars(args), "pinned": pin, "rounds": rounds, "medians": medians}, indent=2))
     return 0

@@ -1,7 +1,9 @@
-//! The built-in handlers (`--app echo|discard|sockperf`), and their names on the command line.
+//! Ready-made handlers: what `udpring serve --app echo|discard|sockperf` runs, for serving
+//! as is, for benchmarks, and as a first handler to measure a custom one against.
+
+pub mod sockperf;
 
 use crate::handler::{Datagram, Handler, Reply};
-use crate::sockperf;
 
 /// RFC 862 echo: every datagram goes back to its sender unchanged.
 #[derive(Debug, Default, Clone, Copy)]
@@ -59,21 +61,6 @@ impl Handler for Sockperf {
             payload.len()
         });
     }
-}
-
-/// The built-in handlers, by name on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
-pub enum App {
-    /// RFC 862 echo.
-    Echo,
-    /// RFC 863 discard.
-    Discard,
-    /// Replies to `sockperf ping-pong` / `under-load` clients.
-    Sockperf,
-    /// QUIC (quinn-proto): ALPN `echo` and `hq-interop` (feature `quic`).
-    #[cfg(feature = "quic")]
-    Quic,
 }
 
 #[cfg(test)]

@@ -1,11 +1,11 @@
-//! Server options, their defaults and their validation.
+//! Server options, their defaults and their validation: [`ServerConfig`] (also at the crate
+//! root) and the choices it names.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 /// How peers are tracked (`--sessions`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum SessionMode {
     /// Stateless: every datagram stands alone.
     None,
@@ -21,7 +21,6 @@ pub enum SessionMode {
 
 /// Which worker a datagram from a new peer goes to (`--steer`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Steer {
     /// The kernel's SO_REUSEPORT hash of the 4-tuple.
     None,
@@ -61,6 +60,10 @@ pub struct ServerConfig {
     /// Route QUIC short-header packets to the worker their destination connection ID names
     /// (a reuseport BPF program, `crate::quic::route`); everything else by the kernel's hash.
     pub cid_routing: bool,
+    /// With `cid_routing`: where the worker's index sits in the destination connection ID
+    /// (0; past the first octet and the server ID with a QUIC-LB configuration). Set by
+    /// `Quic::configure`.
+    pub cid_worker_offset: u8,
     /// Send every datagram with don't-fragment set, ignoring the kernel's path MTU estimate
     /// (`IP_PMTUDISC_PROBE`): for stacks that discover the path MTU themselves (QUIC).
     pub dont_fragment: bool,
@@ -125,6 +128,7 @@ impl Default for ServerConfig {
             gro: true,
             ecn: false,
             cid_routing: false,
+            cid_worker_offset: 0,
             dont_fragment: false,
             batch_wait: None,
             batch_size: 32,
@@ -147,7 +151,7 @@ impl Default for ServerConfig {
 }
 
 /// One worker per CPU this process may run on.
-pub fn default_workers() -> usize {
+pub(crate) fn default_workers() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -218,62 +222,9 @@ impl ServerConfig {
     }
 }
 
-/// Parses durations written as `250ms`, `30s`, `5m`, `1h`, `1500us` or plain seconds (`2`,
-/// `0.5`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration '{s}': expected e.g. 500ms, 30s, 5m"))?;
-    let seconds = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1e3,
-        "us" | "µs" => value / 1e6,
-        "ns" => value / 1e9,
-        "m" | "min" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "invalid duration unit '{other}' in '{s}': use ns, us, ms, s, m or h"
-            ))
-        }
-    };
-    if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
-        return Err(format!("duration '{s}' is out of range"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("abc").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("1e400").is_err());
-        // Formats `udpring load` relies on (it used to have its own parser).
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        assert!(parse_duration("ms").is_err());
-        assert!(parse_duration("10 parsecs").is_err());
-        assert!(parse_duration("-1s").is_err());
-    }
 
     #[test]
     fn defaults_validate_and_bad_values_do_not() {

@@ -22,8 +22,11 @@ use std::net::SocketAddr;
 
 use siphasher::sip128::{Hasher128, SipHasher24};
 
+/// The first bytes of a Retry datagram (the server's answer carrying a cookie).
 pub const RETRY_MAGIC: &[u8; 8] = b"URETRY01";
+/// The first bytes of a datagram that carries a cookie before its payload.
 pub const COOKIE_MAGIC: &[u8; 8] = b"UCOOKI01";
+/// Length of a cookie in bytes.
 pub const COOKIE_LEN: usize = 24;
 /// Length of a Retry datagram and of the prefix a client puts before its payload.
 pub const PREFIX_LEN: usize = 8 + COOKIE_LEN;

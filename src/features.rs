@@ -15,24 +15,30 @@ use crate::sys;
 /// One feature the engine uses.
 #[derive(Debug, Clone)]
 pub struct Feature {
+    /// What it is called in the kernel's headers and man pages.
     pub name: &'static str,
     /// The kernel release that brought it.
     pub since: &'static str,
+    /// This kernel has it.
     pub present: bool,
     /// Without it udpring cannot run (otherwise it falls back, as `fallback` says).
     pub required: bool,
+    /// What udpring does without it.
     pub fallback: &'static str,
 }
 
 /// What the probe found.
 #[derive(Debug, Clone)]
 pub struct Features {
+    /// The running kernel's release string (`uname -r`).
     pub kernel_release: String,
     /// (major, minor) parsed from the release, when it parses.
     pub kernel_version: Option<(u32, u32)>,
     /// Why io_uring itself is unusable, if it is.
     pub io_uring_error: Option<String>,
+    /// The task-run mode a ring gets on this kernel, when a ring could be made.
     pub task_run: Option<TaskRunMode>,
+    /// Every feature the engine uses, present or not.
     pub list: Vec<Feature>,
 }
 

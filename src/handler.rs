@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use crate::send_pool::{Dest, SendError, SendOptions, SendPool};
 use crate::session::{CloseReason, SessionId};
+use crate::shared::{Posted, WorkerShared};
 use crate::stats::Stats;
-use crate::worker::{Posted, WorkerShared};
 
 /// One received datagram.
 #[derive(Debug, Clone, Copy)]
@@ -94,10 +94,13 @@ pub trait Handler: 'static {
 /// What a session handler is told about a session.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionInfo {
+    /// The peer (unspecified for the worker-wide session of `SessionMode::None`).
     pub peer: SocketAddr,
     /// The local address the session's first datagram arrived on (wildcard binds).
     pub local: Option<IpAddr>,
+    /// Index of the worker that serves the session.
     pub worker: usize,
+    /// The session's id in its worker, unique while it is open.
     pub id: SessionId,
     /// The session has its own socket (`connected` or `port-per-client` mode, when one could
     /// be opened).
@@ -112,6 +115,8 @@ pub struct SessionInfo {
 /// session ends (idle, evicted, shutdown). With `--sessions none` there is one worker-wide
 /// session: opened at start (peer unspecified) and closed at shutdown.
 pub trait SessionHandler: 'static {
+    /// The per-session state: made by `session_open`, handed to every callback of the
+    /// session, given back by value to `session_close`.
     type State: 'static;
     /// As [`Handler::WHOLE_TRAINS`]: whether GRO trains go to `session_train` whole.
     const WHOLE_TRAINS: bool = false;
@@ -197,6 +202,7 @@ impl<H: Handler> SessionHandler for H {
 
 /// Why a deferred reply was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DeferredError {
     /// The session has closed; nothing was sent.
     SessionClosed,
@@ -277,11 +283,15 @@ pub struct Reply<'a> {
     pub(crate) session: Option<SessionCtx<'a>>,
     /// Bytes that may still be sent for an unvalidated peer (`None`: no limit).
     pub(crate) budget: Option<&'a mut u64>,
+    /// The worker's mailbox (`None` in the sans-IO harness, which has no worker).
+    pub(crate) worker: Option<&'a Arc<WorkerShared>>,
 }
 
 impl<'a> Reply<'a> {
     /// A reply with no datagram to answer (timers, shutdown): it sends only to explicit
-    /// destinations, from the worker's listening socket `listener_fd`.
+    /// destinations, from the worker's listening socket `listener_fd`. Its own destination is
+    /// `0.0.0.0:0`, which the pool refuses (`SendError::NoDestination`): `send` and
+    /// `send_with` fail here instead of reaching the kernel.
     pub(crate) fn unaddressed(
         pool: &'a mut SendPool,
         counters: &'a mut Stats,
@@ -299,23 +309,27 @@ impl<'a> Reply<'a> {
             listener_fd,
             session: None,
             budget: None,
+            worker: None,
         }
     }
 }
 
 impl Reply<'_> {
     /// Sends `bytes` back to the datagram's sender (from the session's own socket, if it has
-    /// one).
+    /// one). In [`Handler::on_timer`] and [`Handler::on_shutdown`] there is no sender:
+    /// `SendError::NoDestination` (use [`Reply::send_to`]).
     pub fn send(&mut self, bytes: &[u8]) -> Result<(), SendError> {
         let dest = self.dest;
         self.queue(dest, bytes)
     }
 
     /// Builds the reply in place: `fill` writes into the send buffer (`max_len()` bytes) and
-    /// returns the reply's length. Saves a copy when the reply is computed, not copied.
+    /// returns the reply's length. Saves a copy when the reply is computed, not copied. As
+    /// [`Reply::send`], `SendError::NoDestination` where there is no datagram to answer.
     pub fn send_with(&mut self, fill: impl FnOnce(&mut [u8]) -> usize) -> Result<(), SendError> {
+        let mark = self.pool.queued_len();
         let result = self.pool.queue(self.dest, fill);
-        self.settle(result)
+        self.settle(mark, result)
     }
 
     /// Sends `bytes` to another address from the worker's listening socket (relays, fan-out).
@@ -340,25 +354,57 @@ impl Reply<'_> {
         options: SendOptions,
         fill: impl FnOnce(&mut [u8]) -> usize,
     ) -> Result<(), SendError> {
-        let dest = Dest {
+        let dest = self.transmit_dest(peer, options.source);
+        let mark = self.pool.queued_len();
+        let result = self.pool.queue_with(dest, options, fill);
+        self.settle(mark, result)
+    }
+
+    /// How many datagrams of `segment_size` bytes one [`Reply::send_to_with`] train to `peer`
+    /// (from `source`, as in [`SendOptions::source`]) can carry now, at most 64: never more
+    /// than `max_len()` holds, and where GSO trains cannot go to `peer` (`--no-gso`, GSO
+    /// switched off after an `EIO`, `peer` held after an `EINVAL`: each datagram then takes
+    /// a slot of its own) never more than [`Reply::capacity`]. 0 when no slot is free. A transport stack that asks its state machine for no more datagrams
+    /// than this (quinn's `poll_transmit(max_datagrams)`) never has a transmit refused for
+    /// want of slots after counting it sent.
+    pub fn train_room(
+        &self,
+        peer: SocketAddr,
+        source: Option<IpAddr>,
+        segment_size: usize,
+    ) -> usize {
+        self.pool
+            .train_room(&self.transmit_dest(peer, source), segment_size)
+    }
+
+    /// Whether a [`Reply::send_to_with`] train to `peer` (from `source`) goes out as one GSO
+    /// send now, rather than one datagram per slot.
+    pub fn trains_to(&self, peer: SocketAddr, source: Option<IpAddr>) -> bool {
+        self.pool.trains_to(&self.transmit_dest(peer, source))
+    }
+
+    /// Where [`Reply::send_to_with`] sends to `peer` from `source`.
+    fn transmit_dest(&self, peer: SocketAddr, source: Option<IpAddr>) -> Dest {
+        Dest {
             fd: self.listener_fd,
             peer,
-            local: options.source.or(self.dest.local),
+            local: source.or(self.dest.local),
             connected: false,
-        };
-        let result = self.pool.queue_with(dest, options, fill);
-        self.settle(result)
+        }
     }
 
     fn queue(&mut self, dest: Dest, bytes: &[u8]) -> Result<(), SendError> {
+        let mark = self.pool.queued_len();
         let result = self.pool.queue_bytes(dest, bytes);
-        self.settle(result)
+        self.settle(mark, result)
     }
 
     /// Counts a failed reply, or charges a queued one to the peer's anti-amplification budget
     /// (withdrawing it when the budget is spent: whatever the handler asks, an unvalidated
-    /// peer never gets more than its budget).
-    fn settle(&mut self, result: Result<usize, SendError>) -> Result<(), SendError> {
+    /// peer never gets more than its budget). `mark` is the pool's `queued_len()` from before
+    /// the reply was queued: a train spread over several slots (no GSO) is charged and
+    /// withdrawn whole, never only its last slot.
+    fn settle(&mut self, mark: usize, result: Result<usize, SendError>) -> Result<(), SendError> {
         match result {
             Err(e) => {
                 self.counters.send_dropped += 1;
@@ -366,7 +412,7 @@ impl Reply<'_> {
             }
             Ok(len) => match self.budget.as_deref_mut() {
                 Some(budget) if (len as u64) > *budget => {
-                    self.pool.cancel_last();
+                    self.pool.cancel_since(mark);
                     self.counters.amplification_limited += 1;
                     Err(SendError::AmplificationLimit)
                 }
@@ -408,6 +454,13 @@ impl Reply<'_> {
             id: ctx.id,
             closed,
         })
+    }
+
+    /// The worker's mailbox, for a handler that queues work of its own and must be woken
+    /// from other threads (`quic::Remote`). `None` without a worker (the harness).
+    #[cfg_attr(not(feature = "quic"), allow(dead_code))]
+    pub(crate) fn worker(&self) -> Option<&Arc<WorkerShared>> {
+        self.worker
     }
 
     /// Closes this datagram's session once the handler returns (`session_close` with

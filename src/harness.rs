@@ -56,6 +56,7 @@ impl Harness {
             listener_fd: -1,
             session: None,
             budget: None,
+            worker: None,
         };
         handler.on_datagram(datagram, &mut reply);
         self.pool.take_queued(on_reply);
@@ -81,6 +82,7 @@ impl Harness {
             listener_fd: -1,
             session: None,
             budget: None,
+            worker: None,
         };
         handler.on_timer(now, &mut reply);
         self.pool.take_queued(on_reply);

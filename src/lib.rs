@@ -11,27 +11,63 @@
 //! table of the seed article, made safe by generations). Nothing on the datagram path
 //! allocates or locks.
 //!
-//! Peers can also be served as sessions ([`SessionHandler`], [`SessionMode`]): demultiplexed
-//! in user space (`Shared`), on a connected socket per client (`Connected`, the "UDP accept"
-//! model) or on a port per client (`PortPerClient`, the IOCP model), with idle timeouts on a
-//! timeout SQE, admission limits, deferred replies through a `Send` [`SessionHandle`], and
-//! optional stateless address validation ([`cookie`]).
-//!
-//! Operations: [`Server::start`] refuses an address another socket already serves (a second
-//! `SO_REUSEPORT` bind would silently share its traffic); [`Server::offer_takeover`] and
-//! [`takeover::request`] hand the listening sockets to the next process for a restart that
-//! loses nothing queued; [`Server::start_with_sockets`] serves sockets bound elsewhere (handed
-//! over, or from systemd: [`activation::listen_fds`]); [`Steer::Cpu`] sends each datagram to
-//! the worker pinned to the CPU that received it.
-//!
 //! Minimum kernel: Linux 6.0 (multishot recvmsg); 6.1+ for DEFER_TASKRUN; 6.13+ for
 //! `Connected` sessions at scale (UDP 4-tuple hash).
 //!
+//! ## The API
+//!
+//! At the root, what every server uses: [`Server`] started from a [`ServerConfig`] and a
+//! factory of handlers, one per worker; a stateless [`Handler`] or a [`SessionHandler`] with
+//! per-peer state (tracked as the [`SessionMode`] says, and told about each session in a
+//! [`SessionInfo`]); each [`Datagram`] and the [`Reply`] to answer it through, with
+//! [`SendOptions`] for what a transport stack decides per send and [`SendError`] when a reply
+//! is not queued; a [`SessionHandle`] for replies made later or from another thread; the
+//! counters, [`Stats`]. The details live in modules named for what they are used for:
+//!
+//! - [`config`]: the choices [`ServerConfig`] names ([`config::Steer`]) and the UDP limits;
+//! - [`session`]: session ids, close reasons, why a deferred reply was refused;
+//! - [`apps`]: ready-made handlers (echo, discard, sockperf) and the sockperf header;
+//! - [`cookie`]: stateless address validation (cookies, Retry messages);
+//! - [`ops`]: restarts without loss ([`ops::takeover`]), systemd socket activation
+//!   ([`ops::activation`]), the shutdown signals;
+//! - [`kernel`]: the one-time feature probe, the ring set-up, and the socket-address and
+//!   control-message codec for programs that make their own system calls;
+//! - [`testing`]: a handler driven without sockets, for unit tests;
+//! - `quic` (feature `quic`): QUIC on the engine (quinn-proto, rustls on `ring`).
+//!
+//! Peers can be served as sessions: demultiplexed in user space ([`SessionMode::Shared`]),
+//! on a connected socket per client ([`SessionMode::Connected`], the "UDP accept" model) or
+//! on a port per client ([`SessionMode::PortPerClient`], the IOCP model), with idle timeouts
+//! on a timeout SQE, admission limits, deferred replies through a `Send` [`SessionHandle`],
+//! and optional stateless address validation ([`cookie`]).
+//!
+//! Operations: [`Server::start`] refuses an address another socket already serves (a second
+//! `SO_REUSEPORT` bind would silently share its traffic); [`Server::offer_takeover`] and
+//! [`ops::takeover::request`] hand the listening sockets to the next process for a restart
+//! that loses nothing queued; [`Server::start_with_sockets`] serves sockets bound elsewhere
+//! (handed over, or from systemd: [`ops::activation::listen_fds`]); [`config::Steer::Cpu`]
+//! sends each datagram to the worker pinned to the CPU that received it.
+//!
 //! Features: `cli` (on by default) builds the `udpring` command line and its dependencies
-//! (argument parsing, the load generator, the metrics endpoint, a log subscriber). A library
-//! user depends on udpring with `default-features = false` and gets none of them; the library
-//! logs through `tracing` and leaves the choice of subscriber to the application. `quic`
-//! (on with `cli`) adds the `quic` module: quinn-proto on the engine, with rustls on `ring`.
+//! (argument parsing, the load generator, the metrics endpoint, a log subscriber); it adds
+//! nothing to the library's API. A library user depends on udpring with
+//! `default-features = false` and gets none of them; the library logs through `tracing` and
+//! leaves the choice of subscriber to the application. `quic` (on with `cli`) adds the `quic`
+//! module.
+//!
+//! ## Examples
+//!
+//! Each of these starts a server on `127.0.0.1:0`, sends itself datagrams with a
+//! `std::net::UdpSocket`, checks the answers and exits 0 (`cargo test` runs them too):
+//!
+//! - `examples/dns.rs` (`cargo run --example dns`): a stateless DNS-like [`Handler`] that
+//!   answers A queries from a table, writing the answer straight into the send buffer;
+//! - `examples/sessions.rs` (`cargo run --example sessions`): a [`SessionHandler`] with
+//!   per-peer state, on a connected socket per client, and its close reasons;
+//! - `examples/deferred.rs` (`cargo run --example deferred`): replies made on another thread
+//!   through a [`SessionHandle`].
+//!
+//! The smallest server, in upper case:
 //!
 //! ```no_run
 //! use udpring::{Datagram, Handler, Reply, Server, ServerConfig};
@@ -55,14 +91,17 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 // The engine's internals: `pub(crate)` so that they stay changeable and the compiler reports
-// what is dead. The `internals` feature (on with `cli`, and for the fuzz targets and the
-// micro-benchmarks) exposes the pure parsers and the ownership types to them, hidden from docs.
+// what is dead. The `internals` feature (for the fuzz targets and the micro-benchmarks, never
+// on by default) exposes the pure parsers and the ownership types to them, hidden from docs.
 macro_rules! internal_modules {
     ($($name:ident),* $(,)?) => {
         $(
             #[cfg(feature = "internals")]
             #[doc(hidden)]
+            #[allow(missing_docs)]
             pub mod $name;
             #[cfg(not(feature = "internals"))]
             mod $name;
@@ -72,9 +111,9 @@ macro_rules! internal_modules {
 
 internal_modules!(buf_ring, datagram, op);
 
-pub mod activation;
-mod apps;
-mod config;
+mod activation;
+pub mod apps;
+pub mod config;
 pub mod cookie;
 mod directory;
 mod features;
@@ -94,43 +133,82 @@ mod quic {
 mod ring;
 mod send_pool;
 mod server;
-mod session;
+pub mod session;
 mod session_socket;
+mod shared;
 mod socket;
-pub mod sockperf;
 mod stats;
 mod steer;
 mod sys;
-pub mod takeover;
+mod takeover;
 mod worker;
 
-pub use apps::{App, Discard, Echo, Sockperf};
-pub use config::{
-    parse_duration, ServerConfig, SessionMode, Steer, MAX_UDP4_PAYLOAD, MAX_UDP6_PAYLOAD,
-};
-pub use features::{Feature, Features};
-pub use handler::{
-    Datagram, DeferredError, Handler, Reply, SessionHandle, SessionHandler, SessionInfo,
-};
-pub use harness::Harness;
-pub use ring::TaskRunMode;
+pub use config::{ServerConfig, SessionMode};
+pub use handler::{Datagram, Handler, Reply, SessionHandle, SessionHandler, SessionInfo};
 pub use send_pool::{SendError, SendOptions};
-pub use server::{Server, SocketOrigin};
-pub use session::{CloseReason, SessionId};
+pub use server::Server;
 pub use stats::Stats;
 
-/// The running kernel's release string (for logs and reports).
-pub fn kernel_release() -> String {
-    sys::kernel_release()
+/// The running kernel: what the one-time probe found ([`Features`](kernel::Features)), how the
+/// rings were set up, and the byte layouts of what the kernel reads and writes for UDP.
+pub mod kernel {
+    pub use crate::features::{Feature, Features};
+    pub use crate::ring::TaskRunMode;
+
+    /// The running kernel's release string (`uname -r`), for logs and reports.
+    pub fn kernel_release() -> String {
+        crate::sys::kernel_release()
+    }
+
+    /// Socket addresses and UDP control messages in the kernel's byte layout, for programs
+    /// that make their own `sendmsg`/`recvmsg` calls next to a server (a load generator, a
+    /// client): the same code the engine uses, so both ends of a test share one
+    /// implementation. Pure functions over byte slices: no system calls, no `unsafe`.
+    pub mod wire {
+        pub use crate::datagram::{
+            decode_sockaddr, encode_sockaddr, encode_udp_segment, find_gro_segment_size,
+            ParseError, CONTROL_LEN, MAX_GSO_SEGMENTS, SOCKADDR_IN6_LEN, SOCKADDR_IN_LEN,
+        };
+    }
 }
 
-/// Blocks SIGINT/SIGTERM in the calling thread. Call it before [`Server::start`] so the
-/// workers inherit the mask, then wait for the signals with [`wait_shutdown_signal`].
-pub fn block_shutdown_signals() -> std::io::Result<()> {
-    sys::block_shutdown_signals()
+/// Running a server in production: restarts that lose nothing queued
+/// ([`takeover`](ops::takeover)), sockets from a service manager
+/// ([`activation`](ops::activation)), where served sockets came from
+/// ([`SocketOrigin`](ops::SocketOrigin)), and waiting for the shutdown signals.
+pub mod ops {
+    pub use crate::server::SocketOrigin;
+
+    /// Handing the listening sockets from a running server to its successor: the old process
+    /// calls [`Server::offer_takeover`](crate::Server::offer_takeover), the new one
+    /// [`request`](takeover::request)s the sockets and serves them with
+    /// [`Server::start_with_sockets`](crate::Server::start_with_sockets).
+    pub mod takeover {
+        pub use crate::takeover::{
+            request, socket_name, Handover, StateExport, TakeoverOffer, MAX_SOCKETS, MAX_STATE,
+        };
+    }
+
+    /// systemd socket activation (`sd_listen_fds(3)`): the sockets a service manager passed.
+    pub mod activation {
+        pub use crate::activation::{listen_fds, ListenFds, MAX_LISTEN_FDS};
+    }
+
+    /// Blocks SIGINT and SIGTERM in the calling thread. Call it before
+    /// [`Server::start`](crate::Server::start) so the workers inherit the mask, then wait for
+    /// the signals with [`wait_shutdown_signal`].
+    pub fn block_shutdown_signals() -> std::io::Result<()> {
+        crate::sys::block_shutdown_signals()
+    }
+
+    /// Waits up to `timeout` for SIGINT or SIGTERM blocked by [`block_shutdown_signals`]:
+    /// `Some(signal number)`, or `None` when the time ran out.
+    pub fn wait_shutdown_signal(timeout: std::time::Duration) -> std::io::Result<Option<i32>> {
+        crate::sys::wait_shutdown_signal(timeout)
+    }
 }
 
-/// Waits up to `timeout` for SIGINT or SIGTERM blocked by [`block_shutdown_signals`].
-pub fn wait_shutdown_signal(timeout: std::time::Duration) -> std::io::Result<Option<i32>> {
-    sys::wait_shutdown_signal(timeout)
+/// Testing handlers without sockets or a ring.
+pub mod testing {
+    pub use crate::harness::Harness;
 }

@@ -24,6 +24,7 @@ pub enum TaskRunMode {
 }
 
 impl TaskRunMode {
+    /// The set-up flags, as the kernel's headers spell them.
     pub fn describe(self) -> &'static str {
         match self {
             TaskRunMode::Deferred => "SINGLE_ISSUER|DEFER_TASKRUN",

@@ -13,10 +13,11 @@ use crate::directory::Directory;
 use crate::features::Features;
 use crate::handler::SessionHandler;
 use crate::ring::TaskRunMode;
+use crate::shared::{ServerShared, WorkerShared};
 use crate::socket::{bind_worker_socket, BoundSocket};
 use crate::stats::Stats;
 use crate::sys;
-use crate::worker::{ServerShared, Worker, WorkerShared};
+use crate::worker::Worker;
 
 struct WorkerHandle {
     shared: Arc<WorkerShared>,
@@ -90,10 +91,11 @@ impl Server {
     }
 
     /// Starts a server on sockets bound elsewhere, one worker per socket (`config.workers`
-    /// is ignored): the listeners a running server handed over ([`crate::takeover`]) or those
-    /// systemd passed ([`crate::activation`]). Each must be a bound UDP socket on
+    /// is ignored): the listeners a running server handed over ([`crate::ops::takeover`]) or
+    /// those systemd passed ([`crate::ops::activation`]). Each must be a bound UDP socket on
     /// `config.bind` (port 0 there accepts any port), all on the same address, in the order
-    /// they joined their SO_REUSEPORT group (what `--steer cpu` maps CPUs onto). Nothing new
+    /// they joined their SO_REUSEPORT group (what `--steer cpu` maps CPUs onto); handed-over ones
+    /// must have `SO_REUSEPORT` set. Nothing new
     /// is bound and the instance guard does not apply: serving these sockets is the point.
     pub fn start_with_sockets<H, F>(
         config: ServerConfig,
@@ -121,6 +123,16 @@ impl Server {
         let mut bound = Vec::with_capacity(sockets.len());
         let mut expected = Some(config.bind);
         for fd in sockets {
+            // A handed-over socket shares its port with the sockets of the process handing
+            // it over and with this one's connected sessions: without SO_REUSEPORT neither
+            // could bind beside it. (`takeover::request` refuses such a peer already; this
+            // holds for sockets handed over by other means too.)
+            if origin == SocketOrigin::HandedOver && !socket2::SockRef::from(&fd).reuse_port()? {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a handed-over socket does not have SO_REUSEPORT set",
+                ));
+            }
             let socket = crate::socket::adopt_worker_socket(
                 socket2::Socket::from(fd),
                 expected,
@@ -215,7 +227,10 @@ impl Server {
         let mut program = crate::steer::ProgramBuilder::default();
         let mut staged = false;
         if config.cid_routing {
-            program = program.raw_stage(&crate::quic::route::cid_stage_filters(sockets.len()))?;
+            program = program.raw_stage(&crate::quic::route::cid_stage_filters(
+                sockets.len(),
+                usize::from(config.cid_worker_offset),
+            ))?;
             staged = true;
         }
         if config.steer == Steer::Cpu {
@@ -317,10 +332,12 @@ impl Server {
     }
 
     /// The address the workers are bound to (with the real port when 0 was asked).
+    /// The address the workers serve (with the port the kernel chose for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
+    /// What the kernel probe found at start.
     pub fn features(&self) -> &Features {
         &self.features
     }
@@ -335,6 +352,7 @@ impl Server {
         self.recv_buffer
     }
 
+    /// Worker threads serving (one socket and ring each).
     pub fn worker_count(&self) -> usize {
         self.workers.len()
     }

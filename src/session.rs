@@ -1,6 +1,10 @@
-//! Sans-IO session bookkeeping: the per-worker table of peers, idle expiry and admission
-//! limits. No syscalls and no clock reads here: the worker passes the time in (`now_ms`, read
-//! once per loop turn), so tests drive it with a virtual clock.
+//! Sessions: the details a [`SessionHandler`](crate::SessionHandler) meets besides the types
+//! at the crate root — which session ([`SessionId`]), why it ended ([`CloseReason`]), why a
+//! deferred reply was refused ([`DeferredError`]).
+//!
+//! Inside the crate, the sans-IO bookkeeping behind them: the per-worker table of peers, idle
+//! expiry and admission limits. No syscalls and no clock reads here: the worker passes the
+//! time in (`now_ms`, read once per loop turn), so tests drive it with a virtual clock.
 //!
 //! Activity costs one store (`last_active = now`). Expiry uses one heap entry per session:
 //! when an entry comes due, a session active since is pushed back to `last_active + idle`;
@@ -17,19 +21,22 @@ use slab::Slab;
 
 use crate::op::next_generation;
 
+pub use crate::handler::DeferredError;
+
 /// Milliseconds on the worker's clock.
-pub type Millis = u64;
+pub(crate) type Millis = u64;
 
 /// A session's address in its worker's table: slot plus generation, so a handle to a closed
 /// session never reaches the session that reused its slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SessionId {
-    pub slot: u32,
-    pub generation: u32,
+    pub(crate) slot: u32,
+    pub(crate) generation: u32,
 }
 
 /// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CloseReason {
     /// No datagram for `--idle-timeout`.
     Idle,
@@ -41,7 +48,7 @@ pub enum CloseReason {
 
 /// Why a new peer was not given a session. Each has its own counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// This worker holds `max_sessions_per_worker`.
     WorkerFull,
     /// All workers together hold `max_sessions`.
@@ -54,7 +61,7 @@ pub enum Refusal {
 
 /// Admission limits; `usize::MAX` / `u32::MAX` mean unlimited.
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub idle_timeout_ms: Millis,
     pub max_sessions_per_worker: usize,
     pub max_sessions: usize,
@@ -76,7 +83,7 @@ impl Default for Limits {
 
 /// One session: its peer, when it was last active, and the worker's value for it.
 #[derive(Debug)]
-pub struct Entry<V> {
+pub(crate) struct Entry<V> {
     pub peer: SocketAddr,
     pub last_active: Millis,
     pub generation: u32,
@@ -117,7 +124,7 @@ impl TokenBucket {
 }
 
 /// The per-worker session table.
-pub struct SessionTable<V> {
+pub(crate) struct SessionTable<V> {
     by_peer: HashMap<SocketAddr, SessionId>,
     slots: Slab<Entry<V>>,
     /// Generation of each slot ever used, so a reused slot gets a new one.
@@ -425,5 +432,80 @@ mod tests {
             .filter(|&i| t.admit(&peer(200 + i), 10_000).is_ok())
             .count();
         assert_eq!(later, 10, "never more than one second's burst");
+    }
+
+    /// The new-session limit on a virtual clock, under bursts, steady demand and long quiet
+    /// spells, at several rates. The bucket starts full at 0, holds at most `rate` tokens and
+    /// gains `rate` per second, so for every window `[s, t]` ending at an attempt:
+    /// - at most `rate + rate * (t - s)` sessions are admitted in it (seconds), so every
+    ///   one-second window holds at most two seconds' worth and a long run `rate` per second;
+    /// - an attempt is refused only if the window behind it already holds more than
+    ///   `rate - 1 + rate * (t - s)`: no refusal while a token is due.
+    ///
+    /// Both bounds are checked at every attempt against the most loaded window behind it:
+    /// `M = max(0, max over admitted i of (rate * t_i - i))`, a running maximum, stands for
+    /// every window start at once (`s = 0`, the full bucket at start, is the 0).
+    #[test]
+    fn new_session_rate_holds_in_every_window_of_a_virtual_clock() {
+        const EPS: f64 = 1e-6;
+        for rate in [1u32, 7, 10, 250, 1000] {
+            let mut t = table(Limits {
+                max_new_per_sec: rate,
+                ..Limits::default()
+            });
+            let r = f64::from(rate) / 1000.0; // tokens per millisecond
+            let cap = f64::from(rate);
+            let mut seed = 0x9e37_79b9_7f4a_7c15_u64 ^ u64::from(rate);
+            let mut next = move || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed
+            };
+            let (mut now, mut admitted, mut refused) = (0u64, 0u64, 0u64);
+            let mut most_loaded = 0.0f64;
+            let mut quiet_at = 5_000;
+            while now < 120_000 {
+                if now >= quiet_at {
+                    // Quiet for 1 to 3 s: the bucket fills to its cap, and no further.
+                    now += 1_000 + next() % 2_000;
+                    quiet_at = now + 5_000 + next() % 10_000;
+                } else if next() % 10 >= 4 {
+                    // Demand about 1.7 times the rate (the other attempts come in bursts,
+                    // several in the same tick).
+                    now += next() % (2_000 / u64::from(rate)).max(2);
+                }
+                let k = admitted as f64;
+                let load = k - r * now as f64 + most_loaded;
+                match t.admit(&peer(1), now) {
+                    Ok(()) => {
+                        // This admission is index k: the windows ending here, itself included.
+                        most_loaded = most_loaded.max(r * now as f64 - k);
+                        assert!(
+                            k + 1.0 - r * now as f64 + most_loaded <= cap + EPS,
+                            "rate {rate}: admission {admitted} at {now} ms overfills a window"
+                        );
+                        admitted += 1;
+                    }
+                    Err(refusal) => {
+                        assert_eq!(refusal, Refusal::RateLimited);
+                        assert!(
+                            load > cap - 1.0 - EPS,
+                            "rate {rate}: refused at {now} ms with a token due (load {load})"
+                        );
+                        refused += 1;
+                    }
+                }
+            }
+            // The run had both outcomes, and the long run kept to the rate.
+            assert!(
+                admitted > 0 && refused > 0,
+                "rate {rate}: {admitted}/{refused}"
+            );
+            assert!(
+                admitted as f64 <= cap + r * now as f64 + EPS,
+                "rate {rate}: {admitted} in {now} ms"
+            );
+        }
     }
 }

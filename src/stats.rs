@@ -94,13 +94,16 @@ define_counters! {
     rearms,
     /// Times the worker stopped taking datagrams because every send slot was busy.
     backpressure,
-    /// Completions whose generation no longer matched their slot (dropped).
+    /// Completions that name no operation in flight (a generation that no longer matches its
+    /// slot, a send naming a member of a GSO train rather than its head): dropped, never used
+    /// to free what the kernel may still read.
     stale_completions,
     /// Calls into the kernel to submit and wait (`io_uring_enter`).
     enters,
     /// Replies sent as UDP GSO trains of more than one datagram.
     gso_trains,
-    /// GSO trains the kernel refused (EIO/EINVAL); GSO is off for the worker after the first.
+    /// GSO trains the kernel refused: after EIO GSO is off for the worker; after EINVAL trains
+    /// to that destination stop until a datagram to it goes through.
     gso_refused,
     /// Receives that carried a UDP GRO train of more than one datagram.
     gro_trains,
@@ -156,6 +159,10 @@ define_counters! {
     /// Datagrams the kernel dropped on the worker's listening socket (SO_MEMINFO drops),
     /// read when counters are collected.
     kernel_drops,
+    /// Receive-buffer tokens refused: a buffer id reported twice, a buffer recycled twice, a
+    /// token recycled into another ring. Each one a bug, refused so that the kernel never
+    /// writes into a buffer being read.
+    buffer_tokens_refused,
 }
 
 impl Stats {
@@ -174,12 +181,13 @@ impl Stats {
     }
 
     /// The one-line summary printed every `--stats-interval` and at shutdown.
-    pub fn summary(&self) -> Summary<'_> {
+    pub fn summary(&self) -> impl fmt::Display + '_ {
         Summary(self)
     }
 }
 
-pub struct Summary<'a>(&'a Stats);
+/// [`Stats::summary`]'s line.
+struct Summary<'a>(&'a Stats);
 
 impl fmt::Display for Summary<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -209,6 +217,13 @@ impl fmt::Display for Summary<'_> {
                 f,
                 " amplification_limited={} kernel_drops={} shutdown_dropped={}",
                 c.amplification_limited, c.kernel_drops, c.shutdown_dropped
+            )?;
+        }
+        if c.gso_refused > 0 || c.stale_completions > 0 || c.buffer_tokens_refused > 0 {
+            write!(
+                f,
+                " gso_refused={} stale_completions={} buffer_tokens_refused={}",
+                c.gso_refused, c.stale_completions, c.buffer_tokens_refused
             )?;
         }
         if c.sessions_opened > 0 || c.refused() > 0 || c.retries_sent > 0 {

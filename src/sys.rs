@@ -170,10 +170,48 @@ mod tests {
         assert_eq!(kernel_version("garbage"), None);
     }
 
+    /// Reads the eventfd's counter, which resets it; `None` when nothing was signalled (the
+    /// descriptor is non-blocking: EAGAIN).
+    fn read_counter(fd: &OwnedFd) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        let mut value: u64 = 0;
+        // SAFETY: the buffer is `value`, a live local of 8 bytes, the length passed; `fd` is
+        // an open descriptor borrowed for the call.
+        let n = unsafe { libc::read(fd.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
+        if n == -1 {
+            let err = io::Error::last_os_error();
+            assert_eq!(err.raw_os_error(), Some(libc::EAGAIN), "read: {err}");
+            return None;
+        }
+        assert_eq!(n, 8);
+        Some(value)
+    }
+
+    /// Whether the eventfd is readable now (a zero-timeout poll).
+    fn readable(fd: &OwnedFd) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one live pollfd, the count passed.
+        let n = cvt(unsafe { libc::poll(&mut pfd, 1, 0) }).expect("poll");
+        n == 1 && pfd.revents & libc::POLLIN != 0
+    }
+
     #[test]
     fn eventfd_signals() {
         let fd = eventfd().unwrap();
+        assert!(!readable(&fd), "a new eventfd is quiet");
+        assert_eq!(read_counter(&fd), None, "and non-blocking");
         eventfd_signal(&fd).unwrap();
+        assert!(readable(&fd), "one signal wakes a poller");
         eventfd_signal(&fd).unwrap();
+        assert_eq!(read_counter(&fd), Some(2), "both signals are counted");
+        assert!(!readable(&fd), "reading resets the counter");
+        assert_eq!(read_counter(&fd), None);
+        eventfd_signal(&fd).unwrap();
+        assert_eq!(read_counter(&fd), Some(1), "it signals again after a read");
     }
 }

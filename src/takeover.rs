@@ -6,32 +6,57 @@
 //! The running server listens on an abstract-namespace `SOCK_SEQPACKET` socket named
 //! `udpring/ADDR` (its bound address; abstract names live in the network namespace and
 //! vanish with the process). The exchange, one message each:
-//! 1. new → old: `udpring-takeover/1`
+//! 1. new → old: `udpring-takeover/2` (or `/1`, see below)
 //! 2. old → new: `sockets N`, then N messages `socket I`, each carrying one descriptor, in
 //!    worker order (the order they joined the SO_REUSEPORT group)
-//! 3. the new process starts its workers on them; only then new → old: `go`. If it fails or
+//! 3. version 2 only, old → new: `state LEN`, then the application's state (QUIC: its TLS
+//!    session cache, so resumed clients keep working) in `ceil(LEN / 32 KiB)` messages of
+//!    32 KiB, the last one the rest; LEN is at most [`MAX_STATE`] and may be 0
+//! 4. the new process starts its workers on them; only then new → old: `go`. If it fails or
 //!    exits instead, the old one sees the connection close and keeps serving.
-//! 4. old: stops offering (closes its named socket), releases its listeners
+//! 5. old: stops offering (closes its named socket), releases its listeners
 //!    ([`Server::release_listeners`]) and answers `done`; the new process may now offer
 //!    takeover itself under the same name.
 //!
-//! Only a process of the same user (or root) is served: an abstract socket has no file
-//! permissions, so the peer's credentials (`SO_PEERCRED`) are checked instead.
+//! An old process of version 1 closes the connection on the `/2` hello; the new process then
+//! asks again in version 1 and starts without the old one's state (one log line says so). A
+//! version-2 old process serves both.
+//!
+//! An abstract socket has no file permissions, so each side checks the other's credentials
+//! (`SO_PEERCRED`) instead: only a process of the same user (or root) is served, and the new
+//! process takes sockets only from one. It also bounds the count it is told
+//! ([`MAX_SOCKETS`]) and checks every descriptor it receives (a UDP socket bound to the
+//! address, with `SO_REUSEPORT`) before it serves on any.
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use socket2::{Domain, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
 use crate::server::Server;
-use crate::sys::cvt;
 
-const HELLO: &[u8] = b"udpring-takeover/1";
+mod wire;
+
+use wire::{peer_cred, readable, recv, send};
+
+/// The hello of this version: the sockets, then the application's state.
+const HELLO: &[u8] = b"udpring-takeover/2";
+/// The hello of version 1 (sockets only), spoken to an old process that knows no other.
+const HELLO_V1: &[u8] = b"udpring-takeover/1";
+/// The most bytes of application state a takeover carries; a larger count is refused.
+pub const MAX_STATE: usize = 64 << 20;
+/// The state's message size: well below a Unix socket's send buffer (net.core.wmem_default).
+const STATE_CHUNK: usize = 32 * 1024;
+
+/// What a server hands the process taking it over besides its sockets, made when asked
+/// (after the sockets are sent; at most [`MAX_STATE`] bytes, or nothing is sent). The bytes
+/// cross to another process: the receiver checks every length in them before use.
+pub type StateExport = Box<dyn Fn() -> Vec<u8> + Send>;
 /// How long either side waits for the other's next message. The new process's wait before
 /// `go` includes starting its workers.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -76,6 +101,12 @@ impl Server {
     /// [`request`] (`udpring serve --takeover`). Fails with `AddrInUse` if another process
     /// offers under the same name.
     pub fn offer_takeover(&self) -> io::Result<TakeoverOffer> {
+        self.offer_takeover_with(None)
+    }
+
+    /// [`Server::offer_takeover`], handing over `state()` too (a version-2 taker receives it
+    /// in [`Handover::take_state`]). Secrets in it are never logged.
+    pub fn offer_takeover_with(&self, state: Option<StateExport>) -> io::Result<TakeoverOffer> {
         let listener = Socket::new(Domain::UNIX, Type::SEQPACKET.cloexec(), None)?;
         listener.bind(&abstract_addr(self.local_addr())?)?;
         listener.listen(4)?;
@@ -95,7 +126,7 @@ impl Server {
                         let Ok((conn, _)) = listener.accept() else {
                             continue;
                         };
-                        match hand_over(&conn, &sockets, &stop) {
+                        match hand_over(&conn, &sockets, &stop, state.as_ref()) {
                             Ok(pid) => {
                                 // No one else may ask once the sockets are gone: stop
                                 // offering before saying `done`, which frees the name.
@@ -120,7 +151,12 @@ impl Server {
 }
 
 /// Serves one takeover request up to the `go`; returns the new process's pid.
-fn hand_over(conn: &Socket, sockets: &[Socket], stop: &AtomicBool) -> io::Result<u32> {
+fn hand_over(
+    conn: &Socket,
+    sockets: &[Socket],
+    stop: &AtomicBool,
+    state: Option<&StateExport>,
+) -> io::Result<u32> {
     // Short read timeouts, so that a shutdown of this process (the offer dropped) is not held
     // up by a new process that takes its time.
     conn.set_read_timeout(Some(Duration::from_millis(POLL_MS as u64)))?;
@@ -139,16 +175,32 @@ fn hand_over(conn: &Socket, sockets: &[Socket], stop: &AtomicBool) -> io::Result
     }
     let mut buf = [0u8; 64];
     let (n, _) = recv_or_stop(conn, &mut buf, stop)?;
-    if &buf[..n] != HELLO {
-        return Err(io::Error::other(format!(
-            "pid {} does not speak {}",
-            cred.pid,
-            String::from_utf8_lossy(HELLO)
-        )));
-    }
+    let with_state = match &buf[..n] {
+        HELLO => true,
+        HELLO_V1 => false,
+        _ => {
+            return Err(io::Error::other(format!(
+                "pid {} does not speak {}",
+                cred.pid,
+                String::from_utf8_lossy(HELLO)
+            )))
+        }
+    };
     send(conn, format!("sockets {}", sockets.len()).as_bytes(), None)?;
     for (i, s) in sockets.iter().enumerate() {
         send(conn, format!("socket {i}").as_bytes(), Some(s.as_raw_fd()))?;
+    }
+    if with_state {
+        let mut bytes = state.map(|f| f()).unwrap_or_default();
+        if bytes.len() > MAX_STATE {
+            tracing::warn!(
+                len = bytes.len(),
+                max = MAX_STATE,
+                "state too large to hand over; the new process starts without it"
+            );
+            bytes = Vec::new();
+        }
+        send_state(conn, &bytes)?;
     }
     tracing::info!(
         pid = cred.pid,
@@ -174,14 +226,23 @@ fn hand_over(conn: &Socket, sockets: &[Socket], stop: &AtomicBool) -> io::Result
 pub struct Handover {
     conn: Socket,
     sockets: Vec<OwnedFd>,
+    /// `None` when the old process spoke version 1 (it has no state to give).
+    state: Option<Vec<u8>>,
     pid: u32,
 }
 
 impl Handover {
     /// The received listening sockets, in worker order (for [`Server::start_with_sockets`]
-    /// with [`crate::SocketOrigin::HandedOver`]).
+    /// with [`crate::ops::SocketOrigin::HandedOver`]).
     pub fn take_sockets(&mut self) -> Vec<OwnedFd> {
         std::mem::take(&mut self.sockets)
+    }
+
+    /// The state the old process handed over (empty if it had none), or `None` when it
+    /// speaks version 1 of the exchange and sent none. Another process's bytes: check every
+    /// length before use.
+    pub fn take_state(&mut self) -> Option<Vec<u8>> {
+        self.state.take()
     }
 
     /// The pid of the process handing them over.
@@ -206,9 +267,46 @@ impl Handover {
     }
 }
 
+/// The most sockets a takeover peer may offer: one per worker, and a server runs at most
+/// 1,024 workers (`--workers`). A larger count is refused before anything is sized from it.
+pub const MAX_SOCKETS: usize = 1024;
+
 /// Asks the server offering takeover for `addr` for its sockets. `Ok(None)` when nothing
 /// offers them (no server, or one that has already handed them over).
+///
+/// Nothing the peer says is trusted: it must run as this user or as root (`SO_PEERCRED`; an
+/// abstract socket name has no file permissions, so another local user may have bound it),
+/// offer 1..=[`MAX_SOCKETS`] sockets, and each must be a UDP datagram socket of `addr`'s
+/// family, bound to `addr`, with `SO_REUSEPORT` set. Otherwise the error (kind
+/// `PermissionDenied` or `InvalidData`) is one line, `takeover refused: peer pid P uid U ...`,
+/// and every descriptor received so far is closed.
 pub fn request(addr: SocketAddr) -> io::Result<Option<Handover>> {
+    let Some(conn) = connect(addr)? else {
+        return Ok(None);
+    };
+    match receive_offer_in(conn, addr, HELLO)? {
+        Some(handover) => Ok(Some(handover)),
+        None => {
+            let Some(conn) = connect(addr)? else {
+                return Ok(None);
+            };
+            let handover = receive_offer_in(conn, addr, HELLO_V1)?.ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "takeover refused: the peer closed the connection at the hello of version 2 and of version 1",
+                )
+            })?;
+            tracing::info!(
+                pid = handover.pid,
+                "the process taken over from speaks takeover version 1: no state handed over (QUIC sessions start afresh)"
+            );
+            Ok(Some(handover))
+        }
+    }
+}
+
+/// A connection to the server offering takeover for `addr`, or `None` when nothing offers.
+fn connect(addr: SocketAddr) -> io::Result<Option<Socket>> {
     let conn = Socket::new(Domain::UNIX, Type::SEQPACKET.cloexec(), None)?;
     match conn.connect(&abstract_addr(addr)?) {
         Ok(()) => {}
@@ -219,28 +317,202 @@ pub fn request(addr: SocketAddr) -> io::Result<Option<Handover>> {
     }
     conn.set_read_timeout(Some(STEP_TIMEOUT))?;
     conn.set_write_timeout(Some(STEP_TIMEOUT))?;
-    let pid = peer_cred(&conn)?.pid as u32;
-    send(&conn, HELLO, None)?;
+    Ok(Some(conn))
+}
+
+/// The new process's side of the exchange (version 2) on a connected socket, up to the
+/// sockets and state received and checked (see [`request`]).
+#[cfg(test)]
+fn receive_offer(conn: Socket, addr: SocketAddr) -> io::Result<Handover> {
+    receive_offer_in(conn, addr, HELLO)?
+        .ok_or_else(|| io::Error::other("the peer closed the connection at the hello"))
+}
+
+/// The exchange after sending `hello`; `Ok(None)` when the peer closed the connection at
+/// once (an old process that does not speak this version).
+fn receive_offer_in(conn: Socket, addr: SocketAddr, hello: &[u8]) -> io::Result<Option<Handover>> {
+    let cred = peer_cred(&conn)?;
+    let refuse = |kind: io::ErrorKind, why: String| {
+        io::Error::new(
+            kind,
+            format!(
+                "takeover refused: peer pid {} uid {} {why}",
+                cred.pid, cred.uid
+            ),
+        )
+    };
+    // SAFETY: geteuid(2) takes no arguments and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    // Checked before a word is sent: an untrusted peer learns nothing and gets nothing.
+    if cred.uid != me && cred.uid != 0 {
+        return Err(refuse(
+            io::ErrorKind::PermissionDenied,
+            "is neither this user nor root".into(),
+        ));
+    }
+    // A peer that breaks off, says too much or too little is refused in the same one line.
+    let broke_off = |e: io::Error| refuse(e.kind(), format!("broke off the exchange: {e}"));
+    send(&conn, hello, None).map_err(broke_off)?;
     let mut buf = [0u8; 64];
-    let (n, _) = recv(&conn, &mut buf)?;
-    let count: usize = std::str::from_utf8(&buf[..n])
-        .ok()
+    let (n, fd) = match recv(&conn, &mut buf) {
+        Ok((0, None)) if hello != HELLO_V1 => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset && hello != HELLO_V1 => {
+            return Ok(None)
+        }
+        other => other.map_err(broke_off)?,
+    };
+    if fd.is_some() {
+        return Err(refuse(
+            io::ErrorKind::InvalidData,
+            "sent a descriptor with the socket count".into(),
+        ));
+    }
+    let answer = std::str::from_utf8(&buf[..n]).ok();
+    let count = answer
         .and_then(|s| s.strip_prefix("sockets "))
-        .and_then(|s| s.parse().ok())
+        .and_then(|s| s.parse::<u64>().ok())
         .ok_or_else(|| {
-            io::Error::other(format!(
-                "pid {pid} refused the takeover or answered {:?}",
-                String::from_utf8_lossy(&buf[..n])
-            ))
+            refuse(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "answered {:?} instead of a socket count",
+                    String::from_utf8_lossy(&buf[..n])
+                ),
+            )
         })?;
+    let count = usize::try_from(count)
+        .ok()
+        .filter(|c| (1..=MAX_SOCKETS).contains(c))
+        .ok_or_else(|| {
+            refuse(
+                io::ErrorKind::InvalidData,
+                format!("offered {count} sockets; 1..={MAX_SOCKETS} are accepted"),
+            )
+        })?;
+    // Bounded above, so this cannot be a peer-chosen allocation. On any error below, the
+    // sockets received so far are dropped with the vector: closed.
     let mut sockets = Vec::with_capacity(count);
     for i in 0..count {
-        let (_, fd) = recv(&conn, &mut buf)?;
-        sockets.push(fd.ok_or_else(|| {
-            io::Error::other(format!("pid {pid} sent socket {i} without a descriptor"))
-        })?);
+        let (_, fd) = recv(&conn, &mut buf).map_err(broke_off)?;
+        let fd = fd.ok_or_else(|| {
+            refuse(
+                io::ErrorKind::InvalidData,
+                format!("sent socket {i} without a descriptor"),
+            )
+        })?;
+        check_offered_socket(fd.as_fd(), addr).map_err(|why| {
+            refuse(
+                io::ErrorKind::InvalidData,
+                format!("offered as socket {i} {why}"),
+            )
+        })?;
+        sockets.push(fd);
     }
-    Ok(Some(Handover { conn, sockets, pid }))
+    let state = if hello == HELLO_V1 {
+        None
+    } else {
+        Some(receive_state(&conn).map_err(|why| refuse(io::ErrorKind::InvalidData, why))?)
+    };
+    Ok(Some(Handover {
+        conn,
+        sockets,
+        state,
+        pid: cred.pid as u32,
+    }))
+}
+
+/// Sends `state LEN` and the state in [`STATE_CHUNK`] messages.
+fn send_state(conn: &Socket, state: &[u8]) -> io::Result<()> {
+    send(conn, format!("state {}", state.len()).as_bytes(), None)?;
+    for chunk in state.chunks(STATE_CHUNK) {
+        send(conn, chunk, None)?;
+    }
+    Ok(())
+}
+
+/// Receives what [`send_state`] sent: a count of at most [`MAX_STATE`], then messages of
+/// exactly the sizes it implies, none with a descriptor. The error says what came instead,
+/// to follow "takeover refused: peer ...".
+fn receive_state(conn: &Socket) -> Result<Vec<u8>, String> {
+    let mut head = [0u8; 64];
+    let (n, fd) = recv(conn, &mut head).map_err(|e| format!("broke off the exchange: {e}"))?;
+    let len = std::str::from_utf8(&head[..n])
+        .ok()
+        .and_then(|s| s.strip_prefix("state "))
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|_| fd.is_none())
+        .ok_or_else(|| {
+            format!(
+                "answered {:?} instead of a state length",
+                String::from_utf8_lossy(&head[..n])
+            )
+        })?;
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&l| l <= MAX_STATE)
+        .ok_or_else(|| format!("offered {len} bytes of state; at most {MAX_STATE} are accepted"))?;
+    // Grown as messages arrive, never sized from the peer's count alone.
+    let mut state = Vec::new();
+    // One byte more than a chunk, so a message too long shows as one (or as MSG_TRUNC).
+    let mut buf = vec![0u8; STATE_CHUNK + 1];
+    while state.len() < len {
+        let want = (len - state.len()).min(STATE_CHUNK);
+        let (n, fd) = recv(conn, &mut buf).map_err(|e| format!("broke off the exchange: {e}"))?;
+        if fd.is_some() || n != want {
+            return Err(format!(
+                "sent a state message of {n} bytes{} where {want} were due",
+                if fd.is_some() {
+                    " with a descriptor"
+                } else {
+                    ""
+                }
+            ));
+        }
+        state.extend_from_slice(&buf[..n]);
+    }
+    Ok(state)
+}
+
+/// Whether `fd` is a socket this process may serve `addr` on: a UDP datagram socket of
+/// `addr`'s family (`SO_DOMAIN`, `SO_TYPE`, `SO_PROTOCOL`), bound to `addr` (getsockname),
+/// in a `SO_REUSEPORT` group (the new process's own connected-session sockets join it).
+/// The error says what it is instead, to follow "offered as socket I".
+pub(crate) fn check_offered_socket(fd: BorrowedFd<'_>, addr: SocketAddr) -> Result<(), String> {
+    let socket = SockRef::from(&fd);
+    let unreadable =
+        |what: &str, e: io::Error| format!("a descriptor whose {what} is unreadable ({e})");
+    let domain = socket.domain().map_err(|e| unreadable("SO_DOMAIN", e))?;
+    let want = Domain::for_address(addr);
+    if domain != want {
+        return Err(format!("a socket of domain {domain:?}, not {want:?}"));
+    }
+    let kind = socket.r#type().map_err(|e| unreadable("SO_TYPE", e))?;
+    if kind != Type::DGRAM {
+        return Err(format!("a socket of type {kind:?}, not a datagram socket"));
+    }
+    let protocol = socket
+        .protocol()
+        .map_err(|e| unreadable("SO_PROTOCOL", e))?;
+    if protocol != Some(Protocol::UDP) {
+        return Err(format!("a socket of protocol {protocol:?}, not UDP"));
+    }
+    let local = socket
+        .local_addr()
+        .map_err(|e| unreadable("address", e))?
+        .as_socket();
+    if local.map(|a| (a.ip(), a.port())) != Some((addr.ip(), addr.port())) {
+        return Err(match local {
+            Some(local) => format!("a UDP socket bound to {local}, not {addr}"),
+            None => format!("a UDP socket without an address, not bound to {addr}"),
+        });
+    }
+    if !socket
+        .reuse_port()
+        .map_err(|e| unreadable("SO_REUSEPORT", e))?
+    {
+        return Err("a UDP socket without SO_REUSEPORT".into());
+    }
+    Ok(())
 }
 
 /// [`recv`] on a socket with a short read timeout, retried until a message arrives, `stop`
@@ -274,152 +546,5 @@ fn recv_or_stop(
     }
 }
 
-/// Waits up to `timeout_ms` for `socket` to be readable.
-fn readable(socket: &Socket, timeout_ms: libc::c_int) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: socket.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is one live, initialised pollfd and the count passed is 1.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-    n > 0 && pfd.revents & libc::POLLIN != 0
-}
-
-/// Room for one `SCM_RIGHTS` message with one descriptor, aligned for `cmsghdr`.
-#[repr(C, align(8))]
-struct OneFdControl([u8; 32]);
-
-/// Sends one message, with `fd` attached as `SCM_RIGHTS` when given.
-fn send(socket: &Socket, payload: &[u8], fd: Option<RawFd>) -> io::Result<()> {
-    let mut iov = libc::iovec {
-        iov_base: payload.as_ptr().cast_mut().cast(),
-        iov_len: payload.len(),
-    };
-    let mut control = OneFdControl([0; 32]);
-    // SAFETY: msghdr is plain data; every field used is set below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if let Some(fd) = fd {
-        // SAFETY: CMSG_SPACE and CMSG_LEN compute sizes from a constant; no memory is read.
-        let (space, len) = unsafe {
-            let n = std::mem::size_of::<RawFd>() as u32;
-            (libc::CMSG_SPACE(n) as usize, libc::CMSG_LEN(n) as usize)
-        };
-        debug_assert!(space <= control.0.len());
-        msg.msg_control = control.0.as_mut_ptr().cast();
-        msg.msg_controllen = space;
-        // SAFETY: `msg` points at `control`, a live, zeroed, cmsghdr-aligned buffer of
-        // `space` bytes, enough for one header and one descriptor (CMSG_SPACE); so
-        // CMSG_FIRSTHDR is non-null and CMSG_DATA lies inside it.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = len;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
-        }
-    }
-    // SAFETY: `msg` points at `iov` (which points at `payload`) and at `control`, all live
-    // for the call; the kernel only reads them.
-    let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Receives one message into `buf`, with the descriptor it carries, if any. A message cut
-/// short or carrying more than one descriptor is an error (and the extra ones are closed).
-fn recv(socket: &Socket, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let mut control = OneFdControl([0; 32]);
-    // SAFETY: msghdr is plain data; every field used is set below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.0.as_mut_ptr().cast();
-    msg.msg_controllen = control.0.len();
-    let n = loop {
-        // SAFETY: `msg` points at `iov` (which points at `buf`, `buf.len()` bytes) and at
-        // `control` (its full length), all live and writable for the call.
-        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    };
-    let mut fds = Vec::new();
-    // SAFETY: the kernel filled `control` up to `msg.msg_controllen`; CMSG_FIRSTHDR and
-    // CMSG_NXTHDR stay inside it, and each SCM_RIGHTS payload holds
-    // (cmsg_len - CMSG_LEN(0)) / 4 descriptors that are now ours.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-                let count =
-                    ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
-                for i in 0..count {
-                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-        }
-    }
-    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 || fds.len() > 1 {
-        return Err(io::Error::other("takeover message cut short or malformed"));
-    }
-    Ok((n, fds.pop()))
-}
-
-/// The peer's pid and uid (`SO_PEERCRED`, unix(7)).
-fn peer_cred(socket: &Socket) -> io::Result<libc::ucred> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are live locals; the kernel writes at most `len` bytes.
-    cvt(unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    })?;
-    Ok(cred)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A descriptor survives the trip: the received one is the same socket file.
-    #[test]
-    fn a_descriptor_crosses_a_seqpacket_pair() {
-        let (a, b) = Socket::pair(Domain::UNIX, Type::SEQPACKET, None).unwrap();
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        send(&a, b"socket 0", Some(udp.as_raw_fd())).unwrap();
-        let mut buf = [0u8; 16];
-        let (n, fd) = recv(&b, &mut buf).unwrap();
-        assert_eq!(&buf[..n], b"socket 0");
-        let got = Socket::from(fd.expect("a descriptor"));
-        assert_eq!(
-            got.local_addr().unwrap().as_socket(),
-            Some(udp.local_addr().unwrap())
-        );
-        send(&a, b"go", None).unwrap();
-        assert!(recv(&b, &mut buf).unwrap().1.is_none());
-    }
-}
+mod tests;

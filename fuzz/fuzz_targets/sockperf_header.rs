@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use udpring::sockperf::{mark_as_reply, Header, FLAG_CLIENT, HEADER_LEN};
+use udpring::apps::sockperf::{mark_as_reply, Header, FLAG_CLIENT, HEADER_LEN};
 
 fuzz_target!(|data: &[u8]| {
     let mut reply = data.to_vec();

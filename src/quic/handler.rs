@@ -1,20 +1,23 @@
 //! One worker's QUIC endpoint as a [`Handler`]: datagrams in, connections driven once per
 //! loop turn through the handler timer, transmits out through the send pool.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use quinn_proto::{
     ConnectionHandle, DatagramEvent, EcnCodepoint, Endpoint, EndpointConfig, Event, Incoming,
-    Transmit, VarInt,
+    Transmit,
 };
 
-use super::app::Streams;
-use super::route::{self, CID_LEN};
+use super::api::{Admission, App, IncomingInfo};
+use super::apps::Builtin;
+use super::cid::CidFormat;
+use super::dispatch::{AppConn, Dispatch};
+use super::sessions;
 use super::Counters;
 use crate::handler::{Datagram, Handler, Reply};
 use crate::send_pool::SendOptions;
@@ -23,27 +26,70 @@ use crate::send_pool::SendOptions;
 /// room): a send slot holds `slot / MAX_SEGMENT` datagrams of a GSO train.
 const MAX_SEGMENT: usize = 1500;
 
-/// A connection and what the handler keeps beside it.
-struct Conn {
-    conn: quinn_proto::Connection,
-    streams: Streams,
-    /// `poll_timeout` after the last drive.
-    timeout: Option<Instant>,
-    /// In the dirty queue: to be driven at the end of the turn.
-    dirty: bool,
+/// Datagrams one drive of a connection sends before the next dirty connection's turn
+/// (quinn's own driver yields after 20, `MAX_TRANSMIT_DATAGRAMS`): a connection with much to
+/// send goes to the back of the queue, so the others are served in between.
+const DRIVE_DATAGRAMS: usize = 20;
+
+/// The timer heap is rebuilt from the live entries when it holds more than this many times
+/// as many entries as connections (stale ones are skipped lazily until then).
+const TIMER_SLACK: usize = 2;
+
+/// Admission limits for new connections on one worker (see [`super::QuicConfig`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    /// `validate_peers`: every new peer must return a Retry token first.
+    pub validate_peers: bool,
+    /// Above this many handshakes in flight, a new peer must return a Retry token first.
+    pub retry_above: usize,
+    /// At this many handshakes in flight, new peers are refused (CONNECTION_REFUSED).
+    pub max_handshakes: usize,
 }
 
-/// Connection IDs whose first byte is the worker's index (see [`route`]); the other bytes
-/// are a keyed PRF (SipHash-1-3 under a random key) of a counter: unlinkable to anyone
-/// without the key (RFC 9000 section 5.1), and no system call per ID.
+/// A connection and what the handler keeps beside it.
+struct Conn<A: App> {
+    conn: quinn_proto::Connection,
+    /// The app's side: its state, its timer, its inbox.
+    app: AppConn<A>,
+    /// The earlier of quinn's `poll_timeout` and the app's timer, after the last drive.
+    timeout: Option<Instant>,
+    /// The instant of this connection's live entry in the timer heap (`None`: none). The
+    /// entry may be earlier than `timeout`: it is then moved when it comes due.
+    scheduled: Option<Instant>,
+    /// Tells this connection's heap entries from those of an earlier connection in the
+    /// same slot.
+    key: u64,
+    /// Counted in the worker's handshakes in flight.
+    handshaking: bool,
+    /// In the dirty queue: to be driven at the end of the turn.
+    dirty: bool,
+    /// The ClientHello resumed a session of the shared cache ([`super::sessions`]).
+    resumed: bool,
+}
+
+/// How a drive of a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Driven {
+    /// Nothing more to send now.
+    Done,
+    /// It sent its share ([`DRIVE_DATAGRAMS`]) and may have more: back of the queue.
+    Capped,
+    /// The send pool is full: back of the queue, resumed when a slot is free.
+    Blocked,
+}
+
+/// Connection IDs of the server's [`CidFormat`] that name the worker (see `super::route`); their
+/// random bytes are a keyed PRF (SipHash-1-3 under a random key) of a counter: unlinkable to
+/// anyone without the key (RFC 9000 section 5.1), and no system call per ID.
 struct WorkerCids {
     worker: u8,
+    format: CidFormat,
     key: [u8; 16],
     issued: u64,
 }
 
 impl WorkerCids {
-    fn new(worker: u8) -> WorkerCids {
+    fn new(worker: u8, format: CidFormat) -> WorkerCids {
         let mut key = [0u8; 16];
         if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key).is_err() {
             // Without the system's randomness TLS fails anyway; the clock keeps the IDs from
@@ -55,6 +101,7 @@ impl WorkerCids {
         }
         WorkerCids {
             worker,
+            format,
             key,
             issued: 0,
         }
@@ -67,14 +114,12 @@ impl quinn_proto::ConnectionIdGenerator for WorkerCids {
         let mut hasher = siphasher::sip::SipHasher13::new_with_key(&self.key);
         hasher.write_u64(self.issued);
         self.issued += 1;
-        let mut bytes = [0u8; CID_LEN];
-        bytes[0] = self.worker;
-        bytes[1..].copy_from_slice(&hasher.finish().to_le_bytes()[..CID_LEN - 1]);
-        quinn_proto::ConnectionId::new(&bytes)
+        let random = hasher.finish().to_le_bytes();
+        quinn_proto::ConnectionId::new(&self.format.make(self.worker, &random))
     }
 
     fn validate(&self, cid: &quinn_proto::ConnectionId) -> Result<(), quinn_proto::InvalidCid> {
-        if cid.len() == CID_LEN && route::worker_of(cid) == Some(usize::from(self.worker)) {
+        if self.format.worker_of(cid) == Some(usize::from(self.worker)) {
             Ok(())
         } else {
             Err(quinn_proto::InvalidCid)
@@ -82,7 +127,7 @@ impl quinn_proto::ConnectionIdGenerator for WorkerCids {
     }
 
     fn cid_len(&self) -> usize {
-        CID_LEN
+        self.format.len()
     }
 
     fn cid_lifetime(&self) -> Option<std::time::Duration> {
@@ -90,20 +135,34 @@ impl quinn_proto::ConnectionIdGenerator for WorkerCids {
     }
 }
 
-/// One worker's QUIC endpoint (see the module docs of [`crate::quic`]).
-pub struct QuicHandler {
+/// One worker's QUIC endpoint running app `A` (see the module docs of [`crate::quic`]); the
+/// built-in echo and hq-interop by default.
+pub struct QuicHandler<A: App = Builtin> {
     worker: u8,
     endpoint: Endpoint,
     server_config: Arc<quinn_proto::ServerConfig>,
+    /// The layout of the CIDs this server issues (which byte names the worker).
+    cid_format: CidFormat,
     /// By `ConnectionHandle` (the endpoint's slab index).
-    conns: Vec<Option<Conn>>,
+    conns: Vec<Option<Conn<A>>>,
+    /// The app and the events-to-callbacks layer.
+    dispatch: Dispatch<A>,
+    /// Connections in `conns`.
+    live: usize,
+    /// Connections whose handshake has not completed (counted against `admission`).
+    handshakes: usize,
+    /// Dirty connections in the order they are driven (round robin).
     dirty: VecDeque<ConnectionHandle>,
-    /// The earliest connection timeout, as of the last drive.
-    earliest: Option<Instant>,
+    /// Connection timeouts, earliest first: (instant, slot, key). An entry whose slot no
+    /// longer holds that key, or whose connection is scheduled for another instant, is
+    /// stale and skipped when it comes up, so that a turn costs O(log n) per due timer, not
+    /// a scan of every connection.
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// The key of the next connection.
+    next_key: u64,
     /// An instant surely past: `next_timer` answers it while connections wait to be driven.
     epoch: Instant,
-    root: Option<Arc<Path>>,
-    validate_peers: bool,
+    limits: Limits,
     counters: Arc<Counters>,
     /// Where quinn writes a transmit before it is copied into a send slot.
     buf: Vec<u8>,
@@ -111,17 +170,19 @@ pub struct QuicHandler {
     rx: BytesMut,
 }
 
-impl QuicHandler {
+impl<A: App> QuicHandler<A> {
     pub(super) fn new(
         worker: u8,
+        app: A,
         server_config: Arc<quinn_proto::ServerConfig>,
-        reset_key: Arc<ring::hmac::Key>,
-        root: Option<Arc<Path>>,
-        validate_peers: bool,
+        endpoint_config: &EndpointConfig,
+        cid_format: CidFormat,
+        limits: Limits,
         counters: Arc<Counters>,
-    ) -> QuicHandler {
-        let mut config = EndpointConfig::new(reset_key);
-        config.cid_generator(move || Box::new(WorkerCids::new(worker)));
+    ) -> QuicHandler<A> {
+        let mut config = endpoint_config.clone();
+        let format = cid_format.clone();
+        config.cid_generator(move || Box::new(WorkerCids::new(worker, format.clone())));
         // Path MTU discovery (up to quinn's 1452 B): `Quic::configure` sets don't-fragment on
         // the sockets, so a probe too large for the path is lost, not fragmented.
         let endpoint = Endpoint::new(Arc::new(config), Some(server_config.clone()), true, None);
@@ -129,12 +190,16 @@ impl QuicHandler {
             worker,
             endpoint,
             server_config,
+            cid_format,
             conns: Vec::new(),
+            dispatch: Dispatch::new(app, usize::from(worker), counters.clone()),
+            live: 0,
+            handshakes: 0,
             dirty: VecDeque::new(),
-            earliest: None,
+            timers: BinaryHeap::new(),
+            next_key: 0,
             epoch: Instant::now(),
-            root,
-            validate_peers,
+            limits,
             counters,
             buf: Vec::with_capacity(64 * 1024),
             rx: BytesMut::with_capacity(64 * 1024),
@@ -143,7 +208,12 @@ impl QuicHandler {
 
     /// Connections this worker holds.
     pub fn connections(&self) -> usize {
-        self.conns.iter().filter(|c| c.is_some()).count()
+        self.live
+    }
+
+    /// Connections this worker holds whose handshake has not completed.
+    pub fn handshakes_in_flight(&self) -> usize {
+        self.handshakes
     }
 
     /// One UDP datagram into the endpoint.
@@ -161,8 +231,11 @@ impl QuicHandler {
         // stateless reset also looks like a short header with a random CID, but the endpoint
         // recognises it by its token; that is no routing failure.)
         let names_other = short_header
-            && payload.len() > CID_LEN
-            && route::worker_of(&payload[1..]) != Some(usize::from(self.worker));
+            && payload.len() > self.cid_format.len()
+            && self
+                .cid_format
+                .worker_of(&payload[1..=self.cid_format.len()])
+                != Some(usize::from(self.worker));
         self.rx.clear();
         self.rx.extend_from_slice(payload);
         let data = self.rx.split();
@@ -197,14 +270,46 @@ impl QuicHandler {
         }
     }
 
-    /// A new peer's Initial: a Retry first when peers must be validated, else a connection.
+    /// A new peer's Initial: refused at the cap on handshakes in flight; a Retry first when
+    /// peers must be validated, or when the handshakes in flight are above the threshold
+    /// (state only for a peer that proves its address, as msquic does under its retry
+    /// memory limit); else what the app says.
     fn incoming(&mut self, now: Instant, incoming: Incoming, reply: &mut Reply<'_>) {
         self.buf.clear();
-        if self.validate_peers && !incoming.remote_address_validated() {
-            if incoming.may_retry() {
+        let limits = self.limits;
+        if self.handshakes >= limits.max_handshakes {
+            self.counters.add(|c| &c.refused);
+            self.counters.add(|c| &c.refused_busy);
+            let transmit = self.endpoint.refuse(incoming, &mut self.buf);
+            send(reply, &transmit, &self.buf);
+            return;
+        }
+        let busy = self.handshakes >= limits.retry_above;
+        let forced = (limits.validate_peers || busy) && !incoming.remote_address_validated();
+        let admission = if forced {
+            Admission::Retry
+        } else {
+            self.dispatch.admit(&IncomingInfo {
+                remote: incoming.remote_address(),
+                local_ip: incoming.local_ip(),
+                validated: incoming.remote_address_validated(),
+                worker: usize::from(self.worker),
+            })
+        };
+        // A peer that already returned a Retry token cannot be asked again (RFC 9000
+        // section 17.2.5.2): when only the app asked, it is accepted.
+        let admission = match admission {
+            Admission::Retry if !incoming.may_retry() && !forced => Admission::Accept,
+            other => other,
+        };
+        if admission != Admission::Accept {
+            if admission == Admission::Retry && incoming.may_retry() {
                 match self.endpoint.retry(incoming, &mut self.buf) {
                     Ok(transmit) => {
                         self.counters.add(|c| &c.retries);
+                        if busy && !limits.validate_peers {
+                            self.counters.add(|c| &c.retries_busy);
+                        }
                         send(reply, &transmit, &self.buf);
                     }
                     Err(e) => {
@@ -219,23 +324,37 @@ impl QuicHandler {
             }
             return;
         }
-        match self.endpoint.accept(
+        // rustls reads the ClientHello inside `accept`, on this thread: a session taken from
+        // the cache meanwhile is this connection's.
+        sessions::clear_resumed();
+        let accepted = self.endpoint.accept(
             incoming,
             now,
             &mut self.buf,
             Some(self.server_config.clone()),
-        ) {
+        );
+        let resumed = sessions::take_resumed();
+        match accepted {
             Ok((ch, conn)) => {
                 self.counters.add(|c| &c.accepted);
                 if self.conns.len() <= ch.0 {
                     self.conns.resize_with(ch.0 + 1, || None);
                 }
+                let app = self.dispatch.new_conn(ch.0, resumed);
+                self.live += 1;
+                self.handshakes += 1;
+                let key = self.next_key;
+                self.next_key += 1;
                 let slot = &mut self.conns[ch.0];
                 let c = slot.insert(Conn {
                     conn,
-                    streams: Streams::default(),
+                    app,
                     timeout: None,
+                    scheduled: None,
+                    key,
+                    handshaking: true,
                     dirty: false,
+                    resumed,
                 });
                 mark_dirty(&mut self.dirty, c, ch);
             }
@@ -248,27 +367,25 @@ impl QuicHandler {
         }
     }
 
-    /// Runs connection `ch`'s events and polls its transmits while a send slot is free.
-    /// Returns `false` when it stopped for want of a slot (the connection stays dirty).
-    fn drive(&mut self, ch: ConnectionHandle, now: Instant, reply: &mut Reply<'_>) -> bool {
+    /// Runs connection `ch`'s events and polls its transmits while the send pool takes
+    /// them, up to [`DRIVE_DATAGRAMS`] datagrams.
+    fn drive(&mut self, ch: ConnectionHandle, now: Instant, reply: &mut Reply<'_>) -> Driven {
         let Some(Some(c)) = self.conns.get_mut(ch.0) else {
-            return true;
+            return Driven::Done;
         };
         loop {
             let mut any = false;
             while let Some(event) = c.conn.poll() {
                 any = true;
-                match event {
-                    Event::Stream(event) => {
-                        let root = self.root.as_deref();
-                        c.streams.on_event(&mut c.conn, event, root, &self.counters)
+                if let Event::Connected = event {
+                    if c.resumed {
+                        self.counters.add(|c| &c.resumed);
                     }
-                    Event::ConnectionLost { .. } => c.streams.clear(),
-                    Event::HandshakeDataReady
-                    | Event::Connected
-                    | Event::DatagramReceived
-                    | Event::DatagramsUnblocked => {}
+                    if sessions::accepted_0rtt(&c.conn) {
+                        self.counters.add(|c| &c.early_data_accepted);
+                    }
                 }
+                self.dispatch.on_event(&mut c.conn, &mut c.app, event, now);
             }
             while let Some(event) = c.conn.poll_endpoint_events() {
                 any = true;
@@ -280,29 +397,157 @@ impl QuicHandler {
                 break;
             }
         }
-        let max_datagrams = (reply.max_len() / MAX_SEGMENT).clamp(1, 64);
-        loop {
-            if reply.capacity() == 0 {
-                c.timeout = c.conn.poll_timeout();
-                return false;
+        let mut sent = 0;
+        let driven = loop {
+            if sent >= DRIVE_DATAGRAMS {
+                break Driven::Capped;
+            }
+            // Never more datagrams than can leave now: quinn counts what `poll_transmit`
+            // returns as sent, so a train the pool then refused (a slot per datagram without
+            // GSO, and too few free) would be a false loss to its congestion control.
+            let max_datagrams =
+                reply.train_room(c.conn.remote_address(), c.conn.local_ip(), MAX_SEGMENT);
+            if max_datagrams == 0 {
+                break Driven::Blocked;
             }
             self.buf.clear();
             match c.conn.poll_transmit(now, max_datagrams, &mut self.buf) {
-                Some(transmit) => send(reply, &transmit, &self.buf),
-                None => break,
+                Some(transmit) => {
+                    sent += transmit
+                        .segment_size
+                        .map_or(1, |s| transmit.size.div_ceil(s.max(1)));
+                    send(reply, &transmit, &self.buf);
+                }
+                None => break Driven::Done,
+            }
+        };
+        c.timeout = earlier(c.conn.poll_timeout(), c.app.timer());
+        if c.handshaking && !c.conn.is_handshaking() {
+            c.handshaking = false;
+            self.handshakes -= 1;
+        }
+        if driven == Driven::Done {
+            c.dirty = false;
+            if c.conn.is_drained() {
+                if c.handshaking {
+                    self.handshakes -= 1;
+                }
+                self.dispatch.drained(&mut c.conn, &mut c.app, now);
+                self.conns[ch.0] = None;
+                self.live -= 1;
+                self.counters.add(|c| &c.drained);
+                return Driven::Done;
             }
         }
-        c.timeout = c.conn.poll_timeout();
-        c.dirty = false;
-        if c.conn.is_drained() {
-            self.conns[ch.0] = None;
-            self.counters.add(|c| &c.drained);
+        self.schedule(ch.0);
+        driven
+    }
+
+    /// Keeps connection `index`'s timer entry at or before its timeout: an earlier timeout
+    /// gets a new entry (the old one goes stale); a later one keeps the entry, which is moved
+    /// when it comes due (a timeout moves later on most packets, earlier rarely).
+    fn schedule(&mut self, index: usize) {
+        let Some(Some(c)) = self.conns.get_mut(index) else {
+            return;
+        };
+        let Some(timeout) = c.timeout else {
+            return;
+        };
+        if c.scheduled.is_some_and(|t| t <= timeout) {
+            return;
         }
-        true
+        c.scheduled = Some(timeout);
+        self.timers.push(Reverse((timeout, index, c.key)));
+        if self.timers.len() > TIMER_SLACK * self.live + 64 {
+            // Stale entries outnumber the live ones: rebuild from the connections, O(n)
+            // once per n pushes.
+            self.timers = self
+                .conns
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| {
+                    let c = c.as_ref()?;
+                    Some(Reverse((c.scheduled?, i, c.key)))
+                })
+                .collect();
+        }
+    }
+
+    /// The heap's first entry, stale ones dropped.
+    fn first_timer(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((t, index, key))) = self.timers.peek() {
+            match self.conns.get(index) {
+                Some(Some(c)) if c.key == key && c.scheduled == Some(t) => return Some(t),
+                _ => {
+                    self.timers.pop();
+                }
+            }
+        }
+        None
+    }
+
+    /// Runs the timeouts that are due at `now` and marks their connections dirty; an entry
+    /// that came before its connection's (later) timeout is moved to it.
+    fn run_timers(&mut self, now: Instant) {
+        while let Some(t) = self.first_timer() {
+            if t > now {
+                break;
+            }
+            let Some(Reverse((_, index, _))) = self.timers.pop() else {
+                break;
+            };
+            let Some(Some(c)) = self.conns.get_mut(index) else {
+                continue;
+            };
+            c.scheduled = None;
+            if c.timeout.is_some_and(|due| due <= now) {
+                c.conn.handle_timeout(now);
+                self.dispatch.on_timeout(&mut c.conn, &mut c.app, now);
+                mark_dirty(&mut self.dirty, c, ConnectionHandle(index));
+            } else {
+                self.schedule(index);
+            }
+        }
+    }
+
+    /// Hands the messages other threads posted to their connections' apps.
+    fn deliver_posted(&mut self, now: Instant) {
+        let inboxes = self.dispatch.take_posted();
+        for inbox in &inboxes {
+            if let Some(Some(c)) = self.conns.get_mut(inbox.slot) {
+                if self.dispatch.deliver(&mut c.conn, &mut c.app, inbox, now) {
+                    mark_dirty(&mut self.dirty, c, ConnectionHandle(inbox.slot));
+                }
+            }
+        }
+        self.dispatch.return_posted(inboxes);
     }
 }
 
-fn mark_dirty(dirty: &mut VecDeque<ConnectionHandle>, c: &mut Conn, ch: ConnectionHandle) {
+impl<A: App> Drop for QuicHandler<A> {
+    /// A handler dropped without `on_shutdown` (the worker failed): its connections'
+    /// `Remote`s refuse posts from now on instead of queueing for nobody.
+    fn drop(&mut self) {
+        for c in self.conns.iter_mut().flatten() {
+            self.dispatch.abandon(&mut c.app);
+        }
+    }
+}
+
+/// The earlier of two optional instants.
+fn earlier(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+fn mark_dirty<A: App>(
+    dirty: &mut VecDeque<ConnectionHandle>,
+    c: &mut Conn<A>,
+    ch: ConnectionHandle,
+) {
     if !c.dirty {
         c.dirty = true;
         dirty.push_back(ch);
@@ -326,18 +571,24 @@ fn send(reply: &mut Reply<'_>, transmit: &Transmit, buf: &[u8]) {
     });
 }
 
-impl Handler for QuicHandler {
+impl<A: App> Handler for QuicHandler<A> {
     /// quinn takes a GRO train's datagrams one by one; taking the train whole saves the
     /// engine's per-datagram split and backpressure checks (the handler never answers a
     /// datagram directly but for stateless responses).
     const WHOLE_TRAINS: bool = true;
 
     fn on_datagram(&mut self, d: &Datagram<'_>, reply: &mut Reply<'_>) {
+        if let Some(shared) = reply.worker() {
+            self.dispatch.set_worker(shared);
+        }
         let now = Instant::now();
         self.receive(now, d.peer, d.local, d.ecn, d.payload, reply);
     }
 
     fn on_train(&mut self, train: &Datagram<'_>, segment_size: usize, reply: &mut Reply<'_>) {
+        if let Some(shared) = reply.worker() {
+            self.dispatch.set_worker(shared);
+        }
         let now = Instant::now();
         for payload in train.payload.chunks(segment_size.max(1)) {
             self.receive(now, train.peer, train.local, train.ecn, payload, reply);
@@ -345,37 +596,32 @@ impl Handler for QuicHandler {
     }
 
     fn next_timer(&mut self) -> Option<Instant> {
-        if self.dirty.is_empty() {
-            self.earliest
+        if self.dirty.is_empty() && !self.dispatch.posted() {
+            self.first_timer()
         } else {
             Some(self.epoch)
         }
     }
 
     fn on_timer(&mut self, now: Instant, reply: &mut Reply<'_>) {
-        if self.earliest.is_some_and(|t| t <= now) {
-            for (index, slot) in self.conns.iter_mut().enumerate() {
-                if let Some(c) = slot {
-                    if c.timeout.is_some_and(|t| t <= now) {
-                        c.conn.handle_timeout(now);
-                        mark_dirty(&mut self.dirty, c, ConnectionHandle(index));
-                    }
+        if self.dispatch.posted() {
+            self.deliver_posted(now);
+        }
+        self.run_timers(now);
+        // Round robin: each dirty connection sends its share in turn; one with more to send,
+        // or one that found the pool full, goes to the back, so the others go before it
+        // (this turn while slots last, else first in the next).
+        while let Some(ch) = self.dirty.pop_front() {
+            match self.drive(ch, now, reply) {
+                Driven::Done => {}
+                Driven::Capped => self.dirty.push_back(ch),
+                Driven::Blocked => {
+                    self.dirty.push_back(ch);
+                    self.counters.add(|c| &c.blocked);
+                    break;
                 }
             }
         }
-        // Each dirty connection once, in turn; one that runs out of slots goes first next
-        // time, so a busy connection cannot starve the rest for long.
-        for _ in 0..self.dirty.len() {
-            let Some(ch) = self.dirty.pop_front() else {
-                break;
-            };
-            if !self.drive(ch, now, reply) {
-                self.dirty.push_front(ch);
-                self.counters.add(|c| &c.blocked);
-                break;
-            }
-        }
-        self.earliest = self.conns.iter().flatten().filter_map(|c| c.timeout).min();
     }
 
     /// Closes every connection with an application CONNECTION_CLOSE (code 0, "server
@@ -385,14 +631,14 @@ impl Handler for QuicHandler {
     fn on_shutdown(&mut self, now: Instant, reply: &mut Reply<'_>) {
         for index in 0..self.conns.len() {
             if let Some(c) = self.conns[index].as_mut() {
-                c.conn.close(
-                    now,
-                    VarInt::from_u32(0),
-                    Bytes::from_static(b"server shutting down"),
-                );
+                self.dispatch.shutdown(&mut c.conn, &mut c.app, now);
                 self.counters.add(|c| &c.closed_at_shutdown);
                 self.drive(ConnectionHandle(index), now, reply);
             }
         }
     }
 }
+
+#[cfg(test)]
+#[path = "handler_tests.rs"]
+mod tests;

@@ -12,7 +12,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 /// A certificate chain (leaf first) and its private key.
 #[derive(Debug)]
 pub struct Identity {
+    /// The certificates, leaf first.
     pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
     pub key: PrivateKeyDer<'static>,
 }
 
@@ -27,8 +29,11 @@ impl Clone for Identity {
 
 /// A self-signed identity with its PEM text, to be written where a client can find it.
 pub struct SelfSigned {
+    /// The certificate and key, to serve with.
     pub identity: Identity,
+    /// The certificate in PEM, for a client's trust store.
     pub cert_pem: String,
+    /// The private key in PEM.
     pub key_pem: String,
 }
 
@@ -87,7 +92,8 @@ impl Identity {
 }
 
 /// The rustls server configuration: TLS 1.3 (QUIC requires it), the `ring` provider, no
-/// client authentication, the ALPN protocols in order of preference.
+/// client authentication, the ALPN protocols in order of preference, TLS secrets logged to
+/// the file `SSLKEYLOGFILE` names when it is set.
 pub fn server_config(identity: &Identity, alpn: &[&[u8]]) -> io::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -102,7 +108,29 @@ pub fn server_config(identity: &Identity, alpn: &[&[u8]]) -> io::Result<rustls::
             )
         })?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // The TLS secrets go to the file SSLKEYLOGFILE names (NSS key log format), for Wireshark
+    // and the QUIC interop runner; with the variable unset `KeyLogFile` writes nothing.
+    config.key_log = Arc::new(rustls::KeyLogFile::new());
     Ok(config)
+}
+
+/// Resumption for `config`: tickets are IDs into `cache` (shared by every worker, see
+/// [`super::sessions`]), two per handshake (rustls's default: a client may resume twice), and
+/// with `early_data` the client may send 0-RTT data on a resumed connection.
+/// `max_early_data_size` is `u32::MAX` because QUIC allows only 0 or that (RFC 9001 section
+/// 4.6.1; quinn-proto's `QuicServerConfig` docs): QUIC's own flow control bounds early data.
+/// 0.5-RTT data (`send_half_rtt_data`) needs no switch here: for QUIC, rustls hands the
+/// server its 1-RTT keys with its first flight and quinn-proto sends on them.
+pub fn enable_resumption(
+    config: &mut rustls::ServerConfig,
+    cache: Arc<super::sessions::SessionCache>,
+    early_data: bool,
+) {
+    // The builder's ticketer (none: `NeverProducesTickets`) is kept on purpose: rustls
+    // accepts early data only with stateful resumption.
+    debug_assert!(!config.ticketer.enabled());
+    config.session_storage = cache;
+    config.max_early_data_size = if early_data { u32::MAX } else { 0 };
 }
 
 #[cfg(test)]

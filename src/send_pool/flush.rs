@@ -87,7 +87,6 @@ impl SendPool {
         let mut result = Ok(trains.len());
         for (n, train) in trains.iter().enumerate() {
             let entry = self.seal(train);
-            self.in_flight += 1;
             // SAFETY: the entry points at the head's headers (msghdr, iovec list, address,
             // control) and at every member's data, inside allocations that are freed only by
             // `Drop` and only when nothing is in flight (else leaked). `seal` marked the head
@@ -95,7 +94,6 @@ impl SendPool {
             // completion, and no method writes an `InFlight` slot (`headers_mut`/`data_mut`
             // assert it).
             if let Err(error) = unsafe { sink.push(&entry) } {
-                self.in_flight -= 1;
                 let mut dropped = self.release_train(train.head, SlotState::InFlight);
                 for later in &trains[n + 1..] {
                     dropped += self.release_train(later.head, SlotState::Queued);
@@ -122,7 +120,7 @@ impl SendPool {
                 // A ready-made train or an ECN-marked reply travels alone.
                 (m.dest, m.len, m.train_segment != 0 || m.ecn != 0)
             };
-            let joinable = self.gso && !own && len > 0 && len <= usize::from(u16::MAX);
+            let joinable = !own && len > 0 && len <= usize::from(u16::MAX) && self.trains_to(&dest);
             if joinable {
                 if let Some(&t) = self.open_trains.get(&dest) {
                     let train = &mut self.trains[t];
@@ -155,8 +153,8 @@ impl SendPool {
         }
     }
 
-    /// Fills the head's iovec list and control messages, marks the train `InFlight` and
-    /// builds its `SENDMSG` entry.
+    /// Fills the head's iovec list and control messages, marks the train `InFlight` (the
+    /// head as the one slot its completion may name) and builds its `SENDMSG` entry.
     fn seal(&mut self, train: &Train) -> squeue::Entry {
         let head = train.head;
         let (fd, pktinfo_len, generation, ecn, train_segment, peer_is_v4) = {
@@ -233,6 +231,7 @@ impl SendPool {
         while index != NO_SLOT {
             let m = &mut self.meta[index as usize];
             m.state = SlotState::InFlight;
+            m.head = index == head;
             index = m.next;
         }
         entry
@@ -450,10 +449,7 @@ mod tests {
         assert_eq!(iovlen, 3);
         assert_eq!(lens, vec![4, 4, 2]);
         assert_eq!(p.free_slots(), 5, "members stay in flight with the head");
-        assert_eq!(
-            p.complete(ud),
-            Some(super::super::Completed { segments: 3 })
-        );
+        assert_eq!(p.complete(ud).map(|done| done.segments), Some(3));
         assert_eq!(p.free_slots(), 8);
         free_list_is_a_set(&p);
     }

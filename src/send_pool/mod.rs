@@ -14,7 +14,15 @@
 //! Consecutive replies to the same peer are sent as one UDP GSO train (`UDP_SEGMENT`): one
 //! `SENDMSG`, one pass through the socket layer, segmented by the kernel into the same
 //! datagrams, in the same order. On loopback this removes most of the per-datagram send cost.
+//!
+//! GSO is switched off only on evidence ([`SendPool::gso_evidence`]): `EIO` to a train means
+//! the kernel or device cannot segment at all (kernel `udp_send_skb`), so trains stop for the
+//! pool; `EINVAL` to a train can be the destination's own doing (a route whose MTU is smaller
+//! than the segment), so trains stop to that destination only, until a lone datagram to it
+//! goes through; any other error says nothing about GSO.
 
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
@@ -26,6 +34,10 @@ use crate::datagram::{encode_pktinfo, encode_sockaddr, CONTROL_LEN, MAX_GSO_SEGM
 use crate::op::{next_generation, OpKind, UserData};
 
 mod flush;
+mod gso;
+
+pub use gso::GsoEvidence;
+use gso::Hold;
 
 /// End of a train's member chain.
 const NO_SLOT: u32 = u32::MAX;
@@ -39,7 +51,9 @@ pub const MAX_SLOTS: usize = 1 << 17;
 pub const MAX_SLOT_CAPACITY: usize = 1 << 16;
 
 /// Why a reply was not queued. Each case is counted in `send_dropped`.
+// `non_exhaustive`: a new reason is not a breaking change for handlers that match on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SendError {
     /// Every send slot is in use; the engine applies backpressure before calling a handler
     /// again, but a handler that sends several replies per datagram can run out.
@@ -49,7 +63,12 @@ pub enum SendError {
     /// An IPv6 destination on an IPv4 socket.
     AddressFamily,
     /// The peer is not validated and the reply would exceed its anti-amplification budget.
+    /// A ready-made train is charged whole: over the budget, none of its datagrams is sent.
     AmplificationLimit,
+    /// The destination is no address to send to: an unspecified address or port 0, such as
+    /// [`Reply::send`](crate::Reply::send) from a timer or shutdown call, which answers no
+    /// datagram. Refused before the kernel sees it (the kernel would answer `EINVAL`).
+    NoDestination,
 }
 
 impl std::fmt::Display for SendError {
@@ -60,6 +79,10 @@ impl std::fmt::Display for SendError {
             SendError::AddressFamily => "destination address family does not match the socket",
             SendError::AmplificationLimit => {
                 "peer not validated: reply exceeds the anti-amplification budget"
+            }
+            SendError::NoDestination => {
+                "no destination: unspecified address or port 0 (a timer or shutdown reply \
+                 answers no datagram; use send_to)"
             }
         })
     }
@@ -76,6 +99,14 @@ pub struct Dest {
     pub local: Option<IpAddr>,
     /// The socket is connected to `peer`: send without an address.
     pub connected: bool,
+}
+
+impl Dest {
+    /// Whether `peer` is an address a datagram can go to: not unspecified (also not as an
+    /// IPv4-mapped IPv6 address), not port 0.
+    fn is_addressable(&self) -> bool {
+        self.peer.port() != 0 && !self.peer.ip().to_canonical().is_unspecified()
+    }
 }
 
 /// How a reply leaves, beyond its destination: what a transport stack (QUIC) decides per
@@ -139,6 +170,9 @@ struct SlotMeta {
     name_valid: bool,
     /// Datagrams this slot's send carries (more than one for a GSO train head).
     segments: u16,
+    /// The slot heads the `SENDMSG` it is in flight with (set by `seal`): its completion is
+    /// the one that frees the train. A member of a train is in flight but no head.
+    head: bool,
     /// The segment size of a ready-made train in this one slot (0: a single datagram).
     train_segment: u16,
     /// ECN codepoint to mark the datagrams with (0: none, no control message).
@@ -151,6 +185,8 @@ struct SlotMeta {
 pub struct Completed {
     /// Datagrams the completed send carried.
     pub segments: u16,
+    /// Where they went.
+    pub dest: Dest,
 }
 
 /// `flush` could not push every queued reply; the ones not pushed were dropped.
@@ -174,9 +210,11 @@ pub struct SendPool {
     free: Vec<u32>,
     /// Slots filled this turn, in order, not yet pushed to the ring.
     queued: Vec<u32>,
-    in_flight: usize,
     socket_is_v6: bool,
     gso: bool,
+    /// Destinations whose trains the kernel refused with `EINVAL`, and what is known of them
+    /// (see `gso_evidence`). Empty almost always, so the per-reply check is one `is_empty`.
+    held: HashMap<Dest, Hold, BuildHasherDefault<flush::FoldHasher>>,
     /// A descriptor registered in the ring's file table, and its slot: sends from it name the
     /// slot (`IOSQE_FIXED_FILE`) instead of the descriptor.
     fixed_file: Option<(RawFd, u32)>,
@@ -255,6 +293,7 @@ impl SendPool {
                     pktinfo_len: 0,
                     name_valid: false,
                     segments: 1,
+                    head: false,
                     train_segment: 0,
                     ecn: 0,
                     generation: 0,
@@ -263,9 +302,9 @@ impl SendPool {
             // Pop from the end: hand out low slots first.
             free: (0..count as u32).rev().collect(),
             queued: Vec::with_capacity(count),
-            in_flight: 0,
             socket_is_v6,
             gso,
+            held: HashMap::default(),
             fixed_file: None,
             trains: Vec::with_capacity(count),
             open_trains: flush::OpenTrains::default(),
@@ -290,18 +329,24 @@ impl SendPool {
         self.free.len()
     }
 
-    /// `SENDMSG`s the kernel still has to complete (a train is one).
-    pub fn in_flight(&self) -> usize {
-        self.in_flight
+    /// `SENDMSG`s the kernel still has to complete (a train is one: its head). A scan of
+    /// every slot, for tests: the worker's ledger counts what is in flight
+    /// (`worker/ledger.rs`), and `Drop` asks `any_in_flight`.
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> usize {
+        self.meta
+            .iter()
+            .filter(|m| m.state == SlotState::InFlight && m.head)
+            .count()
+    }
+
+    /// Whether the kernel may be reading any slot (one pushed and not completed).
+    fn any_in_flight(&self) -> bool {
+        self.meta.iter().any(|m| m.state == SlotState::InFlight)
     }
 
     pub fn slot_capacity(&self) -> usize {
         self.slot_capacity
-    }
-
-    /// Whether GSO trains are in use.
-    pub fn gso(&self) -> bool {
-        self.gso
     }
 
     /// Sends from `fd` name registered file slot `slot` from now on.
@@ -309,9 +354,24 @@ impl SendPool {
         self.fixed_file = Some((fd, slot));
     }
 
-    /// Stops building GSO trains (after the kernel refused one).
+    /// Stops building GSO trains.
+    #[cfg(test)]
     pub fn disable_gso(&mut self) {
         self.gso = false;
+    }
+
+    /// How many replies are queued this turn: a mark for [`SendPool::cancel_since`].
+    pub fn queued_len(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// Withdraws every reply queued after `mark` (from [`SendPool::queued_len`]), freeing
+    /// their slots: all the slots one request took (a train spread over several when GSO is
+    /// off), not only the last.
+    pub fn cancel_since(&mut self, mark: usize) {
+        while self.queued.len() > mark {
+            self.cancel_last();
+        }
     }
 
     fn headers_ptr(&self, index: usize) -> *mut SlotHeaders {
@@ -342,12 +402,16 @@ impl SendPool {
     }
 
     /// Queues a reply to `dest` whose payload `fill` writes into the slot's buffer, returning
-    /// its length. The kernel sees it at the next `flush`.
+    /// its length. The kernel sees it at the next `flush`. A destination that is no address
+    /// (unspecified, port 0) is refused (`NoDestination`) before a slot is taken.
     pub fn queue(
         &mut self,
         dest: Dest,
         fill: impl FnOnce(&mut [u8]) -> usize,
     ) -> Result<usize, SendError> {
+        if !dest.is_addressable() {
+            return Err(SendError::NoDestination);
+        }
         let index = self.free.pop().ok_or(SendError::PoolExhausted)?;
         debug_assert_eq!(self.meta[index as usize].state, SlotState::Free);
         match self.prepare(index, dest, fill) {
@@ -364,13 +428,17 @@ impl SendPool {
     }
 
     /// Queues a reply with `options` (see [`SendOptions`]): a ready-made GSO train, an ECN
-    /// mark. A train of more than 64 segments is refused (`TooLong`).
+    /// mark. A train of more than 64 segments is refused (`TooLong`). Where trains cannot go
+    /// (GSO off, or held for `dest`) the train takes one slot per segment; the length
+    /// returned is the whole train's either way, and [`SendPool::cancel_since`] with the
+    /// `queued_len()` from before the call withdraws all of it.
     pub fn queue_with(
         &mut self,
         dest: Dest,
         options: SendOptions,
         fill: impl FnOnce(&mut [u8]) -> usize,
     ) -> Result<usize, SendError> {
+        let mark = self.queued.len();
         let len = self.queue(dest, fill)?;
         // `queue` pushed the slot last: it is ours until flushed.
         let Some(&index) = self.queued.last() else {
@@ -379,7 +447,7 @@ impl SendPool {
         let segment = options.segment_size.filter(|&s| s > 0 && s < len);
         let segments = segment.map_or(1, |s| len.div_ceil(s));
         if segments > MAX_GSO_SEGMENTS || segment.is_some_and(|s| s > usize::from(u16::MAX)) {
-            self.cancel_last();
+            self.cancel_since(mark);
             return Err(SendError::TooLong);
         }
         {
@@ -389,15 +457,15 @@ impl SendPool {
         let Some(segment) = segment else {
             return Ok(len);
         };
-        if self.gso {
+        if self.trains_to(&dest) {
             let meta = &mut self.meta[index as usize];
             meta.train_segment = segment as u16;
             meta.segments = segments as u16;
             return Ok(len);
         }
-        // No GSO: each segment gets a slot of its own, copied from the first one.
+        // No trains: each segment gets a slot of its own, copied from the first one.
         if self.free.len() < segments - 1 {
-            self.cancel_last();
+            self.cancel_since(mark);
             return Err(SendError::PoolExhausted);
         }
         self.meta[index as usize].len = segment;
@@ -419,9 +487,7 @@ impl SendPool {
             });
             // Free slots were counted above: a failure here is a bookkeeping bug.
             if result.is_err() {
-                for _ in 0..n {
-                    self.cancel_last();
-                }
+                self.cancel_since(mark);
                 return Err(SendError::PoolExhausted);
             }
             if let Some(&last) = self.queued.last() {
@@ -523,27 +589,31 @@ impl SendPool {
             meta.state
         );
         meta.next = NO_SLOT;
+        meta.head = false;
         meta.state = SlotState::Free;
         meta.generation = next_generation(meta.generation);
         self.free.push(index);
     }
 
-    /// Frees the slot a `Send` completion names. `None` when the `UserData` is not what the
-    /// slot was submitted with (another kind, a slot outside the pool, a generation that no
-    /// longer matches, a slot not in flight): the caller counts it. Checked in every build:
-    /// freeing a slot the kernel still reads would let the next reply overwrite it.
+    /// Frees the train a `Send` completion names. `None` when the `UserData` is not what a
+    /// train was submitted with (another kind, a slot outside the pool, a generation that no
+    /// longer matches, a slot not in flight, a member of a train rather than its head): the
+    /// caller counts it. Checked in every build: freeing a slot the kernel still reads would
+    /// let the next reply overwrite it.
     pub fn complete(&mut self, ud: UserData) -> Option<Completed> {
         if ud.kind != OpKind::Send {
             return None;
         }
         let meta = self.meta.get(ud.slot as usize)?;
-        if meta.state != SlotState::InFlight || meta.generation != ud.generation {
+        if meta.state != SlotState::InFlight || !meta.head || meta.generation != ud.generation {
             return None;
         }
-        let segments = meta.segments;
-        self.in_flight -= 1;
+        let done = Completed {
+            segments: meta.segments,
+            dest: meta.dest,
+        };
         self.release_train(ud.slot, SlotState::InFlight);
-        Some(Completed { segments })
+        Some(done)
     }
 
     /// Releases a train's head and every member, each from state `from`; returns how many
@@ -563,14 +633,11 @@ impl SendPool {
 
 impl Drop for SendPool {
     fn drop(&mut self) {
-        if self.in_flight > 0 {
+        if self.any_in_flight() {
             // The kernel may still read these slots: leak them rather than free them. The
             // worker drains to zero before it drops the pool, so this happens only when
             // shutdown timed out.
-            tracing::debug!(
-                in_flight = self.in_flight,
-                "leaking send slots still in flight"
-            );
+            tracing::debug!("leaking send slots still in flight");
             return;
         }
         // SAFETY: both pointers came from `Box::into_raw` of boxed slices of exactly these

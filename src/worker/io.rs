@@ -1,24 +1,28 @@
-//! A worker's kernel side: the ring, the memory the kernel reads and writes (provided
-//! buffers, send slots, the receive `msghdr`, the wake-up and timer words) and the ledger of
-//! operations in flight. Every `SQE` the worker submits is built and pushed here.
+//! A worker's kernel side: the ring, the listening socket, the memory the kernel reads for
+//! the worker's own requests (the receive `msghdr`, the wake-up and timer words) and the
+//! ledger of everything in flight. Every `SQE` the worker submits is pushed here and
+//! recorded in the ledger; the receiver's buffers and the send pool's slots, which the kernel
+//! also reads and writes, belong to their parts (`receive`, `send`) and are freed by them
+//! only while the ledger shows nothing in flight.
 //!
-//! Teardown order is part of soundness: `Drop` unregisters the buffer group and closes the
-//! ring *before* any of that memory is freed, and frees it only if the ledger shows nothing in
-//! flight; otherwise it is leaked (the kernel cancels outstanding requests asynchronously after
-//! the ring's file is closed and may still write into it).
+//! Teardown order is part of soundness: `Drop` closes the ring *before* any of this memory is
+//! freed, and frees it only if the ledger shows nothing in flight; otherwise it is leaked (the
+//! kernel cancels outstanding requests asynchronously after the ring's file is closed and may
+//! still write into it). The listening socket closes after the ring.
 
 use std::io;
 use std::mem::ManuallyDrop;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use io_uring::{opcode, squeue, types};
 
-use crate::buf_ring::{BufRing, RecvBuf};
-use crate::op::{next_generation, OpKind, UserData};
-use crate::ring::{buffer_id, Completion, Ring};
-use crate::send_pool::{FlushError, SendPool, Submit};
+use super::ledger::Ledger;
+use crate::op::{OpKind, UserData};
+use crate::ring::{Completion, Ring};
+use crate::send_pool::Submit;
 use crate::session::SessionId;
+use crate::socket::BoundSocket;
 
 /// The buffer group every worker's receive ring registers. Each worker has its own io_uring,
 /// so the ids do not collide; `BufRing` remembers which io_uring its registration belongs to
@@ -28,42 +32,17 @@ pub(super) const BUF_GROUP: u16 = 0;
 /// The listener's slot in the ring's registered file table.
 const LISTENER_SLOT: u32 = 0;
 
-/// The operations a worker has armed, besides sends (which the send pool counts): shutdown
-/// waits for all of them to complete, and `Io::drop` frees memory only when they have.
-#[derive(Debug, Default)]
-pub(super) struct Ledger {
-    /// The listener's multishot receive is armed (under `recv_generation`).
-    pub recv_armed: bool,
-    pub recv_generation: u32,
-    pub wake_armed: bool,
-    pub tick_armed: bool,
-    /// The handler's timer is armed (under `timer_generation`).
-    pub timer_armed: bool,
-    pub timer_generation: u32,
-    /// An update of the handler's timer is in flight.
-    pub timer_updating: bool,
-    pub cancels: usize,
-    /// Session sockets with a multishot receive armed.
-    pub session_recvs: usize,
-}
-
-impl Ledger {
-    fn armed(&self) -> usize {
-        usize::from(self.recv_armed)
-            + usize::from(self.wake_armed)
-            + usize::from(self.tick_armed)
-            + usize::from(self.timer_armed)
-            + usize::from(self.timer_updating)
-            + self.cancels
-            + self.session_recvs
-    }
-}
-
 pub(super) struct Io {
     /// Dropped by hand in `Drop`, before the memory below.
     ring: ManuallyDrop<Ring>,
-    pub bufs: BufRing,
-    pub sends: SendPool,
+    /// The listening socket: every receive and reply naming it is in the ledger, and it
+    /// closes (as a field, after `Drop::drop`) only once the ring has.
+    listener: BoundSocket,
+    /// The listener is slot 0 of the ring's registered file table (`IORING_REGISTER_FILES`,
+    /// 5.1): its receive and the replies sent from it name the slot, and the kernel skips the
+    /// per-request `fget`/`fput` of the descriptor.
+    listener_fixed: bool,
+    wake_fd: RawFd,
     /// The template header of every multishot receive: name and control lengths.
     recv_msg: ManuallyDrop<Box<libc::msghdr>>,
     /// Where the wake-up eventfd read lands.
@@ -74,70 +53,93 @@ pub(super) struct Io {
     /// its request completes.
     timer_spec: ManuallyDrop<Box<types::Timespec>>,
     timer_update_spec: ManuallyDrop<Box<types::Timespec>>,
-    pub ledger: Ledger,
-    listener_fd: RawFd,
-    /// The listener is slot 0 of the ring's registered file table (`IORING_REGISTER_FILES`,
-    /// 5.1): its receive and the replies sent from it name the slot, and the kernel skips the
-    /// per-request `fget`/`fput` of the descriptor.
-    listener_fixed: bool,
-    wake_fd: RawFd,
+    ledger: Ledger,
 }
 
-impl Submit for Ring {
+/// The send pool's pushes (`SendPool::flush`): each entry is a send, recorded in the ledger
+/// once the ring has taken it.
+impl Submit for Io {
     unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
         // SAFETY: our caller upholds `Submit::push`'s contract, which is `Ring::push`'s.
-        unsafe { Ring::push(self, entry) }
+        unsafe { self.ring.push(entry) }?;
+        self.ledger.pushed(OpKind::Send, 0);
+        Ok(())
     }
 }
 
 impl Io {
-    /// Registers `bufs` with `ring` and takes ownership of all of it.
+    /// Takes the ring and the listening socket; receives will use `name_space` and
+    /// `control_space` bytes of each buffer for the peer's address and control messages.
     pub fn new(
         ring: Ring,
-        mut bufs: BufRing,
-        sends: SendPool,
+        listener: BoundSocket,
         name_space: usize,
         control_space: usize,
-        listener_fd: RawFd,
         wake_fd: RawFd,
-    ) -> io::Result<Io> {
+    ) -> Io {
         let listener_fixed = ring
             .uring()
             .submitter()
-            .register_files(&[listener_fd])
+            .register_files(&[listener.socket.as_raw_fd()])
             .is_ok();
-        let mut sends = sends;
-        if listener_fixed {
-            sends.use_fixed_file(listener_fd, LISTENER_SLOT);
-        }
-        bufs.register(&ring).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot register the provided buffer ring ({e}): needs Linux 5.19+"),
-            )
-        })?;
         // SAFETY: msghdr is plain data; all-zero is a valid empty header.
         let mut recv_msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         recv_msg.msg_namelen = name_space as u32;
         recv_msg.msg_controllen = control_space;
-        Ok(Io {
+        Io {
             ring: ManuallyDrop::new(ring),
-            bufs,
-            sends,
+            listener,
+            listener_fixed,
+            wake_fd,
             recv_msg: ManuallyDrop::new(recv_msg),
             wake_buf: ManuallyDrop::new(Box::new(0)),
             tick_spec: ManuallyDrop::new(Box::new(types::Timespec::new())),
             timer_spec: ManuallyDrop::new(Box::new(types::Timespec::new())),
             timer_update_spec: ManuallyDrop::new(Box::new(types::Timespec::new())),
             ledger: Ledger::default(),
-            listener_fd,
-            listener_fixed,
-            wake_fd,
-        })
+        }
     }
 
-    pub fn ring(&mut self) -> &mut Ring {
-        &mut self.ring
+    /// The ring, for registrations tied to it (the receiver's buffer group).
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    pub fn listener(&self) -> &BoundSocket {
+        &self.listener
+    }
+
+    pub fn listener_fd(&self) -> RawFd {
+        self.listener.socket.as_raw_fd()
+    }
+
+    /// The listener's slot in the registered file table, if the kernel took it.
+    pub fn listener_slot(&self) -> Option<u32> {
+        self.listener_fixed.then_some(LISTENER_SLOT)
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Records a completion in the ledger (see `Ledger::completed`).
+    #[inline]
+    pub fn completed(&mut self, ud: UserData, more: bool) -> bool {
+        self.ledger.completed(ud, more)
+    }
+
+    /// Moves the completions the kernel has posted into `out`.
+    pub fn drain(&mut self, out: &mut Vec<Completion>) {
+        self.ring.drain(out)
+    }
+
+    pub fn has_completions(&mut self) -> bool {
+        self.ring.has_completions()
+    }
+
+    /// Entries pushed that the kernel has not taken yet.
+    pub fn unsubmitted(&mut self) -> usize {
+        self.ring.unsubmitted()
     }
 
     pub fn task_run_mode(&self) -> crate::ring::TaskRunMode {
@@ -146,7 +148,7 @@ impl Io {
 
     /// Operations the kernel has yet to complete.
     pub fn in_flight(&self) -> usize {
-        self.ledger.armed() + self.sends.in_flight()
+        self.ledger.in_flight()
     }
 
     pub fn submit_and_wait(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<()> {
@@ -157,46 +159,21 @@ impl Io {
         self.ring.submit()
     }
 
-    /// The buffer a receive completion filled, taken out of the ring; the completion is spent
-    /// (it is not `Copy`), so one completion yields at most one token. `None` when the
-    /// completion carries no buffer, failed, or names a buffer outside the ring or one that is
-    /// lent already (counted by the caller).
-    pub fn take_buffer(&mut self, c: Completion) -> Option<RecvBuf> {
-        let bid = buffer_id(c.flags())?;
-        let len = u32::try_from(c.result()).ok()?;
-        let kind = UserData::decode(c.user_data()).map(|ud| ud.kind);
-        debug_assert!(matches!(kind, Some(OpKind::Recv | OpKind::SessionRecv)));
-        // SAFETY: only `Ring::drain` makes a `Completion`, from this ring's completion queue
-        // (`Io` owns the one ring and the one buffer ring), and it is consumed here, so the
-        // kernel reported `bid` filled once. The only requests with BUFFER_SELECT are our
-        // multishot receives, and each selects from `BUF_GROUP`, which only `bufs` registers
-        // on this ring. `take` refuses an id that is lent already in every build.
-        unsafe { self.bufs.take(bid, len) }
-    }
-
-    /// Pushes the turn's replies (they reach the kernel with the next enter).
-    pub fn flush(&mut self) -> Result<usize, FlushError> {
-        self.sends.flush(&mut *self.ring)
-    }
-
     /// Arms the listener's multishot receive.
     pub fn arm_recv(&mut self) -> io::Result<()> {
-        let generation = next_generation(self.ledger.recv_generation);
-        let ud = UserData::new(OpKind::Recv, generation, 0);
+        let ud = self.ledger.next(OpKind::Recv);
         let msg = &**self.recv_msg;
         let entry = if self.listener_fixed {
             opcode::RecvMsgMulti::new(types::Fixed(LISTENER_SLOT), msg, BUF_GROUP).build()
         } else {
-            opcode::RecvMsgMulti::new(types::Fd(self.listener_fd), msg, BUF_GROUP).build()
+            opcode::RecvMsgMulti::new(types::Fd(self.listener_fd()), msg, BUF_GROUP).build()
         }
         .user_data(ud.encode());
         // SAFETY: `recv_msg` is boxed (it never moves) and freed only after the ring is closed
         // with nothing in flight (`Drop`); the kernel writes only into buffers of `BUF_GROUP`,
-        // which `bufs` owns under the same rule.
-        unsafe { self.ring.push(&entry) }?;
-        self.ledger.recv_generation = generation;
-        self.ledger.recv_armed = true;
-        Ok(())
+        // which the receiver frees only once it has unregistered them with nothing in flight
+        // (`Receiver::release_buffers`), or leaks. The listener closes after the ring.
+        unsafe { self.push(&entry, ud) }
     }
 
     /// Arms the multishot receive of session `id`'s own socket `fd`. The caller keeps `fd`
@@ -212,9 +189,7 @@ impl Io {
             .build()
             .user_data(ud.encode());
         // SAFETY: as in `arm_recv`; the descriptor's lifetime is the caller's promise.
-        unsafe { self.ring.push(&entry) }?;
-        self.ledger.session_recvs += 1;
-        Ok(())
+        unsafe { self.push(&entry, ud) }
     }
 
     /// Arms the read of the wake-up eventfd (kept open by the worker's `WorkerShared`).
@@ -226,17 +201,15 @@ impl Io {
         )
         .build()
         .user_data(UserData::new(OpKind::Wake, 0, 0).encode());
-        debug_assert!(!self.ledger.wake_armed);
+        debug_assert!(!self.ledger.wake_armed());
         // SAFETY: `wake_buf` is boxed, 8 bytes, and freed only after the ring is closed with
         // nothing in flight; `wake_armed` keeps a second read from sharing it.
-        unsafe { self.ring.push(&entry) }?;
-        self.ledger.wake_armed = true;
-        Ok(())
+        unsafe { self.push(&entry, UserData::new(OpKind::Wake, 0, 0)) }
     }
 
     /// Arms the idle timer `after_ms` from now (at least 1 ms). One at a time.
     pub fn arm_tick(&mut self, after_ms: u64) -> io::Result<()> {
-        debug_assert!(!self.ledger.tick_armed);
+        debug_assert!(!self.ledger.tick_armed());
         let after_ms = after_ms.max(1);
         **self.tick_spec = types::Timespec::new()
             .sec(after_ms / 1000)
@@ -246,47 +219,35 @@ impl Io {
             .user_data(UserData::new(OpKind::Tick, 0, 0).encode());
         // SAFETY: `tick_spec` is boxed, freed only after the ring is closed with nothing in
         // flight, and rewritten only here, while no timeout is armed (asserted above).
-        unsafe { self.ring.push(&entry) }?;
-        self.ledger.tick_armed = true;
-        Ok(())
+        unsafe { self.push(&entry, UserData::new(OpKind::Tick, 0, 0)) }
     }
 
     /// Arms the handler's timer `after` from now. One at a time.
     pub fn arm_timer(&mut self, after: Duration) -> io::Result<()> {
-        debug_assert!(!self.ledger.timer_armed);
+        debug_assert!(!self.ledger.timer_armed());
         **self.timer_spec = timespec(after);
-        let generation = next_generation(self.ledger.timer_generation);
+        let ud = self.ledger.next(OpKind::Timer);
         let entry = opcode::Timeout::new(&**self.timer_spec)
             .build()
-            .user_data(UserData::new(OpKind::Timer, generation, 0).encode());
+            .user_data(ud.encode());
         // SAFETY: `timer_spec` is boxed, freed only after the ring is closed with nothing in
         // flight, and rewritten only here, while no handler timer is armed (asserted above).
-        unsafe { self.ring.push(&entry) }?;
-        self.ledger.timer_generation = generation;
-        self.ledger.timer_armed = true;
-        Ok(())
-    }
-
-    /// The `user_data` of the armed handler timer (to update or cancel it).
-    pub fn timer_user_data(&self) -> UserData {
-        UserData::new(OpKind::Timer, self.ledger.timer_generation, 0)
+        unsafe { self.push(&entry, ud) }
     }
 
     /// Moves the armed handler timer to `after` from now (`IORING_TIMEOUT_UPDATE`, 5.11).
     /// One update at a time; its completion says whether the timer was still armed.
     pub fn update_timer(&mut self, after: Duration) -> io::Result<()> {
-        debug_assert!(!self.ledger.timer_updating);
+        debug_assert!(!self.ledger.timer_updating());
         **self.timer_update_spec = timespec(after);
         let entry =
-            opcode::TimeoutUpdate::new(self.timer_user_data().encode(), &**self.timer_update_spec)
+            opcode::TimeoutUpdate::new(self.ledger.timer().encode(), &**self.timer_update_spec)
                 .build()
                 .user_data(UserData::new(OpKind::TimerUpdate, 0, 0).encode());
         // SAFETY: `timer_update_spec` is boxed, freed only after the ring is closed with
         // nothing in flight, and rewritten only here, while no update is in flight (asserted
         // above; the ledger flag clears on the update's completion).
-        unsafe { self.ring.push(&entry) }?;
-        self.ledger.timer_updating = true;
-        Ok(())
+        unsafe { self.push(&entry, UserData::new(OpKind::TimerUpdate, 0, 0)) }
     }
 
     /// Cancels the operation `target` names; its final completion still arrives.
@@ -295,8 +256,18 @@ impl Io {
             .build()
             .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
         // SAFETY: a cancel request carries no pointers.
-        unsafe { self.ring.push(&entry) }?;
-        self.ledger.cancels += 1;
+        unsafe { self.push(&entry, UserData::new(OpKind::Cancel, 0, 0)) }
+    }
+
+    /// Pushes `entry`, which carries `ud`, and records it in the ledger.
+    ///
+    /// # Safety
+    /// As `Ring::push`: every pointer inside `entry` stays valid and unmoved until the kernel
+    /// posts the operation's final completion.
+    unsafe fn push(&mut self, entry: &squeue::Entry, ud: UserData) -> io::Result<()> {
+        // SAFETY: our caller upholds `Ring::push`'s contract.
+        unsafe { self.ring.push(entry) }?;
+        self.ledger.pushed(ud.kind, ud.generation);
         Ok(())
     }
 }
@@ -312,21 +283,8 @@ fn timespec(after: Duration) -> types::Timespec {
 
 impl Drop for Io {
     fn drop(&mut self) {
-        if self.bufs.refused() > 0 {
-            // Each one a bug (a buffer reported twice, a token recycled twice or into the
-            // wrong ring), refused so the kernel never wrote into a buffer being read.
-            tracing::error!(
-                refused = self.bufs.refused(),
-                "receive buffer tokens were refused"
-            );
-        }
         let in_flight = self.in_flight();
         if in_flight == 0 {
-            // SAFETY: no receive is in flight (the ledger counts every armed one), so none can
-            // be holding a buffer of the group.
-            if let Err(e) = unsafe { self.bufs.unregister(&self.ring) } {
-                tracing::warn!(error = %e, "cannot unregister the provided buffer ring");
-            }
             // The registered file table holds its own reference to the listener: released
             // here, the socket closes with its descriptor. Left to the ring's asynchronous
             // teardown, the port stays bound for a while after the process has exited, and
@@ -340,7 +298,7 @@ impl Drop for Io {
             // The loop logged why (a shutdown timeout or a ring error); one line per event.
             tracing::debug!(
                 in_flight,
-                "leaking receive buffers and send slots still in use by the kernel"
+                "leaking receive headers and timer words still in use by the kernel"
             );
         }
         // SAFETY: dropped exactly once, here; the fields below are not used by it.
@@ -356,20 +314,24 @@ impl Drop for Io {
                 ManuallyDrop::drop(&mut self.timer_update_spec);
             }
         }
-        // `bufs` and `sends` drop after this body, as fields: `bufs` unmaps only if it was
-        // unregistered above, `sends` frees only if none of its slots is in flight; either
-        // leaks otherwise.
+        // `listener` closes after this body, as a field: after the ring.
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use std::os::fd::AsRawFd;
+pub(super) mod tests {
+    use std::net::UdpSocket;
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::time::Instant;
 
     use super::*;
-    use crate::buf_ring::BufRing;
+    use crate::ring::has_more;
+    use crate::send_pool::{Dest, SendPool};
+    use crate::socket::bind_worker_socket;
 
-    fn io_for(listener: RawFd, wake: RawFd) -> Option<Io> {
+    /// An `Io` on a fresh ring and a loopback listener, with the eventfd its wake-up read
+    /// names (keep it alive as long as the `Io`); `None` where io_uring is unavailable.
+    pub(in crate::worker) fn io() -> Option<(Io, OwnedFd)> {
         let Ok(ring) = Ring::new(8, 16) else {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
@@ -378,67 +340,49 @@ mod tests {
             eprintln!("skipped: io_uring unavailable");
             return None;
         };
-        let bufs = BufRing::new(4, 4096, BUF_GROUP).unwrap();
-        let sends = SendPool::new(4, 64, false, false).unwrap();
-        Some(Io::new(ring, bufs, sends, 16, 0, listener, wake).unwrap())
+        let listener =
+            bind_worker_socket("127.0.0.1:0".parse().unwrap(), 1 << 16, 1 << 16, false).unwrap();
+        let wake = crate::sys::eventfd().unwrap();
+        let io = Io::new(ring, listener, 16, 0, wake.as_raw_fd());
+        Some((io, wake))
     }
 
-    /// Issue 14, defect 7: a `Copy` completion could be handed to `take_buffer` twice and
-    /// yield two tokens for one buffer. Now a completion is spent taking its buffer, and a
-    /// second completion naming a buffer that is still out (a kernel bug) is refused.
+    /// Issue 14, shape: the send pool kept its own count of sends in flight beside the
+    /// ledger. Now the ledger is the one count: each send the pool pushes through `Io` is in
+    /// it until its completion.
     #[test]
-    fn a_buffer_is_taken_once() {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let wake = crate::sys::eventfd().unwrap();
-        let Some(mut io) = io_for(socket.as_raw_fd(), wake.as_raw_fd()) else {
+    fn sends_are_in_the_ledger_from_push_to_completion() {
+        let Some((mut io, _wake)) = io() else {
             return;
         };
-        // IORING_CQE_F_BUFFER with buffer id 2 above IORING_CQE_BUFFER_SHIFT (16).
-        let flags = 1 | (2 << 16);
-        let ud = UserData::new(OpKind::Recv, 0, 0).encode();
-        // SAFETY: no receive was ever armed on this ring, so the kernel selects and writes no
-        // buffer of the group. The second completion names buffer 2 again on purpose.
-        let (first, again) = unsafe {
-            (
-                Completion::forged(ud, 40, flags),
-                Completion::forged(ud, 40, flags),
-            )
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut pool = SendPool::new(4, 64, false, false).unwrap();
+        let dest = Dest {
+            fd: io.listener_fd(),
+            peer: peer.local_addr().unwrap(),
+            local: None,
+            connected: false,
         };
-        let buf = io.take_buffer(first).expect("the buffer");
-        assert_eq!(io.bufs.bytes(&buf).len(), 40);
-        assert!(
-            io.take_buffer(again).is_none(),
-            "a second token for buffer 2"
-        );
-        assert_eq!(io.bufs.available(), 3);
-        assert_eq!(io.bufs.refused(), 1);
-        io.bufs.recycle(buf);
-        assert_eq!(io.bufs.available(), 4);
-    }
-
-    /// Issue 8, finding 2: the worker freed the buffers before the ring went. Now teardown
-    /// closes the ring first and frees only what no armed operation can reach.
-    #[test]
-    fn teardown_frees_buffers_only_when_nothing_is_in_flight() {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let wake = crate::sys::eventfd().unwrap();
-        let fd = socket.as_raw_fd();
-
-        // A receive armed and never completed: the buffers stay mapped after the drop.
-        let Some(mut io) = io_for(fd, wake.as_raw_fd()) else {
-            return;
-        };
-        io.arm_recv().unwrap();
-        io.submit().unwrap();
-        assert_eq!(io.in_flight(), 1);
-        let (addr, len) = io.bufs.buffers_range();
-        drop(io);
-        assert!(BufRing::buffers_mapped_at(addr, len), "in flight: leaked");
-
-        // Nothing armed: the group is unregistered, the ring closed, the buffers unmapped.
-        let io = io_for(fd, wake.as_raw_fd()).unwrap();
-        let (addr, len) = io.bufs.buffers_range();
-        drop(io);
-        assert!(!BufRing::buffers_mapped_at(addr, len), "idle: freed");
+        // Without GSO, two replies are two entries.
+        pool.queue_bytes(dest, b"one").unwrap();
+        pool.queue_bytes(dest, b"two").unwrap();
+        assert_eq!(pool.flush(&mut io).unwrap(), 2);
+        assert_eq!(io.in_flight(), 2);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut completions = Vec::new();
+        while io.in_flight() > 0 {
+            assert!(Instant::now() < deadline, "the sends never completed");
+            io.submit_and_wait(1, Some(Duration::from_millis(100)))
+                .unwrap();
+            io.drain(&mut completions);
+            for c in completions.drain(..) {
+                let ud = UserData::decode(c.user_data()).unwrap();
+                assert_eq!(ud.kind, OpKind::Send);
+                assert_eq!(c.result(), 3);
+                assert!(pool.complete(ud).is_some());
+                assert!(io.completed(ud, has_more(c.flags())));
+            }
+        }
+        assert_eq!(pool.free_slots(), 4);
     }
 }

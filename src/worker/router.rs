@@ -13,7 +13,7 @@ use crate::send_pool::Dest;
 use crate::session::{Millis, SessionId, SessionTable};
 use crate::stats::Stats;
 
-use super::shared::ServerShared;
+use crate::shared::ServerShared;
 
 /// Where a datagram was read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,15 +86,24 @@ pub(super) enum Route {
     Drop,
 }
 
-/// The routing rules of one worker.
+/// The routing rules of one worker, and the session table they route by.
 pub(super) struct Router<S> {
-    pub sessions: SessionTable<SessionEntry<S>>,
+    sessions: SessionTable<SessionEntry<S>>,
     worker: usize,
 }
 
 impl<S> Router<S> {
     pub fn new(sessions: SessionTable<SessionEntry<S>>, worker: usize) -> Router<S> {
         Router { sessions, worker }
+    }
+
+    /// The session table (opening, closing and expiry are the worker's, in `sessions`).
+    pub fn table(&self) -> &SessionTable<SessionEntry<S>> {
+        &self.sessions
+    }
+
+    pub fn table_mut(&mut self) -> &mut SessionTable<SessionEntry<S>> {
+        &mut self.sessions
     }
 
     /// Routes a datagram from `peer` that arrived through `source`.

@@ -1,91 +1,98 @@
-//! Session lifecycle inside a worker: opening a session (and its own socket in `connected`
-//! and `port-per-client` modes), closing it, retiring its socket without losing what is
-//! queued on it, idle expiry on a timeout SQE, and work posted from other threads (deferred
-//! replies, forwarded datagrams). Routing rules are in `router`, the bookkeeping in
-//! `crate::session`; both are sans-IO.
+//! The worker's sessions: opening one (with its own socket in `connected` and
+//! `port-per-client` modes, `session_sockets`), handing it its datagrams, closing it, idle
+//! expiry on a timeout SQE, and work posted from other threads (deferred replies, forwarded
+//! datagrams). Routing rules are in `router`, the bookkeeping in `crate::session`; both are
+//! sans-IO. The handler, the sender and `Io` are handed in by the loop for each call.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use super::receive::Pending;
-use super::router::{SessionEntry, SessionSock, Source};
-use super::{Posted, Worker};
-use crate::config::SessionMode;
+use super::io::Io;
+use super::receive::Incoming;
+use super::router::{Route, Router, SessionEntry};
+use super::send::Sender;
+use super::session_sockets::SessionSockets;
+use crate::config::{ServerConfig, SessionMode};
 use crate::cookie;
-use crate::handler::{SessionHandler, SessionInfo};
-use crate::op::UserData;
-use crate::ring::{has_more, Completion};
+use crate::handler::{Datagram, SessionCtx, SessionHandler, SessionInfo};
 use crate::send_pool::Dest;
-use crate::session::{CloseReason, Refusal, SessionId};
-use crate::session_socket;
+use crate::session::{CloseReason, Limits, Millis, Refusal, SessionId, SessionTable};
+use crate::session_socket::Drained;
+use crate::shared::{Posted, ServerShared, WorkerShared};
+use crate::stats::Stats;
 
-/// Datagrams read from a retiring socket at most, per read.
-const RETIRE_READ_LIMIT: usize = 1024;
-
-/// Per-client sockets on their way out, and the settings for new ones.
-pub(super) struct SessionSockets {
-    /// Sockets whose receive is being cancelled, by session; retired on its final completion.
-    cancelling: HashMap<SessionId, OwnedFd>,
-    /// Sockets no receive uses any more: what they hold is read into the backlog this turn.
-    retiring: Vec<OwnedFd>,
-    /// Sockets read and waiting to be closed. Replies already pushed may still name them:
-    /// they stay open until the kernel has consumed every queued entry (the kernel resolves
-    /// a descriptor number when it issues the request), so a number reused by a new socket
-    /// never receives someone else's reply (`closable`).
-    parked: Vec<OwnedFd>,
+pub(super) struct Sessions<S> {
+    /// The session table and the rules that route datagrams to its sessions.
+    router: Router<S>,
+    sockets: SessionSockets,
+    /// `--sessions none`: one worker-wide session, `stateless`.
+    stateless_mode: bool,
+    /// The one worker-wide state of `--sessions none` (`None` once closed at shutdown).
+    stateless: Option<S>,
     /// Sessions whose socket needs its receive armed.
     rearm: Vec<SessionId>,
+    /// Scratch space of `expire` and `read_posted`, kept to avoid allocating per turn.
     expired: Vec<SessionId>,
-    max_connected: usize,
-    recv_buffer: usize,
+    posted: Vec<Posted>,
+    amplification_factor: u64,
+    server: Arc<ServerShared>,
+    /// This worker's mailbox (session handles post to it).
+    shared: Arc<WorkerShared>,
+    worker: usize,
 }
 
-impl SessionSockets {
-    pub fn new(max_connected: usize, recv_buffer: usize) -> SessionSockets {
-        SessionSockets {
-            cancelling: HashMap::new(),
-            retiring: Vec::new(),
-            parked: Vec::new(),
+impl<S> Sessions<S> {
+    /// An empty table under the limits of `config`; `listener` is the listening socket's
+    /// address.
+    pub fn new(
+        config: &ServerConfig,
+        listener: SocketAddr,
+        server: Arc<ServerShared>,
+        shared: Arc<WorkerShared>,
+        worker: usize,
+    ) -> Sessions<S> {
+        let limits = Limits {
+            idle_timeout_ms: config.idle_timeout.as_millis().max(1) as Millis,
+            max_sessions_per_worker: config.max_sessions_per_worker,
+            max_sessions: config.max_sessions,
+            max_new_per_sec: config.max_new_sessions_per_sec,
+            max_per_source: config.max_sessions_per_source,
+        };
+        let table = SessionTable::new(limits, server.sessions_total.clone());
+        Sessions {
+            router: Router::new(table, worker),
+            sockets: SessionSockets::new(config, listener, worker),
+            stateless_mode: config.sessions == SessionMode::None,
+            stateless: None,
             rearm: Vec::new(),
             expired: Vec::new(),
-            max_connected,
-            recv_buffer,
+            posted: Vec::new(),
+            amplification_factor: u64::from(config.amplification_factor),
+            server,
+            shared,
+            worker,
         }
     }
 
-    /// Sockets wait to be read or closed: the loop must not sleep before it has done so.
-    pub fn busy(&self) -> bool {
-        !self.retiring.is_empty() || !self.parked.is_empty()
+    /// Sessions open.
+    pub fn len(&self) -> usize {
+        self.router.table().len()
     }
 
-    /// Parks a socket that has been read: it closes once no queued entry can name it.
-    fn park(&mut self, fd: OwnedFd) {
-        self.parked.push(fd);
+    /// `--sessions none`: no per-peer sessions.
+    #[inline]
+    pub fn stateless_mode(&self) -> bool {
+        self.stateless_mode
     }
 
-    /// The parked sockets that may be closed now, given the ring's `unsubmitted` entries:
-    /// every one once the kernel has consumed all that was pushed (each reply naming a
-    /// parked socket was pushed in the turn that parked it, and no later one can name it:
-    /// its session is gone), none while an entry is still queued (the kernel may have taken
-    /// only part of the queue, or none of it: `Ring::submit_and_wait`), since that entry may
-    /// name one and would reach whatever socket reuses the number.
-    fn closable(&mut self, unsubmitted: usize) -> Vec<OwnedFd> {
-        if unsubmitted > 0 {
-            return Vec::new();
-        }
-        std::mem::take(&mut self.parked)
-    }
-}
-
-impl<H: SessionHandler> Worker<H> {
-    pub(super) fn stateless_info(&self) -> SessionInfo {
+    fn stateless_info(&self) -> SessionInfo {
         SessionInfo {
-            peer: SocketAddr::new(self.socket.local_addr.ip(), 0),
+            peer: SocketAddr::new(self.sockets.listener().ip(), 0),
             local: None,
-            worker: self.id,
+            worker: self.worker,
             id: SessionId {
                 slot: u32::MAX,
                 generation: 0,
@@ -94,58 +101,109 @@ impl<H: SessionHandler> Worker<H> {
         }
     }
 
+    /// `--sessions none`: opens the one worker-wide session, at start.
+    pub fn open_stateless<H: SessionHandler<State = S>>(&mut self, handler: &mut H) {
+        if self.stateless_mode {
+            let info = self.stateless_info();
+            self.stateless = Some(handler.session_open(&info));
+        }
+    }
+
+    /// Which session a datagram belongs to (see `router`).
+    #[inline]
+    pub fn route(&mut self, incoming: &Incoming<'_>, now: Millis, stats: &mut Stats) -> Route {
+        self.router.route(
+            incoming.source,
+            incoming.peer,
+            incoming.payload,
+            now,
+            &self.server,
+            stats,
+        )
+    }
+
+    /// The session `route` asked for was not opened: give up the peer's claim.
+    pub fn abandon(&self, peer: SocketAddr) {
+        self.router.abandon(peer, &self.server);
+    }
+
+    /// Hands a datagram to another worker, which owns its peer.
+    pub fn forward(&self, owner: usize, incoming: &Incoming<'_>, stats: &mut Stats) {
+        let work = Posted::ForwardedDatagram {
+            peer: incoming.peer,
+            local: incoming.local,
+            payload: incoming.payload.to_vec(),
+        };
+        match self.server.workers.get(owner).map(|w| w.post(work)) {
+            Some(Ok(())) => stats.forwarded += 1,
+            _ => stats.deferred_dropped += 1,
+        }
+    }
+
     /// Sends a Retry from the listening socket, if the datagram that asked for it was large
-    /// enough that the Retry stays within the anti-amplification factor.
-    pub(super) fn send_retry(&mut self, peer: SocketAddr, local: Option<IpAddr>, received: usize) {
+    /// enough (`received` bytes) that the Retry stays within the anti-amplification factor.
+    pub fn send_retry(
+        &self,
+        peer: SocketAddr,
+        local: Option<IpAddr>,
+        received: usize,
+        now: Millis,
+        sender: &mut Sender,
+        stats: &mut Stats,
+    ) {
         let Some(jar) = self.server.cookies.as_ref() else {
             return;
         };
         if self.amplification_factor > 0
             && cookie::PREFIX_LEN as u64 > self.amplification_factor * received as u64
         {
-            self.stats.amplification_limited += 1;
+            stats.amplification_limited += 1;
             return;
         }
-        let message = cookie::retry_message(&jar.mint(&peer, (self.now_ms / 1000) as u32));
+        let message = cookie::retry_message(&jar.mint(&peer, (now / 1000) as u32));
         let dest = Dest {
-            fd: self.fd,
+            fd: sender.listener_fd(),
             peer,
             local,
             connected: false,
         };
-        match self.io.sends.queue_bytes(dest, &message) {
-            Ok(_) => self.stats.retries_sent += 1,
-            Err(_) => self.stats.send_dropped += 1,
+        match sender.queue_bytes(dest, &message) {
+            Ok(_) => stats.retries_sent += 1,
+            Err(_) => stats.send_dropped += 1,
         }
     }
 
     /// Admits and opens a session for `peer`, with its own socket in the modes that have one
-    /// (falling back to none, counted, when descriptors or `--max-connected` run out).
-    pub(super) fn open_session(
+    /// (falling back to none, counted, when descriptors or `--max-connected` run out). While
+    /// `serving`, the idle timer is armed if it is not.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open<H: SessionHandler<State = S>>(
         &mut self,
         peer: SocketAddr,
         local: Option<IpAddr>,
         validated: bool,
+        now: Millis,
+        serving: bool,
+        handler: &mut H,
+        io: &mut Io,
+        stats: &mut Stats,
     ) -> Option<SessionId> {
-        if !self.running() {
-            // Shutdown has closed the sessions: the datagram that asked for one is dropped.
-            self.stats.shutdown_dropped += 1;
-            return None;
-        }
-        if let Err(refusal) = self.router.sessions.admit(&peer, self.now_ms) {
+        if let Err(refusal) = self.router.table_mut().admit(&peer, now) {
             match refusal {
-                Refusal::WorkerFull => self.stats.refused_worker_full += 1,
-                Refusal::TotalFull => self.stats.refused_total_full += 1,
-                Refusal::RateLimited => self.stats.refused_rate += 1,
-                Refusal::SourceFull => self.stats.refused_source += 1,
+                Refusal::WorkerFull => stats.refused_worker_full += 1,
+                Refusal::TotalFull => stats.refused_total_full += 1,
+                Refusal::RateLimited => stats.refused_rate += 1,
+                Refusal::SourceFull => stats.refused_source += 1,
             }
             return None;
         }
-        let sock = self.open_session_socket(peer, local);
+        let sock = self
+            .sockets
+            .open(peer, local, &self.server.connected_total, stats);
         let own_socket = sock.is_some();
-        let id = self.router.sessions.insert(
+        let id = self.router.table_mut().insert(
             peer,
-            self.now_ms,
+            now,
             SessionEntry {
                 state: None,
                 sock,
@@ -158,84 +216,134 @@ impl<H: SessionHandler> Worker<H> {
         let info = SessionInfo {
             peer,
             local,
-            worker: self.id,
+            worker: self.worker,
             id,
             own_socket,
         };
-        let state = self.handler.session_open(&info);
-        if let Some(entry) = self.router.sessions.get_mut(id) {
+        let state = handler.session_open(&info);
+        if let Some(entry) = self.router.table_mut().get_mut(id) {
             entry.value.state = Some(state);
         }
-        self.stats.sessions_opened += 1;
+        stats.sessions_opened += 1;
         if own_socket {
-            self.socks.rearm.push(id);
+            self.rearm.push(id);
         }
         // Not while draining: a new timer would hold the drain open until it fired.
-        if !self.io.ledger.tick_armed && self.serving() {
-            let idle = self.router.sessions.limits().idle_timeout_ms;
-            if let Err(e) = self.io.arm_tick(idle) {
-                tracing::error!(worker = self.id, error = %e, "cannot arm the idle timer");
+        if !io.ledger().tick_armed() && serving {
+            let idle = self.router.table().limits().idle_timeout_ms;
+            if let Err(e) = io.arm_tick(idle) {
+                tracing::error!(worker = self.worker, error = %e, "cannot arm the idle timer");
             }
         }
         Some(id)
     }
 
-    fn open_session_socket(
+    /// Calls the handler for session `id` with the payload past its first `strip` bytes.
+    /// Returns whether the handler asked to close the session.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub fn deliver<H: SessionHandler<State = S>>(
         &mut self,
-        peer: SocketAddr,
-        local: Option<IpAddr>,
-    ) -> Option<SessionSock> {
-        let connected = match self.mode {
-            SessionMode::Connected => true,
-            SessionMode::PortPerClient => false,
-            SessionMode::None | SessionMode::Shared => return None,
+        id: SessionId,
+        incoming: &Incoming<'_>,
+        strip: usize,
+        now: Millis,
+        handler: &mut H,
+        sender: &mut Sender,
+        stats: &mut Stats,
+    ) -> bool {
+        let payload = &incoming.payload[strip.min(incoming.payload.len())..];
+        let Some(entry) = self.router.table_mut().get_mut(id) else {
+            return false;
         };
-        let total = &self.server.connected_total;
-        if connected && total.fetch_add(1, Ordering::Relaxed) >= self.socks.max_connected {
-            total.fetch_sub(1, Ordering::Relaxed);
-            self.stats.connected_cap += 1;
-            return None;
+        entry.last_active = now;
+        let session = &mut entry.value;
+        let dest = session.dest(entry.peer, sender.listener_fd(), incoming.local);
+        let limited = !session.validated && self.amplification_factor > 0;
+        if limited {
+            session.budget = session
+                .budget
+                .saturating_add(self.amplification_factor * payload.len() as u64);
         }
-        let port = if connected {
-            self.socket.local_addr.port()
+        let datagram = Datagram {
+            peer: incoming.peer,
+            local: incoming.local,
+            payload,
+            worker: self.worker,
+            ecn: incoming.ecn,
+        };
+        let Some(state) = session.state.as_mut() else {
+            return false;
+        };
+        let ctx = SessionCtx {
+            id,
+            worker: &self.shared,
+            closed: &mut session.closed,
+            close_requested: false,
+        };
+        let budget = if limited {
+            Some(&mut session.budget)
         } else {
-            0
+            None
         };
-        let result = match session_socket::local_for(self.socket.local_addr, local, peer, port) {
-            Some(bind) => session_socket::open(bind, peer, self.socks.recv_buffer),
-            None => Err(io::Error::other(
-                "no local address for the per-client socket (packet-info missing)",
-            )),
+        let mut reply = sender.reply(stats, dest, Some(ctx), budget);
+        match incoming.train {
+            Some(segment) => handler.session_train(state, &datagram, segment, &mut reply),
+            None => handler.session_datagram(state, &datagram, &mut reply),
+        }
+        reply.session.is_some_and(|s| s.close_requested)
+    }
+
+    /// `--sessions none`: calls the handler with the worker-wide state.
+    #[inline]
+    pub fn deliver_stateless<H: SessionHandler<State = S>>(
+        &mut self,
+        incoming: &Incoming<'_>,
+        handler: &mut H,
+        sender: &mut Sender,
+        stats: &mut Stats,
+    ) {
+        let Some(state) = self.stateless.as_mut() else {
+            // Closed at shutdown: no handler state is left to take it.
+            stats.shutdown_dropped += 1;
+            return;
         };
-        match result {
-            Ok(fd) => Some(SessionSock {
-                fd,
-                recv_armed: false,
-                connected,
-            }),
-            Err(e) => {
-                if connected {
-                    total.fetch_sub(1, Ordering::Relaxed);
-                }
-                if session_socket::is_fd_exhaustion(&e) {
-                    self.stats.fd_exhausted += 1;
-                } else {
-                    self.stats.session_socket_errors += 1;
-                }
-                if let Some(held_back) = self.socket_log.check() {
-                    tracing::warn!(worker = self.id, %peer, error = %e, held_back, "per-client socket not opened; serving the peer on the shared socket");
-                }
-                None
-            }
+        let payload = incoming.payload;
+        // No per-peer state here: the anti-amplification budget is per datagram.
+        let mut budget = self.amplification_factor * payload.len() as u64;
+        let datagram = Datagram {
+            peer: incoming.peer,
+            local: incoming.local,
+            payload,
+            worker: self.worker,
+            ecn: incoming.ecn,
+        };
+        let dest = Dest {
+            fd: sender.listener_fd(),
+            peer: incoming.peer,
+            local: incoming.local,
+            connected: false,
+        };
+        let budget = (self.amplification_factor > 0).then_some(&mut budget);
+        let mut reply = sender.reply(stats, dest, None, budget);
+        match incoming.train {
+            Some(segment) => handler.session_train(state, &datagram, segment, &mut reply),
+            None => handler.session_datagram(state, &datagram, &mut reply),
         }
     }
 
     /// Ends a session: tells the handler, marks its handles closed and starts retiring its
-    /// socket (cancelling the socket's receive first; the socket is retired on the final
-    /// completion, so the kernel never writes for a socket number that was reused). Routes
-    /// nothing: what the socket still holds is read later in the turn (`retire_sockets`).
-    pub(super) fn close_session(&mut self, id: SessionId, reason: CloseReason) {
-        let Some(entry) = self.router.sessions.remove(id) else {
+    /// socket (`SessionSockets::retire`). Routes nothing: what the socket still holds is read
+    /// later in the turn (`read_retiring`).
+    pub fn close<H: SessionHandler<State = S>>(
+        &mut self,
+        id: SessionId,
+        reason: CloseReason,
+        handler: &mut H,
+        io: &mut Io,
+        stats: &mut Stats,
+    ) {
+        let Some(entry) = self.router.table_mut().remove(id) else {
             return;
         };
         let peer = entry.peer;
@@ -245,131 +353,107 @@ impl<H: SessionHandler> Worker<H> {
         }
         self.router.abandon(peer, &self.server);
         match reason {
-            CloseReason::Idle => self.stats.closed_idle += 1,
-            CloseReason::HandlerClosed => self.stats.closed_by_handler += 1,
-            CloseReason::Shutdown => self.stats.closed_shutdown += 1,
+            CloseReason::Idle => stats.closed_idle += 1,
+            CloseReason::HandlerClosed => stats.closed_by_handler += 1,
+            CloseReason::Shutdown => stats.closed_shutdown += 1,
         }
         let info = SessionInfo {
             peer,
             local: session.local,
-            worker: self.id,
+            worker: self.worker,
             id,
             own_socket: session.sock.is_some(),
         };
         if let Some(state) = session.state {
-            self.handler.session_close(state, &info, reason);
+            handler.session_close(state, &info, reason);
         }
-        let Some(sock) = session.sock else {
-            return;
-        };
-        if sock.connected {
-            self.server.connected_total.fetch_sub(1, Ordering::Relaxed);
-        }
-        if !sock.recv_armed {
-            self.socks.retiring.push(sock.fd);
-            return;
-        }
-        let target = UserData::new(crate::op::OpKind::SessionRecv, id.generation, id.slot);
-        if let Err(e) = self.io.cancel(target) {
-            // Without a cancel the receive stays armed; the descriptor stays open in
-            // `cancelling` so the kernel never reads into a reused socket number.
-            tracing::error!(worker = self.id, error = %e, "cannot cancel a session receive");
-        }
-        self.socks.cancelling.insert(id, sock.fd);
-    }
-
-    /// Reads what the turn's retired sockets still hold into the backlog (a peer that kept
-    /// sending while its session closed gets a new session instead of silence) and parks
-    /// them until the sends naming them are submitted. Returns whether it added datagrams.
-    pub(super) fn retire_sockets(&mut self) -> bool {
-        let mut added = false;
-        for fd in std::mem::take(&mut self.socks.retiring) {
-            let fd = self.requeue_held(fd);
-            added = true;
-            self.socks.park(fd);
-        }
-        added
-    }
-
-    /// Closes the parked sockets once the kernel has taken every queued entry (the replies
-    /// naming them were pushed in the turn that parked them), reading each one last time
-    /// right before `close()`. Only a datagram that arrives in the microsecond between that
-    /// read and `close()` is lost; the peer's retransmission then reaches the listener.
-    /// While entries are still queued they stay parked, and `busy` keeps the loop entering
-    /// the kernel without sleeping until it has taken them.
-    pub(super) fn close_parked_sockets(&mut self) {
-        let unsubmitted = self.io.ring().unsubmitted();
-        for fd in self.socks.closable(unsubmitted) {
-            drop(self.requeue_held(fd));
+        if let Some(sock) = session.sock {
+            self.sockets
+                .retire(id, sock, &self.server.connected_total, io);
         }
     }
 
-    /// Moves what is queued on `fd` into the backlog, routed as if it reached the listener;
-    /// datagrams longer than `--max-datagram` are counted as truncated, as on the receive
-    /// path.
-    fn requeue_held(&mut self, fd: OwnedFd) -> OwnedFd {
-        let (fd, drained) = session_socket::drain(fd, self.max_datagram, RETIRE_READ_LIMIT);
-        self.stats.truncated += drained.truncated;
-        for (peer, payload) in drained.datagrams {
-            self.stats.rx_datagrams += 1;
-            self.stats.rx_bytes += payload.len() as u64;
-            self.backlog.push_back(Pending::Owned {
-                peer,
-                local: None,
-                payload,
-                source: Source::Listener,
-            });
-        }
-        fd
-    }
-
-    pub(super) fn close_all_sessions(&mut self) {
-        for id in self.router.sessions.ids() {
-            self.close_session(id, CloseReason::Shutdown);
+    /// Shutdown: closes every session, and the worker-wide one of `--sessions none`.
+    pub fn close_all<H: SessionHandler<State = S>>(
+        &mut self,
+        handler: &mut H,
+        io: &mut Io,
+        stats: &mut Stats,
+    ) {
+        for id in self.router.table().ids() {
+            self.close(id, CloseReason::Shutdown, handler, io, stats);
         }
         if let Some(state) = self.stateless.take() {
             let info = self.stateless_info();
-            self.handler
-                .session_close(state, &info, CloseReason::Shutdown);
+            handler.session_close(state, &info, CloseReason::Shutdown);
         }
     }
 
-    /// A completion of a session socket's multishot receive.
-    pub(super) fn on_session_recv(&mut self, ud: UserData, c: Completion) {
-        let id = SessionId {
-            slot: ud.slot,
-            generation: ud.generation,
+    /// The listener was handed over: sessions served through it (`shared` mode, and in the
+    /// other modes those over --max-connected or whose socket could not be opened) will
+    /// never hear from their peer here again; their datagrams reach the new process, which
+    /// opens sessions of its own for them. Closes those.
+    pub fn close_listener_sessions<H: SessionHandler<State = S>>(
+        &mut self,
+        handler: &mut H,
+        io: &mut Io,
+        stats: &mut Stats,
+    ) {
+        for id in self.router.table().ids() {
+            if !self.has_own_socket(id) {
+                self.close(id, CloseReason::Shutdown, handler, io, stats);
+            }
+        }
+    }
+
+    fn has_own_socket(&self, id: SessionId) -> bool {
+        self.router
+            .table()
+            .get(id)
+            .is_some_and(|e| e.value.sock.is_some())
+    }
+
+    /// Some session is served on a socket of its own (which keeps a released worker
+    /// serving).
+    pub fn any_own_socket(&self) -> bool {
+        self.sockets.own_sockets()
+            && self
+                .router
+                .table()
+                .ids()
+                .into_iter()
+                .any(|id| self.has_own_socket(id))
+    }
+
+    /// The multishot receive of session `id`'s socket ended (its completion without
+    /// `F_MORE`, whose result was `result`): the socket retires if the session has closed,
+    /// else its receive is armed again while `serving`.
+    pub fn recv_ended(&mut self, id: SessionId, result: i32, serving: bool, stats: &mut Stats) {
+        if self.sockets.recv_ended(id) {
+            return;
+        }
+        let Some(entry) = self.router.table_mut().get_mut(id) else {
+            return;
         };
-        if !has_more(c.flags()) {
-            let ledger = &mut self.io.ledger;
-            ledger.session_recvs = ledger.session_recvs.saturating_sub(1);
-            if let Some(fd) = self.socks.cancelling.remove(&id) {
-                self.socks.retiring.push(fd);
-            } else if let Some(entry) = self.router.sessions.get_mut(id) {
-                if let Some(sock) = entry.value.sock.as_mut() {
-                    sock.recv_armed = false;
-                    if self.serving() {
-                        self.socks.rearm.push(id);
-                        if c.result() >= 0 || c.result() == -libc::ENOBUFS {
-                            self.stats.rearms += 1;
-                        }
-                    }
+        if let Some(sock) = entry.value.sock.as_mut() {
+            sock.recv_armed = false;
+            if serving {
+                self.rearm.push(id);
+                if result >= 0 || result == -libc::ENOBUFS {
+                    stats.rearms += 1;
                 }
             }
         }
-        // A datagram read from a closing session's socket still gets routed (to a new
-        // session for its peer), so nothing the kernel delivered is lost.
-        self.take_received(c, Source::Session(id));
     }
 
-    /// Arms the receive of every session socket that needs it, while buffers are available.
-    pub(super) fn rearm_sessions(&mut self) -> io::Result<()> {
-        if self.socks.rearm.is_empty() || self.io.bufs.available() == 0 {
+    /// Arms the receive of every session socket that needs it, while `buffers_available`.
+    pub fn rearm(&mut self, io: &mut Io, buffers_available: bool) -> io::Result<()> {
+        if self.rearm.is_empty() || !buffers_available {
             return Ok(());
         }
-        let pending = std::mem::take(&mut self.socks.rearm);
+        let pending = std::mem::take(&mut self.rearm);
         for id in pending {
-            let Some(entry) = self.router.sessions.get_mut(id) else {
+            let Some(entry) = self.router.table_mut().get_mut(id) else {
                 continue;
             };
             let Some(sock) = entry.value.sock.as_mut() else {
@@ -380,165 +464,102 @@ impl<H: SessionHandler> Worker<H> {
             }
             // The socket stays open until this request's final completion: closing a session
             // cancels the receive and keeps the descriptor in `cancelling` until then.
-            self.io.arm_session_recv(sock.fd.as_raw_fd(), id)?;
+            io.arm_session_recv(sock.fd.as_raw_fd(), id)?;
             sock.recv_armed = true;
         }
         Ok(())
     }
 
-    /// The idle timer fired: close what has been idle for the whole timeout, re-arm.
-    pub(super) fn expire_sessions(&mut self) -> io::Result<()> {
-        let mut expired = std::mem::take(&mut self.socks.expired);
+    /// The idle timer fired: close what has been idle for the whole timeout, re-arm while
+    /// `serving`.
+    pub fn expire<H: SessionHandler<State = S>>(
+        &mut self,
+        now: Millis,
+        serving: bool,
+        handler: &mut H,
+        io: &mut Io,
+        stats: &mut Stats,
+    ) -> io::Result<()> {
+        let mut expired = std::mem::take(&mut self.expired);
         expired.clear();
-        self.router.sessions.expired(self.now_ms, &mut expired);
+        self.router.table_mut().expired(now, &mut expired);
         for &id in &expired {
-            self.close_session(id, CloseReason::Idle);
+            self.close(id, CloseReason::Idle, handler, io, stats);
         }
-        self.socks.expired = expired;
-        if self.serving() {
-            if let Some(due) = self.router.sessions.next_check() {
-                self.io.arm_tick(due.saturating_sub(self.now_ms))?;
+        self.expired = expired;
+        if serving {
+            if let Some(due) = self.router.table().next_check() {
+                io.arm_tick(due.saturating_sub(now))?;
             }
         }
         Ok(())
     }
 
     /// Takes the work other threads posted: deferred replies are queued, forwarded
-    /// datagrams join the backlog.
-    pub(super) fn read_posted(&mut self) {
+    /// datagrams go to `forwarded` (the receiver's backlog).
+    pub fn read_posted(
+        &mut self,
+        sender: &mut Sender,
+        stats: &mut Stats,
+        mut forwarded: impl FnMut(SocketAddr, Option<IpAddr>, Vec<u8>),
+    ) {
         let mut posted = std::mem::take(&mut self.posted);
         self.shared.collect(&mut posted);
         for work in posted.drain(..) {
             match work {
-                Posted::DeferredReply { session, payload } => self.send_deferred(session, &payload),
+                Posted::DeferredReply { session, payload } => {
+                    self.send_deferred(session, &payload, sender, stats)
+                }
                 Posted::ForwardedDatagram {
                     peer,
                     local,
                     payload,
-                } => self.backlog.push_back(Pending::Owned {
-                    peer,
-                    local,
-                    payload,
-                    source: Source::Forwarded,
-                }),
+                } => forwarded(peer, local, payload),
+                // The turn this wake-up started is all it asked for.
+                Posted::Wake => {}
             }
         }
         self.posted = posted;
     }
 
-    fn send_deferred(&mut self, id: SessionId, payload: &[u8]) {
+    fn send_deferred(
+        &mut self,
+        id: SessionId,
+        payload: &[u8],
+        sender: &mut Sender,
+        stats: &mut Stats,
+    ) {
         let factor = self.amplification_factor;
-        let Some(entry) = self.router.sessions.get_mut(id) else {
-            self.stats.deferred_dropped += 1;
+        let Some(entry) = self.router.table_mut().get_mut(id) else {
+            stats.deferred_dropped += 1;
             return;
         };
         if !entry.value.validated && factor > 0 {
             if payload.len() as u64 > entry.value.budget {
-                self.stats.amplification_limited += 1;
+                stats.amplification_limited += 1;
                 return;
             }
             entry.value.budget -= payload.len() as u64;
         }
-        let dest = entry.value.dest(entry.peer, self.fd, None);
-        match self.io.sends.queue_bytes(dest, payload) {
-            Ok(_) => self.stats.deferred_sent += 1,
-            Err(_) => self.stats.send_dropped += 1,
+        let dest = entry.value.dest(entry.peer, sender.listener_fd(), None);
+        match sender.queue_bytes(dest, payload) {
+            Ok(_) => stats.deferred_sent += 1,
+            Err(_) => stats.send_dropped += 1,
         }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use std::net::UdpSocket;
-    use std::os::fd::AsRawFd;
-    use std::time::{Duration, Instant};
+    /// Session sockets wait to be read or closed (see `SessionSockets::busy`).
+    pub fn sockets_busy(&self) -> bool {
+        self.sockets.busy()
+    }
 
-    use io_uring::{opcode, squeue, types};
+    /// See `SessionSockets::read_retiring`.
+    pub fn read_retiring(&mut self, requeue: impl FnMut(Drained)) -> bool {
+        self.sockets.read_retiring(requeue)
+    }
 
-    use super::*;
-    use crate::ring::Ring;
-
-    /// An SQE flag bit no kernel defines (include/uapi/linux/io_uring.h stops at bit 6):
-    /// `io_init_req` refuses the entry with `-EINVAL`, and `io_submit_sqes` stops there,
-    /// leaving every later entry in the queue, as an `EBUSY` or `EAGAIN` enter leaves all.
-    const UNDEFINED_SQE_FLAG: u8 = 1 << 7;
-
-    /// Issue 14, defect 6: a parked session socket was closed after the next enter whatever
-    /// that enter had submitted, so a reply still queued behind it named a descriptor number
-    /// that a new session's socket could take, and went to that socket's peer. Now a parked
-    /// socket closes only once the kernel has consumed every queued entry.
-    #[test]
-    fn a_parked_socket_outlives_every_queued_entry_naming_it() {
-        let Ok(mut ring) = Ring::new(8, 16) else {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "io_uring unavailable"
-            );
-            eprintln!("skipped: io_uring unavailable");
-            return;
-        };
-        let old_peer = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let new_peer = UdpSocket::bind("127.0.0.1:0").unwrap();
-        new_peer.set_nonblocking(true).unwrap();
-        // The closing session's socket, connected to its peer, and a reply to it queued
-        // behind an entry the kernel refuses.
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.connect(old_peer.local_addr().unwrap()).unwrap();
-        let number = sock.as_raw_fd();
-        static PAYLOAD: &[u8] = b"for the old peer";
-        let refused = opcode::Nop::new()
-            .build()
-            .flags(squeue::Flags::from_bits_retain(UNDEFINED_SQE_FLAG))
-            .user_data(1);
-        let reply = opcode::Send::new(types::Fd(number), PAYLOAD.as_ptr(), PAYLOAD.len() as u32)
-            .build()
-            .user_data(2);
-        // SAFETY: the Nop carries no pointer; the Send points at a static.
-        unsafe {
-            ring.push(&refused).unwrap();
-            ring.push(&reply).unwrap();
-        }
-        let mut socks = SessionSockets::new(0, 0);
-        socks.park(OwnedFd::from(sock));
-        ring.submit().unwrap();
-        assert_eq!(
-            ring.unsubmitted(),
-            1,
-            "the kernel stops at the refused entry; the reply stays queued"
-        );
-        // What the worker does next turn: close what may be closed, then open a socket for
-        // a new peer, which takes the lowest free descriptor number.
-        for fd in socks.closable(ring.unsubmitted()) {
-            drop(fd);
-        }
-        let newcomer = UdpSocket::bind("127.0.0.1:0").unwrap();
-        newcomer.connect(new_peer.local_addr().unwrap()).unwrap();
-        assert_ne!(
-            newcomer.as_raw_fd(),
-            number,
-            "the parked socket was closed with a reply naming it still queued"
-        );
-        // The next enter takes the reply; it leaves from the parked socket, to its peer.
-        let mut completions = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !completions.iter().any(|c: &Completion| c.user_data() == 2) {
-            assert!(Instant::now() < deadline, "no completion for the reply");
-            ring.submit_and_wait(1, Some(Duration::from_millis(100)))
-                .unwrap();
-            ring.drain(&mut completions);
-        }
-        assert_eq!(ring.unsubmitted(), 0);
-        let sent = completions.iter().find(|c| c.user_data() == 2).unwrap();
-        assert_eq!(sent.result(), PAYLOAD.len() as i32);
-        old_peer
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut buf = [0u8; 64];
-        let n = old_peer.recv(&mut buf).expect("the reply reaches its peer");
-        assert_eq!(&buf[..n], PAYLOAD);
-        assert!(new_peer.recv(&mut buf).is_err(), "nothing for the new peer");
-        // Nothing is queued any more: now it closes.
-        assert_eq!(socks.closable(ring.unsubmitted()).len(), 1);
-        assert!(!socks.busy());
+    /// See `SessionSockets::close_parked`.
+    pub fn close_parked(&mut self, unsubmitted: usize, requeue: impl FnMut(Drained)) {
+        self.sockets.close_parked(unsubmitted, requeue)
     }
 }

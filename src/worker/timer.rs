@@ -37,9 +37,12 @@ pub(super) enum TimerStep {
 #[derive(Debug, Default)]
 pub(super) struct HandlerTimer {
     /// When the armed timeout fires (`None`: no timeout armed).
-    pub armed: Option<Instant>,
+    armed: Option<Instant>,
     /// An update of the armed timeout is in flight.
-    pub updating: bool,
+    updating: bool,
+    /// The deadline had passed at the end of the last turn and a reply slot was free: the
+    /// next wait does not block.
+    ready: bool,
 }
 
 impl HandlerTimer {
@@ -83,6 +86,15 @@ impl HandlerTimer {
     /// The update in flight completed (whether or not the timeout was still armed).
     pub fn updated(&mut self) {
         self.updating = false;
+    }
+
+    /// Whether the handler is due again without waiting (see `ready`).
+    pub fn ready(&self) -> bool {
+        self.ready
+    }
+
+    pub fn set_ready(&mut self, ready: bool) {
+        self.ready = ready;
     }
 }
 

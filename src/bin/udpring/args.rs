@@ -8,8 +8,9 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use udpring::{App, ServerConfig, SessionMode, Steer};
+use clap::{Parser, Subcommand, ValueEnum};
+use udpring::config::Steer;
+use udpring::{ServerConfig, SessionMode};
 
 use crate::load::LoadArgs;
 
@@ -35,7 +36,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve UDP until SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the kernel version and each io_uring feature udpring uses, yes or no.
     Probe,
     /// UDP request/response load generator (closed loop, or open loop with --rate).
@@ -106,8 +107,8 @@ pub struct ServeArgs {
     /// socket, no descriptor per client), connected (a socket per client bound to this address
     /// and port and connected to the peer: the seed article's Linux model), port-per-client (a
     /// socket per client on a new port the client must switch to: its IOCP model).
-    #[arg(long, value_enum, default_value_t = defaults().sessions)]
-    sessions: SessionMode,
+    #[arg(long, value_enum, default_value_t = Sessions::from(defaults().sessions))]
+    sessions: Sessions,
     /// Close a session (and its socket) after this long without a datagram.
     #[arg(long, value_name = "DUR", default_value_t = Dur(defaults().idle_timeout))]
     pub idle_timeout: Dur,
@@ -144,14 +145,16 @@ pub struct ServeArgs {
     amplification_factor: u32,
     /// Take over from the udpring serving --bind: receive its listening sockets (and what is
     /// queued on them), start serving, then tell it to finish what it still serves and exit 0.
-    /// Without a running udpring on the address, start as usual.
+    /// Without a running udpring on the address, start as usual. Sockets are taken only from
+    /// a process of this user or root, and only UDP sockets bound to --bind with
+    /// SO_REUSEPORT; anything else is refused in one line naming the peer, and exit 1.
     #[arg(long)]
     pub takeover: bool,
     /// How datagrams of new peers are spread over the workers: `none` (the kernel's
     /// SO_REUSEPORT hash) or `cpu` (the worker pinned to the CPU that received the packet;
     /// needs --pin-cpus and one worker per allowed CPU).
-    #[arg(long, value_enum, default_value_t = defaults().steer)]
-    steer: Steer,
+    #[arg(long, value_enum, default_value_t = SteerArg::from(defaults().steer))]
+    steer: SteerArg,
     /// --app quic: the certificate chain to present (PEM). Without it a self-signed
     /// certificate for `localhost` and the listen address is made at start, written to a
     /// file whose path is printed, and its SHA-256 fingerprint logged.
@@ -160,14 +163,64 @@ pub struct ServeArgs {
     /// --app quic: the private key of --cert (PEM: PKCS#8, PKCS#1 or SEC1).
     #[arg(long, value_name = "PEM", requires = "cert")]
     pub key: Option<std::path::PathBuf>,
-    /// --app quic: the directory whose files ALPN `hq-interop` serves (`GET /path`); no file
-    /// outside it is ever served. Without it every request gets a 404 text.
+    /// --app quic: the directory whose files ALPN `h3` (HTTP/3 GET and HEAD, content-type by
+    /// extension) and `hq-interop` (`GET /path`) serve; no file outside it is ever served.
+    /// Without it every request gets a 404.
     #[arg(long, value_name = "DIR")]
     pub root: Option<std::path::PathBuf>,
+    /// --app quic: above this many handshakes in flight on a worker, a new client must
+    /// return a Retry token (prove its address) before it gets any connection state, so a
+    /// flood of Initials from spoofed sources costs at most this much state per worker.
+    /// Counted in retries_busy.
+    #[arg(long, value_name = "N",
+          default_value_t = udpring::quic::QuicConfig::DEFAULT_RETRY_ABOVE_HANDSHAKES)]
+    pub quic_retry_above: usize,
+    /// --app quic: at this many handshakes in flight on a worker, new clients are refused
+    /// (CONNECTION_REFUSED), validated or not. Counted in refused_busy.
+    #[arg(long, value_name = "N",
+          default_value_t = udpring::quic::QuicConfig::DEFAULT_MAX_HANDSHAKES)]
+    pub quic_max_handshakes: usize,
+    /// --app quic: refuse 0-RTT (early) data from resumed clients; they still resume, with
+    /// one round trip more before their first request.
+    #[arg(long = "no-0rtt")]
+    pub no_0rtt: bool,
+    /// --app quic: this host's QUIC-LB server ID (1 to 15 bytes in hex, e.g. 0a0b0c). Server
+    /// connection IDs then follow the QUIC-LB plaintext format (first octet, server ID,
+    /// worker, random), so a load balancer in front of several hosts routes each connection
+    /// to its host by the server ID, whatever the client's address does. Without it: 8-byte
+    /// IDs whose first byte is the worker.
+    #[arg(long, value_name = "HEX", value_parser = parse_server_id)]
+    pub quic_server_id: Option<ServerId>,
+    /// --app quic, with --quic-server-id: the QUIC-LB config rotation codepoint (0 to 6) in
+    /// the top bits of every connection ID's first octet.
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "quic_server_id",
+          value_parser = clap::value_parser!(u8).range(0..=6))]
+    pub quic_lb_config_id: u8,
+    /// --app quic: the stateless reset key, read from FILE (at least 32 bytes, raw; at most
+    /// 4096). Give every host of a fleet the same file: a host that receives a connection of
+    /// another (after the load balancer moved it) resets it, and the client learns at once
+    /// instead of waiting for its idle timeout. Without it, a random key per start.
+    #[arg(long, value_name = "FILE")]
+    pub stateless_reset_key: Option<std::path::PathBuf>,
+    /// --app quic: TLS sessions kept for resumption, all workers together (0: none). Each
+    /// handshake issues two single-use tickets; the oldest are evicted first.
+    #[arg(long, value_name = "N", default_value_t = udpring::quic::DEFAULT_SESSION_CACHE)]
+    pub session_cache: usize,
+    /// --app quic: how long a session stays resumable (rotation: a ticket older than this
+    /// gets a full handshake). Sessions pass to the next process with --takeover.
+    #[arg(long, value_name = "DUR", default_value_t = Dur(udpring::quic::DEFAULT_SESSION_LIFETIME),
+          value_parser = parse_positive_dur)]
+    pub session_lifetime: Dur,
     /// Serve Prometheus metrics (text format 0.0.4) at http://ADDR:PORT/metrics. Bind it to
-    /// loopback or a trusted interface.
+    /// loopback or a trusted interface. One thread serves at most 64 connections at once;
+    /// more are answered 503 (counted in udpring_metrics_connections_refused_total).
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
+    /// How long a metrics connection has to send its request and read the answer before it
+    /// is closed (counted in udpring_metrics_connections_timed_out_total).
+    #[arg(long, value_name = "DUR", default_value_t = Dur(crate::metrics::TIMEOUT),
+          value_parser = parse_positive_dur)]
+    metrics_timeout: Dur,
     /// Log a counter summary this often (e.g. 10s, 500ms), skipped when nothing was counted
     /// since the last one. 0 logs the counters only at exit.
     #[arg(long, value_name = "DUR", default_value_t = Dur(Duration::ZERO))]
@@ -193,7 +246,7 @@ impl ServeArgs {
             batch_wait: self.batch_wait.or_off(),
             batch_size: self.batch_size,
             busy_poll: self.busy_poll.or_off(),
-            sessions: self.sessions,
+            sessions: self.sessions.into(),
             idle_timeout: self.idle_timeout.0,
             max_sessions: self.max_sessions,
             max_sessions_per_worker: self.max_sessions_per_worker.0,
@@ -203,7 +256,7 @@ impl ServeArgs {
             validate_peers: d.validate_peers || self.validate_peers,
             cookie_rotation: self.cookie_rotation.0,
             amplification_factor: self.amplification_factor,
-            steer: self.steer,
+            steer: self.steer.into(),
             // Options without a flag keep the library's value.
             ..d.clone()
         }
@@ -213,6 +266,153 @@ impl ServeArgs {
     pub fn stats_interval(&self) -> Option<Duration> {
         self.stats_interval.or_off()
     }
+
+    /// What the metrics endpoint allows its clients.
+    pub fn metrics_limits(&self) -> crate::metrics::Limits {
+        crate::metrics::Limits {
+            timeout: self.metrics_timeout.0,
+            ..crate::metrics::Limits::default()
+        }
+    }
+}
+
+/// A duration above zero (`--metrics-timeout`: zero would close every connection at once).
+/// A `--quic-server-id` value: its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerId(pub Vec<u8>);
+
+/// `--quic-server-id`: 1 to 15 bytes of hex.
+fn parse_server_id(s: &str) -> Result<ServerId, String> {
+    let s = s.strip_prefix("0x").unwrap_or(s);
+    if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("hex digits, two per byte (e.g. 0a0b0c)".into());
+    }
+    let bytes: Vec<u8> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("checked hex"))
+        .collect();
+    if bytes.is_empty() || bytes.len() > udpring::quic::cid::MAX_SERVER_ID {
+        return Err(format!(
+            "{} bytes: a QUIC-LB server ID has 1 to {}",
+            bytes.len(),
+            udpring::quic::cid::MAX_SERVER_ID
+        ));
+    }
+    Ok(ServerId(bytes))
+}
+
+fn parse_positive_dur(s: &str) -> Result<Dur, String> {
+    let d: Dur = s.parse()?;
+    if d.0.is_zero() {
+        return Err("must be above zero".into());
+    }
+    Ok(d)
+}
+
+/// The built-in handlers, by name on the command line (`--app`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum App {
+    /// RFC 862 echo.
+    Echo,
+    /// RFC 863 discard.
+    Discard,
+    /// Replies to `sockperf ping-pong` / `under-load` clients.
+    Sockperf,
+    /// QUIC (quinn-proto): ALPN `h3` (HTTP/3 files under --root), `hq-interop` and `echo`,
+    /// chosen by the client.
+    Quic,
+}
+
+/// `--sessions`: the library's [`SessionMode`] by its command-line name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Sessions {
+    /// Stateless: every datagram stands alone.
+    None,
+    /// Peers demultiplexed in user space on the worker's socket; no descriptor per client.
+    Shared,
+    /// A socket per client bound to the listener's address and port, connected to the peer.
+    Connected,
+    /// A socket per client on a new kernel-chosen port; the first reply comes from it.
+    PortPerClient,
+}
+
+impl From<SessionMode> for Sessions {
+    fn from(mode: SessionMode) -> Sessions {
+        match mode {
+            SessionMode::None => Sessions::None,
+            SessionMode::Shared => Sessions::Shared,
+            SessionMode::Connected => Sessions::Connected,
+            SessionMode::PortPerClient => Sessions::PortPerClient,
+        }
+    }
+}
+
+impl From<Sessions> for SessionMode {
+    fn from(mode: Sessions) -> SessionMode {
+        match mode {
+            Sessions::None => SessionMode::None,
+            Sessions::Shared => SessionMode::Shared,
+            Sessions::Connected => SessionMode::Connected,
+            Sessions::PortPerClient => SessionMode::PortPerClient,
+        }
+    }
+}
+
+/// `--steer`: the library's [`Steer`] by its command-line name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SteerArg {
+    /// The kernel's SO_REUSEPORT hash of the 4-tuple.
+    None,
+    /// The worker pinned to the CPU that received the packet (needs `--pin-cpus`).
+    Cpu,
+}
+
+impl From<Steer> for SteerArg {
+    fn from(steer: Steer) -> SteerArg {
+        match steer {
+            Steer::None => SteerArg::None,
+            Steer::Cpu => SteerArg::Cpu,
+        }
+    }
+}
+
+impl From<SteerArg> for Steer {
+    fn from(steer: SteerArg) -> Steer {
+        match steer {
+            SteerArg::None => Steer::None,
+            SteerArg::Cpu => Steer::Cpu,
+        }
+    }
+}
+
+/// Parses durations written as `250ms`, `30s`, `5m`, `1h`, `1500us` or plain seconds (`2`,
+/// `0.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration '{s}': expected e.g. 500ms, 30s, 5m"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1e3,
+        "us" | "µs" => value / 1e6,
+        "ns" => value / 1e9,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "invalid duration unit '{other}' in '{s}': use ns, us, ms, s, m or h"
+            ))
+        }
+    };
+    if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
+        return Err(format!("duration '{s}' is out of range"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// A duration as the command line writes it (`30s`, `500ms`, `20us`; `0` for off), so that
@@ -254,7 +454,7 @@ impl fmt::Display for Dur {
 impl FromStr for Dur {
     type Err = String;
     fn from_str(s: &str) -> Result<Dur, String> {
-        udpring::parse_duration(s).map(Dur)
+        parse_duration(s).map(Dur)
     }
 }
 
@@ -299,88 +499,4 @@ impl<T: Unbounded> FromStr for Limit<T> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::CommandFactory;
-
-    fn serve(args: &[&str]) -> ServeArgs {
-        let cli = Cli::try_parse_from(["udpring", "serve"].iter().chain(args))
-            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-        match cli.command {
-            Command::Serve(s) => s,
-            other => panic!("not serve: {other:?}"),
-        }
-    }
-
-    #[test]
-    fn no_options_is_the_library_default() {
-        let args = serve(&[]);
-        let (got, want) = (args.config(), ServerConfig::default());
-        // ServerConfig has no PartialEq (a library type need not promise one); its Debug
-        // lists every field.
-        assert_eq!(format!("{got:?}"), format!("{want:?}"));
-        assert_eq!(
-            args.stats_interval(),
-            None,
-            "the stats line is off by default"
-        );
-    }
-
-    #[test]
-    fn options_reach_the_config() {
-        let c = serve(&[
-            "--workers=3",
-            "--batch-wait=20us",
-            "--idle-timeout=1500ms",
-            "--max-sessions-per-worker=10",
-            "--max-new-sessions-per-sec=none",
-            "--no-gso",
-            "--stats-interval=2s",
-        ]);
-        assert_eq!(c.stats_interval(), Some(Duration::from_secs(2)));
-        let c = c.config();
-        assert_eq!(c.workers, 3);
-        assert_eq!(c.batch_wait, Some(Duration::from_micros(20)));
-        assert_eq!(c.idle_timeout, Duration::from_millis(1500));
-        assert_eq!(c.max_sessions_per_worker, 10);
-        assert_eq!(c.max_new_sessions_per_sec, u32::MAX);
-        assert!(!c.gso);
-        assert!(serve(&["--busy-poll=0"]).config().busy_poll.is_none());
-    }
-
-    #[test]
-    fn durations_and_limits_print_as_they_parse() {
-        for d in [
-            Duration::ZERO,
-            Duration::from_secs(30),
-            Duration::from_millis(900),
-            Duration::from_micros(20),
-            Duration::from_nanos(1500),
-        ] {
-            assert_eq!(Dur(d).to_string().parse::<Dur>(), Ok(Dur(d)), "{d:?}");
-        }
-        assert_eq!(Dur(Duration::from_secs(30)).to_string(), "30s");
-        assert_eq!(Limit(u32::MAX).to_string(), "none");
-        assert_eq!("none".parse::<Limit<usize>>(), Ok(Limit(usize::MAX)));
-        assert_eq!("7".parse::<Limit<u32>>(), Ok(Limit(7)));
-        assert!("seven".parse::<Limit<u32>>().is_err());
-    }
-
-    #[test]
-    fn help_shows_the_defaults() {
-        Cli::command().debug_assert();
-        let mut cmd = Cli::command();
-        let serve = cmd.find_subcommand_mut("serve").expect("serve subcommand");
-        let help = serve.render_long_help().to_string();
-        let d = ServerConfig::default();
-        for expected in [
-            format!("[default: {}]", d.bind),
-            format!("[default: {}]", d.buffers),
-            format!("[default: {}]", Dur(d.idle_timeout)),
-            "[default: none]".to_string(),
-            "[default: 0]".to_string(),
-        ] {
-            assert!(help.contains(&expected), "{expected} missing:\n{help}");
-        }
-    }
-}
+mod tests;

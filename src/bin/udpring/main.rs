@@ -1,6 +1,7 @@
 //! The `udpring` command line: `serve`, `probe`, `load`. It is built with feature `cli` (on by
-//! default) and uses the library's public API; `load` also uses the sockaddr codec the hidden
-//! `internals` modules expose, so both sides of the wire share one implementation.
+//! default) and uses the library's public API only; `load` uses its socket-address and
+//! control-message codec (`udpring::kernel::wire`), so both ends of the wire share one
+//! implementation.
 
 mod args;
 mod load;
@@ -12,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
-use udpring::{
-    App, Discard, Echo, Server, ServerConfig, SessionHandler, SocketOrigin, Sockperf, Stats,
-};
+use udpring::apps::{Discard, Echo, Sockperf};
+use udpring::kernel::Features;
+use udpring::ops::{self, activation, takeover, SocketOrigin};
+use udpring::{Server, ServerConfig, SessionHandler, Stats};
 
-use args::{Cli, Command, ServeArgs};
+use args::{App, Cli, Command, ServeArgs, Sessions, SteerArg};
 
 fn main() -> ExitCode {
     init_logging();
@@ -60,7 +62,7 @@ fn print_for_scripts(line: std::fmt::Arguments<'_>) {
 }
 
 fn probe() -> Result<ExitCode> {
-    let features = udpring::Features::probe();
+    let features = Features::probe();
     print!("{}", features.report());
     match features.check_required() {
         Ok(()) => {
@@ -76,19 +78,45 @@ fn probe() -> Result<ExitCode> {
 
 fn serve(args: &ServeArgs) -> Result<ExitCode> {
     match args.app {
-        App::Echo => run(args, args.config(), |_| Echo),
-        App::Discard => run(args, args.config(), |_| Discard),
-        App::Sockperf => run(args, args.config(), |_| Sockperf),
+        App::Echo => run(args, args.config(), Carry::default(), |_| Echo),
+        App::Discard => run(args, args.config(), Carry::default(), |_| Discard),
+        App::Sockperf => run(args, args.config(), Carry::default(), |_| Sockperf),
         App::Quic => serve_quic(args),
     }
 }
 
+/// Takes what the process taken over from handed over (`None`: it speaks takeover version 1).
+type StateImport = Box<dyn FnOnce(Option<Vec<u8>>)>;
+
+/// What a server hands the process that takes it over besides its sockets (`--takeover`).
+#[derive(Default)]
+struct Carry {
+    /// Made in this process when the next one takes over.
+    export: Option<takeover::StateExport>,
+    /// Called in this process, before its workers start, with what the process taken over
+    /// from handed over (`None`: it speaks takeover version 1 and had nothing to give).
+    import: Option<StateImport>,
+}
+
 /// `--app quic`: the TLS identity (given, or made and written out), the QUIC service, the
-/// engine options it needs; its counters are logged at exit.
+/// engine options it needs; its counters are logged at exit. Its TLS sessions pass to the
+/// next process with `--takeover`, so resumed clients keep resuming (with 0-RTT).
 fn serve_quic(args: &ServeArgs) -> Result<ExitCode> {
     use udpring::quic::{Identity, Quic, QuicConfig};
     let mut config = args.config();
-    Quic::configure(&mut config)?;
+    // Refused options first: no certificate is made for a server that cannot start.
+    Quic::check_engine(&config)?;
+    let load_balancer = match &args.quic_server_id {
+        Some(id) => Some(
+            udpring::quic::cid::LbConfig::new(args.quic_lb_config_id, id.0.clone())
+                .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
+    let stateless_reset_key = match &args.stateless_reset_key {
+        Some(path) => Some(read_reset_key(path)?),
+        None => None,
+    };
     let identity = match (&args.cert, &args.key) {
         (Some(cert), Some(key)) => Identity::from_pem_files(cert, key)?,
         _ => {
@@ -112,17 +140,77 @@ fn serve_quic(args: &ServeArgs) -> Result<ExitCode> {
     };
     tracing::info!(sha256 = %identity.fingerprint(), "QUIC certificate");
     let quic = Quic::new(QuicConfig {
-        identity,
         root: args.root.clone(),
         validate_peers: args.validate_peers,
         idle_timeout: args.idle_timeout.0,
+        retry_above_handshakes: args.quic_retry_above,
+        max_handshakes: args.quic_max_handshakes,
+        early_data: !args.no_0rtt,
+        session_cache: args.session_cache,
+        session_lifetime: args.session_lifetime.0,
+        load_balancer,
+        stateless_reset_key,
+        ..QuicConfig::new(identity)
     })?;
+    quic.configure(&mut config)?;
     let stats = quic.stats_source();
+    let carry = {
+        let (cache_out, cache_in) = (quic.sessions().clone(), quic.sessions().clone());
+        Carry {
+            export: Some(Box::new(move || {
+                cache_out.export(udpring::quic::MAX_SESSION_EXPORT)
+            })),
+            // Key material is never logged: counts and the reason only.
+            import: Some(Box::new(move |state: Option<Vec<u8>>| match state {
+                // The takeover logged that the old process speaks version 1.
+                None => {}
+                Some(bytes) => match cache_in.import(&bytes) {
+                    Ok(sessions) => tracing::info!(
+                        sessions,
+                        "TLS sessions taken over: their clients resume here"
+                    ),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "TLS sessions of the process taken over from not used; starting with none"
+                    ),
+                },
+            })),
+        }
+    };
     let quic = std::sync::Arc::new(quic);
-    let code = run(args, config, move |worker| quic.handler(worker))?;
+    let code = run(args, config, carry, move |worker| quic.handler(worker))?;
     tracing::info!("quic final {}", stats().summary());
     print_for_scripts(format_args!("udpring quic {}", stats().summary()));
     Ok(code)
+}
+
+/// `--stateless-reset-key FILE`: its bytes, 32 to 4096 of them. A key file others may read
+/// is used, with a warning: whoever reads it can reset this fleet's connections.
+fn read_reset_key(path: &std::path::Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("--stateless-reset-key {}: cannot open", path.display()))?;
+    let mode = file.metadata().map(|m| m.permissions().mode()).unwrap_or(0);
+    if mode & 0o004 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            "the stateless reset key file is readable by every user: chmod o-r"
+        );
+    }
+    let mut key = Vec::new();
+    file.take(4097)
+        .read_to_end(&mut key)
+        .with_context(|| format!("--stateless-reset-key {}: cannot read", path.display()))?;
+    if key.len() < udpring::quic::MIN_RESET_KEY || key.len() > 4096 {
+        anyhow::bail!(
+            "--stateless-reset-key {}: {} bytes; a key has {} to 4096 (e.g. head -c 32 /dev/urandom > FILE)",
+            path.display(),
+            if key.len() > 4096 { "over 4096".to_string() } else { key.len().to_string() },
+            udpring::quic::MIN_RESET_KEY
+        );
+    }
+    Ok(key)
 }
 
 /// The name an option value has on the command line (`port-per-client`, not `PortPerClient`).
@@ -133,16 +221,20 @@ fn cli_name(value: &impl ValueEnum) -> String {
         .unwrap_or_default()
 }
 
-fn run<H, F>(args: &ServeArgs, config: udpring::ServerConfig, factory: F) -> Result<ExitCode>
+fn run<H, F>(args: &ServeArgs, config: ServerConfig, carry: Carry, factory: F) -> Result<ExitCode>
 where
     H: SessionHandler,
     F: Fn(usize) -> H + Send + Sync + 'static,
 {
-    let (sessions, steer) = (config.sessions, config.steer);
+    let (sessions, steer) = (
+        Sessions::from(config.sessions),
+        SteerArg::from(config.steer),
+    );
     // Block the shutdown signals before any worker exists so they inherit the mask and only
     // this thread sees SIGINT/SIGTERM.
-    udpring::block_shutdown_signals().context("cannot block signals")?;
-    let (server, origin) = start(args, config, factory)?;
+    ops::block_shutdown_signals().context("cannot block signals")?;
+    let Carry { export, import } = carry;
+    let (server, origin) = start(args, config, import, factory)?;
     let features: Vec<&str> = server
         .features()
         .list
@@ -164,7 +256,7 @@ where
         "listening"
     );
     // The next restart takes over from this process (`--takeover`).
-    let offer = match server.offer_takeover() {
+    let offer = match server.offer_takeover_with(export) {
         Ok(offer) => Some(offer),
         Err(e) => {
             tracing::warn!(error = %e, "cannot offer takeover; a restart with --takeover will not find this process");
@@ -176,10 +268,13 @@ where
         None => None,
         // The process taken over from lets go of the port once it was told to go; the
         // sockets are served already, so a late or missing endpoint must not stop that.
-        Some(addr) if matches!(origin, Origin::TakenOver(_)) => metrics_when_free(addr, &server),
-        Some(addr) => {
-            Some(metrics::serve(addr, server.counter_source()).context("cannot serve metrics")?)
+        Some(addr) if matches!(origin, Origin::TakenOver(_)) => {
+            metrics_when_free(addr, args.metrics_limits(), &server)
         }
+        Some(addr) => Some(
+            metrics::serve(addr, args.metrics_limits(), server.counter_source())
+                .context("cannot serve metrics")?,
+        ),
     };
     if let Some(m) = &metrics {
         tracing::info!("metrics on http://{}/metrics", m.local_addr());
@@ -244,12 +339,18 @@ impl std::fmt::Display for Origin {
 
 /// Starts the server on the sockets systemd passed, on the sockets of the udpring it takes
 /// over from (`--takeover`), or on sockets of its own.
-fn start<H, F>(args: &ServeArgs, mut config: ServerConfig, factory: F) -> Result<(Server, Origin)>
+fn start<H, F>(
+    args: &ServeArgs,
+    mut config: ServerConfig,
+    import: Option<StateImport>,
+    factory: F,
+) -> Result<(Server, Origin)>
 where
     H: SessionHandler,
     F: Fn(usize) -> H + Send + Sync + 'static,
 {
-    if let Some(fds) = udpring::activation::listen_fds().context("socket activation")? {
+    if let Some(passed) = activation::listen_fds().context("socket activation")? {
+        let activation::ListenFds { fds, names } = passed;
         // The passed sockets define the address; --bind and --workers do not apply.
         let first = socket2::SockRef::from(&fds[0])
             .local_addr()
@@ -259,18 +360,18 @@ where
         config.bind = first;
         let server =
             Server::start_with_sockets(config, fds, SocketOrigin::ServiceManager, factory)?;
-        return Ok((
-            server,
-            Origin::SocketActivated(udpring::activation::listen_fd_names()),
-        ));
+        return Ok((server, Origin::SocketActivated(names)));
     }
     if args.takeover {
-        match udpring::takeover::request(config.bind)
+        match takeover::request(config.bind)
             .with_context(|| format!("cannot take over from the udpring serving {}", config.bind))?
         {
             Some(mut handover) => {
                 let pid = handover.pid();
                 let sockets = handover.take_sockets();
+                if let Some(import) = import {
+                    import(handover.take_state());
+                }
                 // On an error here the handover is dropped without `go`: the old process
                 // keeps serving.
                 let server =
@@ -295,11 +396,12 @@ where
 /// within 100 ms of being told to go); after 2 s, serves on without them, with a warning.
 fn metrics_when_free(
     addr: std::net::SocketAddr,
+    limits: metrics::Limits,
     server: &Server,
 ) -> Option<metrics::MetricsServer> {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        match metrics::serve(addr, server.counter_source()) {
+        match metrics::serve(addr, limits, server.counter_source()) {
             Ok(m) => return Some(m),
             Err(e) if Instant::now() >= deadline => {
                 tracing::warn!(%addr, error = %e, "cannot serve metrics; serving without them");
@@ -336,7 +438,7 @@ fn wait_logging_stats(
                 at.saturating_duration_since(Instant::now())
                     .min(FINISHED_POLL)
             });
-            if let Some(sig) = udpring::wait_shutdown_signal(wait)? {
+            if let Some(sig) = ops::wait_shutdown_signal(wait)? {
                 return Ok(Some(sig));
             }
             if next_stats.is_some_and(|at| Instant::now() >= at) {

@@ -6,7 +6,7 @@
 
 use std::io;
 
-use udpring::datagram::MAX_GSO_SEGMENTS;
+use udpring::kernel::wire::MAX_GSO_SEGMENTS;
 
 /// Most bytes one GSO train may carry: the largest UDP/IPv4 payload (the kernel checks the
 /// train's total length against it in `udp_send_skb`).

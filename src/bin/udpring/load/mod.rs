@@ -41,7 +41,9 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use udpring::{parse_duration, MAX_UDP4_PAYLOAD, MAX_UDP6_PAYLOAD};
+use udpring::config::{MAX_UDP4_PAYLOAD, MAX_UDP6_PAYLOAD};
+
+use crate::args::parse_duration;
 
 use report::{Latency, LoadReport};
 use retransmit::{give_up_after, Timers};

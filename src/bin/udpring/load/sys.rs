@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use udpring::datagram::{
+use udpring::kernel::wire::{
     decode_sockaddr, encode_sockaddr, encode_udp_segment, find_gro_segment_size, CONTROL_LEN,
     SOCKADDR_IN6_LEN,
 };

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use udpring::sockperf;
+use udpring::apps::sockperf;
 
 /// Wire format of the requests.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
