@@ -64,6 +64,22 @@ pub struct ServerConfig {
     /// (0; past the first octet and the server ID with a QUIC-LB configuration). Set by
     /// `Quic::configure`.
     pub cid_worker_offset: u8,
+    /// With `cid_routing`: the length of every server connection ID (the routing program
+    /// checks a Handshake packet's destination CID against it). Set by `Quic::configure`.
+    pub cid_len: u8,
+    /// With `cid_routing`: route with the `SK_REUSEPORT` eBPF program and the socket map
+    /// shared across `--takeover` (`crate::reuseport`), so that a successor's workers get the
+    /// new connections while this process's connections stay here. Where the kernel refuses
+    /// it (no CAP_BPF, Linux before 4.19) one line says so and classic BPF routes by worker
+    /// alone. On by default.
+    pub generation_routing: bool,
+    /// With `generation_routing`: this process's generation, which its CIDs carry (0 to 15).
+    /// Set from the takeover ([`crate::ops::takeover::Handover::generation`]).
+    pub generation: u8,
+    /// With `generation_routing`: the socket map of the process taken over from, which this
+    /// one joins (its sockets beside the old process's, in the same reuseport group; the
+    /// instance guard then does not apply). `None`: a map of its own.
+    pub routing_map: Option<crate::reuseport::RoutingMap>,
     /// Send every datagram with don't-fragment set, ignoring the kernel's path MTU estimate
     /// (`IP_PMTUDISC_PROBE`): for stacks that discover the path MTU themselves (QUIC).
     pub dont_fragment: bool,
@@ -129,6 +145,10 @@ impl Default for ServerConfig {
             ecn: false,
             cid_routing: false,
             cid_worker_offset: 0,
+            cid_len: 8,
+            generation_routing: true,
+            generation: 0,
+            routing_map: None,
             dont_fragment: false,
             batch_wait: None,
             batch_size: 32,

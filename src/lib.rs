@@ -116,6 +116,7 @@ pub mod apps;
 pub mod config;
 pub mod cookie;
 mod directory;
+mod ebpf;
 mod features;
 mod guard;
 mod handler;
@@ -130,6 +131,7 @@ mod quic {
     #[path = "route.rs"]
     pub mod route;
 }
+pub(crate) mod reuseport;
 mod ring;
 mod send_pool;
 mod server;
@@ -177,6 +179,7 @@ pub mod kernel {
 /// ([`activation`](ops::activation)), where served sockets came from
 /// ([`SocketOrigin`](ops::SocketOrigin)), and waiting for the shutdown signals.
 pub mod ops {
+    pub use crate::reuseport::RoutingMap;
     pub use crate::server::SocketOrigin;
 
     /// Handing the listening sockets from a running server to its successor: the old process

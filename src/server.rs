@@ -45,6 +45,9 @@ pub struct Server {
     features: Features,
     task_run: TaskRunMode,
     recv_buffer: usize,
+    /// The generation routing this server attached (`ServerConfig::generation_routing`),
+    /// `None` where classic BPF routes.
+    routing: Option<Arc<crate::reuseport::Routing>>,
 }
 
 /// What a worker reports once its ring is built, before it serves.
@@ -66,7 +69,8 @@ impl Server {
         F: Fn(usize) -> H + Send + Sync + 'static,
     {
         let (config, features) = prepare(config)?;
-        if config.exclusive {
+        // Joining the group of the process taken over from is the point of a routing map.
+        if config.exclusive && config.routing_map.is_none() {
             crate::guard::check_unserved(config.bind)?;
         }
         // Bind in this thread so errors surface here, and so port 0 is resolved by the first
@@ -224,9 +228,14 @@ impl Server {
         // connection IDs first (a packet of a known connection reaches the worker holding
         // it), then the CPU (what the first stage does not recognise); anything else falls
         // back to the kernel's hash.
+        let routing = if config.cid_routing && config.generation_routing {
+            generation_routing(&config, &sockets, cpus.as_deref())?
+        } else {
+            None
+        };
         let mut program = crate::steer::ProgramBuilder::default();
         let mut staged = false;
-        if config.cid_routing {
+        if config.cid_routing && routing.is_none() {
             program = program.raw_stage(&crate::quic::route::cid_stage_filters(
                 sockets.len(),
                 usize::from(config.cid_worker_offset),
@@ -249,7 +258,9 @@ impl Server {
             program = program.cpu_stage(&crate::steer::by_cpu(allowed))?;
             staged = true;
         }
-        if staged {
+        if routing.is_some() {
+            // Attached once every worker is ready (below).
+        } else if staged {
             crate::steer::attach(&sockets[0].socket, &program.finish())?;
         } else {
             // Adopted sockets may come with the previous owner's program.
@@ -312,6 +323,7 @@ impl Server {
             features,
             task_run: TaskRunMode::Plain,
             recv_buffer: 0,
+            routing: None,
         };
         for rx in ready {
             let status = rx
@@ -328,7 +340,25 @@ impl Server {
                 }
             }
         }
+        if let Some(routing) = routing {
+            // From here on new connections come to these workers.
+            if let Err(e) = routing.attach(&server.listeners[0]) {
+                let _ = server.stop();
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot attach the reuseport eBPF program (SO_ATTACH_REUSEPORT_EBPF): {e}"
+                    ),
+                ));
+            }
+            server.routing = Some(Arc::new(routing));
+        }
         Ok(server)
+    }
+
+    /// The generation routing attached, if any (for the takeover offer).
+    pub(crate) fn routing(&self) -> Option<Arc<crate::reuseport::Routing>> {
+        self.routing.clone()
     }
 
     /// The address the workers are bound to (with the real port when 0 was asked).
@@ -465,6 +495,57 @@ impl Server {
         match first_error {
             Some(e) => Err(e),
             None => Ok(finals),
+        }
+    }
+}
+
+/// The generation routing for `sockets` (not attached yet): in the map of the process taken
+/// over from, or in a new one. A kernel that refuses a new map or the program gives one line
+/// and `None` (classic BPF routes by worker; QUIC connections then end at a takeover); joining
+/// a predecessor's map must work, or the takeover fails and the old process keeps serving.
+fn generation_routing(
+    config: &ServerConfig,
+    sockets: &[BoundSocket],
+    cpus: Option<&[usize]>,
+) -> io::Result<Option<crate::reuseport::Routing>> {
+    use crate::reuseport::{Layout, Routing, MAP_ENTRIES};
+    let layout = Layout {
+        cid_len: config.cid_len,
+        worker_offset: config.cid_worker_offset,
+        generation: config.generation % crate::reuseport::GENERATIONS,
+        workers: sockets.len() as u32,
+        by_cpu: match (config.steer, cpus) {
+            (Steer::Cpu, Some(cpus)) => crate::steer::by_cpu(cpus),
+            _ => Vec::new(),
+        },
+    };
+    let socks: Vec<std::os::fd::RawFd> = sockets
+        .iter()
+        .map(|s| std::os::fd::AsRawFd::as_raw_fd(&s.socket))
+        .collect();
+    match &config.routing_map {
+        Some(map) => Routing::prepare(map.0.clone(), layout, &socks)
+            .map(Some)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot join the reuseport program of the process taken over from: {e}"
+                    ),
+                )
+            }),
+        None => {
+            let made = crate::ebpf::SocketArray::create(MAP_ENTRIES)
+                .and_then(|map| Routing::prepare(Arc::new(map), layout, &socks));
+            match made {
+                Ok(routing) => Ok(Some(routing)),
+                Err(e) => {
+                    tracing::warn!(
+                        "QUIC connections will end at a --takeover: the kernel refused the SK_REUSEPORT eBPF program ({e}; it needs Linux 4.19 and CAP_BPF with CAP_NET_ADMIN); routing by worker with classic BPF"
+                    );
+                    Ok(None)
+                }
+            }
         }
     }
 }

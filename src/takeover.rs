@@ -44,7 +44,9 @@ mod wire;
 
 use wire::{peer_cred, readable, recv, send};
 
-/// The hello of this version: the sockets, then the application's state.
+/// The hello of this version: the sockets or the routing map, then the application's state.
+const HELLO_V3: &[u8] = b"udpring-takeover/3";
+/// The hello of version 2: the sockets, then the application's state.
 const HELLO: &[u8] = b"udpring-takeover/2";
 /// The hello of version 1 (sockets only), spoken to an old process that knows no other.
 const HELLO_V1: &[u8] = b"udpring-takeover/1";
@@ -77,6 +79,7 @@ fn abstract_addr(addr: SocketAddr) -> io::Result<SockAddr> {
 pub struct TakeoverOffer {
     stop: Arc<AtomicBool>,
     taken: Arc<AtomicBool>,
+    draining: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -84,6 +87,14 @@ impl TakeoverOffer {
     /// Whether another process has taken the sockets over (the listeners are released).
     pub fn taken_over(&self) -> bool {
         self.taken.load(Ordering::Acquire)
+    }
+
+    /// Whether the takeover left this process its sockets and its connections (version 3,
+    /// with generation routing): the new process serves new connections on sockets of its
+    /// own, and this one drains what it has (for QUIC, `Quic::drain`, then exit when no
+    /// connection is left). Implies [`TakeoverOffer::taken_over`].
+    pub fn drains(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 }
 
@@ -112,10 +123,12 @@ impl Server {
         listener.listen(4)?;
         let sockets = self.listeners();
         let release = self.releaser();
+        let routing = self.routing();
         let stop = Arc::new(AtomicBool::new(false));
         let taken = Arc::new(AtomicBool::new(false));
+        let draining = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (stop, taken) = (stop.clone(), taken.clone());
+            let (stop, taken, draining) = (stop.clone(), taken.clone(), draining.clone());
             std::thread::Builder::new()
                 .name("udpring-takeover".into())
                 .spawn(move || {
@@ -126,8 +139,8 @@ impl Server {
                         let Ok((conn, _)) = listener.accept() else {
                             continue;
                         };
-                        match hand_over(&conn, &sockets, &stop, state.as_ref()) {
-                            Ok(pid) => {
+                        match hand_over(&conn, &sockets, routing.as_deref(), &stop, state.as_ref()) {
+                            Ok((pid, Given::Sockets)) => {
                                 // No one else may ask once the sockets are gone: stop
                                 // offering before saying `done`, which frees the name.
                                 drop(listener);
@@ -137,7 +150,24 @@ impl Server {
                                 let _ = send(&conn, b"done", None);
                                 return;
                             }
-                            Err(e) => tracing::warn!(error = %e, "takeover did not complete; still serving"),
+                            Ok((pid, Given::Routing)) => {
+                                drop(listener);
+                                draining.store(true, Ordering::Release);
+                                taken.store(true, Ordering::Release);
+                                tracing::info!(pid, "new connections go to the new process; draining the connections of this one");
+                                let _ = send(&conn, b"done", None);
+                                return;
+                            }
+                            Err(e) => {
+                                // The new process may have attached its program before it
+                                // failed: new connections come here again.
+                                if let Some(r) = &routing {
+                                    if let Err(e) = r.attach(&sockets[0]) {
+                                        tracing::error!(error = %e, "cannot attach this process's reuseport program again");
+                                    }
+                                }
+                                tracing::warn!(error = %e, "takeover did not complete; still serving")
+                            }
                         }
                     }
                 })?
@@ -145,18 +175,28 @@ impl Server {
         Ok(TakeoverOffer {
             stop,
             taken,
+            draining,
             thread: Some(thread),
         })
     }
 }
 
-/// Serves one takeover request up to the `go`; returns the new process's pid.
+/// What a takeover handed over.
+enum Given {
+    /// The listening sockets: this process lets go of them.
+    Sockets,
+    /// The routing map: the new process serves on sockets of its own, this one keeps its own.
+    Routing,
+}
+
+/// Serves one takeover request up to the `go`; returns the new process's pid and what it got.
 fn hand_over(
     conn: &Socket,
     sockets: &[Socket],
+    routing: Option<&crate::reuseport::Routing>,
     stop: &AtomicBool,
     state: Option<&StateExport>,
-) -> io::Result<u32> {
+) -> io::Result<(u32, Given)> {
     // Short read timeouts, so that a shutdown of this process (the offer dropped) is not held
     // up by a new process that takes its time.
     conn.set_read_timeout(Some(Duration::from_millis(POLL_MS as u64)))?;
@@ -175,9 +215,10 @@ fn hand_over(
     }
     let mut buf = [0u8; 64];
     let (n, _) = recv_or_stop(conn, &mut buf, stop)?;
-    let with_state = match &buf[..n] {
-        HELLO => true,
-        HELLO_V1 => false,
+    let (with_state, may_route) = match &buf[..n] {
+        HELLO_V3 => (true, true),
+        HELLO => (true, false),
+        HELLO_V1 => (false, false),
         _ => {
             return Err(io::Error::other(format!(
                 "pid {} does not speak {}",
@@ -186,10 +227,23 @@ fn hand_over(
             )))
         }
     };
-    send(conn, format!("sockets {}", sockets.len()).as_bytes(), None)?;
-    for (i, s) in sockets.iter().enumerate() {
-        send(conn, format!("socket {i}").as_bytes(), Some(s.as_raw_fd()))?;
-    }
+    let given = match routing.filter(|_| may_route) {
+        Some(r) => {
+            send(
+                conn,
+                format!("generation {}", r.generation()).as_bytes(),
+                Some(r.map().fd().as_raw_fd()),
+            )?;
+            Given::Routing
+        }
+        None => {
+            send(conn, format!("sockets {}", sockets.len()).as_bytes(), None)?;
+            for (i, s) in sockets.iter().enumerate() {
+                send(conn, format!("socket {i}").as_bytes(), Some(s.as_raw_fd()))?;
+            }
+            Given::Sockets
+        }
+    };
     if with_state {
         let mut bytes = state.map(|f| f()).unwrap_or_default();
         if bytes.len() > MAX_STATE {
@@ -202,14 +256,20 @@ fn hand_over(
         }
         send_state(conn, &bytes)?;
     }
-    tracing::info!(
-        pid = cred.pid,
-        sockets = sockets.len(),
-        "listeners passed to a new process; serving until it says go"
-    );
+    match given {
+        Given::Sockets => tracing::info!(
+            pid = cred.pid,
+            sockets = sockets.len(),
+            "listeners passed to a new process; serving until it says go"
+        ),
+        Given::Routing => tracing::info!(
+            pid = cred.pid,
+            "routing map passed to a new process; serving until it says go"
+        ),
+    }
     let (n, _) = recv_or_stop(conn, &mut buf, stop)?;
     match &buf[..n] {
-        b"go" => Ok(cred.pid as u32),
+        b"go" => Ok((cred.pid as u32, given)),
         [] => Err(io::Error::other(format!(
             "pid {} closed the connection before go (it could not start)",
             cred.pid
@@ -226,6 +286,8 @@ fn hand_over(
 pub struct Handover {
     conn: Socket,
     sockets: Vec<OwnedFd>,
+    /// Version 3 with generation routing: the old process's generation and its map.
+    routing: Option<(u8, crate::reuseport::RoutingMap)>,
     /// `None` when the old process spoke version 1 (it has no state to give).
     state: Option<Vec<u8>>,
     pid: u32,
@@ -243,6 +305,22 @@ impl Handover {
     /// length before use.
     pub fn take_state(&mut self) -> Option<Vec<u8>> {
         self.state.take()
+    }
+
+    /// With generation routing (the old process sent its routing map instead of its
+    /// sockets): the generation this process takes, the one after the old process's. Start
+    /// with [`crate::ServerConfig::generation`] set to it and
+    /// [`crate::ServerConfig::routing_map`] to [`Handover::routing_map`]; the sockets are
+    /// then this process's own ([`crate::Server::start`]).
+    pub fn generation(&self) -> Option<u8> {
+        self.routing
+            .as_ref()
+            .map(|(g, _)| crate::reuseport::next_generation(*g))
+    }
+
+    /// The routing map the old process handed over, if it did (see [`Handover::generation`]).
+    pub fn routing_map(&self) -> Option<crate::reuseport::RoutingMap> {
+        self.routing.as_ref().map(|(_, m)| m.clone())
     }
 
     /// The pid of the process handing them over.
@@ -281,6 +359,15 @@ pub const MAX_SOCKETS: usize = 1024;
 /// `PermissionDenied` or `InvalidData`) is one line, `takeover refused: peer pid P uid U ...`,
 /// and every descriptor received so far is closed.
 pub fn request(addr: SocketAddr) -> io::Result<Option<Handover>> {
+    let Some(conn) = connect(addr)? else {
+        return Ok(None);
+    };
+    match receive_offer_in(conn, addr, HELLO_V3)? {
+        Some(handover) => return Ok(Some(handover)),
+        None => {
+            // A version-2 process closes the connection at this hello.
+        }
+    }
     let Some(conn) = connect(addr)? else {
         return Ok(None);
     };
@@ -361,13 +448,56 @@ fn receive_offer_in(conn: Socket, addr: SocketAddr, hello: &[u8]) -> io::Result<
         }
         other => other.map_err(broke_off)?,
     };
+    let answer = std::str::from_utf8(&buf[..n]).ok();
+    if let Some(generation) = answer.and_then(|s| s.strip_prefix("generation ")) {
+        if hello != HELLO_V3 {
+            return Err(refuse(
+                io::ErrorKind::InvalidData,
+                "answered with a routing map to a hello before version 3".into(),
+            ));
+        }
+        let generation = generation
+            .parse::<u8>()
+            .ok()
+            .filter(|&g| g < crate::reuseport::GENERATIONS)
+            .ok_or_else(|| {
+                refuse(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "named generation {generation:?}; 0..{} are accepted",
+                        crate::reuseport::GENERATIONS
+                    ),
+                )
+            })?;
+        let fd = fd.ok_or_else(|| {
+            refuse(
+                io::ErrorKind::InvalidData,
+                "sent its generation without the routing map".into(),
+            )
+        })?;
+        let map = crate::ebpf::SocketArray::from_fd(fd, crate::reuseport::MAP_ENTRIES).map_err(
+            |why| {
+                refuse(
+                    io::ErrorKind::InvalidData,
+                    format!("offered as the routing map a descriptor that {why}"),
+                )
+            },
+        )?;
+        let state = receive_state(&conn).map_err(|why| refuse(io::ErrorKind::InvalidData, why))?;
+        return Ok(Some(Handover {
+            conn,
+            sockets: Vec::new(),
+            routing: Some((generation, crate::reuseport::RoutingMap(Arc::new(map)))),
+            state: Some(state),
+            pid: cred.pid as u32,
+        }));
+    }
     if fd.is_some() {
         return Err(refuse(
             io::ErrorKind::InvalidData,
             "sent a descriptor with the socket count".into(),
         ));
     }
-    let answer = std::str::from_utf8(&buf[..n]).ok();
     let count = answer
         .and_then(|s| s.strip_prefix("sockets "))
         .and_then(|s| s.parse::<u64>().ok())
@@ -416,6 +546,7 @@ fn receive_offer_in(conn: Socket, addr: SocketAddr, hello: &[u8]) -> io::Result<
     Ok(Some(Handover {
         conn,
         sockets,
+        routing: None,
         state,
         pid: cred.pid as u32,
     }))

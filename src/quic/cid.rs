@@ -1,13 +1,17 @@
 //! The layout of the server connection IDs udpring issues.
 //!
 //! Without a load balancer ([`CidFormat::default`]) a CID is 8 bytes: the worker's index,
-//! then 7 pseudo-random bytes. With one ([`LbConfig`]), a CID follows the QUIC-LB plaintext
-//! format (draft-ietf-quic-load-balancers-19, sections 2 and 5):
+//! the process generation, then 6 pseudo-random bytes. With one ([`LbConfig`]), a CID follows
+//! the QUIC-LB plaintext format (draft-ietf-quic-load-balancers-19, sections 2 and 5):
 //!
 //! ```text
 //! first octet        server ID            nonce (at least 4 bytes)
-//! CR(3) | LEN-1(5)   1..=15 bytes         worker (1) | random (3..=6)
+//! CR(3) | LEN-1(5)   1..=15 bytes         worker (1) | generation (1) | random (2..=5)
 //! ```
+//!
+//! The generation (0 to 15, `crate::reuseport`) tells the processes serving one address
+//! apart across `--takeover`: the reuseport program sends a packet to the process of its
+//! CID's generation, so connections of the process taken over from keep reaching it.
 //!
 //! The config rotation bits (`--quic-lb-config-id`, 0 to 6; 7 is the draft's "unroutable")
 //! tell a load balancer which configuration to decode with, the low five bits give the
@@ -27,6 +31,8 @@ pub const MAX_SERVER_ID: usize = 15;
 pub const MAX_CONFIG_ID: u8 = 6;
 /// QUIC's longest connection ID (RFC 9000 section 17.2).
 const MAX_CID: usize = 20;
+/// Generations a CID can name.
+const GENERATIONS: u8 = 16;
 
 /// A QUIC-LB configuration: the config rotation codepoint and this host's server ID.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,12 +76,28 @@ impl LbConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CidFormat {
     lb: Option<LbConfig>,
+    generation: u8,
 }
 
 impl CidFormat {
     /// QUIC-LB's plaintext format with `lb`.
     pub fn load_balanced(lb: LbConfig) -> CidFormat {
-        CidFormat { lb: Some(lb) }
+        CidFormat {
+            lb: Some(lb),
+            generation: 0,
+        }
+    }
+
+    /// The same layout for CIDs of process generation `generation` (taken modulo
+    /// [`crate::reuseport::GENERATIONS`]).
+    pub fn with_generation(mut self, generation: u8) -> CidFormat {
+        self.generation = generation % GENERATIONS;
+        self
+    }
+
+    /// The generation the CIDs carry.
+    pub fn generation(&self) -> u8 {
+        self.generation
     }
 
     /// The QUIC-LB configuration, if any.
@@ -87,7 +109,7 @@ impl CidFormat {
     pub fn len(&self) -> usize {
         match &self.lb {
             None => PLAIN_LEN,
-            Some(lb) => 1 + lb.server_id.len() + 1 + random_len(lb.server_id.len()),
+            Some(lb) => 1 + lb.server_id.len() + 2 + random_len(lb.server_id.len()),
         }
     }
 
@@ -111,12 +133,14 @@ impl CidFormat {
             None => {
                 let mut cid = Vec::with_capacity(PLAIN_LEN);
                 cid.push(worker);
-                cid.extend_from_slice(&random[..PLAIN_LEN - 1]);
+                cid.push(self.generation);
+                cid.extend_from_slice(&random[..PLAIN_LEN - 2]);
                 cid
             }
             Some(lb) => {
-                let mut nonce = Vec::with_capacity(1 + random_len(lb.server_id.len()));
+                let mut nonce = Vec::with_capacity(2 + random_len(lb.server_id.len()));
                 nonce.push(worker);
+                nonce.push(self.generation);
                 nonce.extend_from_slice(&random[..random_len(lb.server_id.len())]);
                 encode_plaintext(lb.config_id, &lb.server_id, &nonce)
             }
@@ -138,13 +162,20 @@ impl CidFormat {
         }
         cid.get(self.worker_offset()).map(|&b| usize::from(b))
     }
+
+    /// Whether `cid` is one this format issues for `worker`: this server's, this worker's,
+    /// this generation's.
+    pub fn issued_by(&self, cid: &[u8], worker: u8) -> bool {
+        self.worker_of(cid) == Some(usize::from(worker))
+            && cid.get(self.worker_offset() + 1) == Some(&self.generation)
+    }
 }
 
-/// Random bytes after the worker's, for a server ID of `sid_len` bytes: 6, fewer where the
-/// CID would pass 20 bytes, never fewer than 3 (the nonce, worker included, is then 4: the
-/// draft's minimum).
+/// Random bytes after the worker's and the generation's, for a server ID of `sid_len` bytes:
+/// 5, fewer where the CID would pass 20 bytes, never fewer than 2 (the nonce, worker and
+/// generation included, is then 4: the draft's minimum).
 fn random_len(sid_len: usize) -> usize {
-    (MAX_CID - 2 - sid_len).clamp(3, 6)
+    (MAX_CID - 3 - sid_len).clamp(2, 5)
 }
 
 /// The first octet: config rotation in the top 3 bits, the length of the rest in the low 5.
@@ -193,9 +224,10 @@ mod tests {
         let cid = encode_plaintext(0, &hex("c4605e"), &hex("4504cc4f"));
         assert_eq!(cid, hex("07c4605e4504cc4f"));
         assert_eq!(decode_plaintext(&cid, 3), Some((0, 7, &hex("c4605e")[..])));
-        // The same through the server's own layout: worker 0x45, random 04cc4f.
-        let format = CidFormat::load_balanced(LbConfig::new(0, hex("c4605e")).unwrap());
-        let mut random = hex("04cc4f");
+        // The same through the server's own layout: worker 0x45, generation 4, random cc4f.
+        let format =
+            CidFormat::load_balanced(LbConfig::new(0, hex("c4605e")).unwrap()).with_generation(4);
+        let mut random = hex("cc4f");
         random.extend_from_slice(&[0; 8]);
         let made = format.make(0x45, &random);
         assert_eq!(
@@ -205,6 +237,8 @@ mod tests {
         );
         assert_eq!(&made[4..8], &hex("4504cc4f")[..]);
         assert_eq!(format.worker_of(&made), Some(0x45));
+        assert!(format.issued_by(&made, 0x45));
+        assert!(!format.clone().with_generation(5).issued_by(&made, 0x45));
     }
 
     #[test]
@@ -237,12 +271,18 @@ mod tests {
     }
 
     #[test]
-    fn the_plain_format_is_todays() {
-        let format = CidFormat::default();
+    fn the_plain_format_is_worker_generation_random() {
+        let format = CidFormat::default().with_generation(2);
         let cid = format.make(3, &[7; 16]);
-        assert_eq!(cid, [3, 7, 7, 7, 7, 7, 7, 7]);
+        assert_eq!(cid, [3, 2, 7, 7, 7, 7, 7, 7]);
         assert_eq!((format.len(), format.worker_offset()), (8, 0));
         assert_eq!(format.worker_of(&cid), Some(3));
+        assert!(format.issued_by(&cid, 3));
+        assert!(!format.issued_by(&cid, 4));
+        assert!(
+            !CidFormat::default().issued_by(&cid, 3),
+            "another generation's"
+        );
     }
 
     #[test]

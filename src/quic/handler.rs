@@ -4,6 +4,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -119,7 +120,7 @@ impl quinn_proto::ConnectionIdGenerator for WorkerCids {
     }
 
     fn validate(&self, cid: &quinn_proto::ConnectionId) -> Result<(), quinn_proto::InvalidCid> {
-        if self.format.worker_of(cid) == Some(usize::from(self.worker)) {
+        if self.format.issued_by(cid, self.worker) {
             Ok(())
         } else {
             Err(quinn_proto::InvalidCid)
@@ -164,6 +165,8 @@ pub struct QuicHandler<A: App = Builtin> {
     epoch: Instant,
     limits: Limits,
     counters: Arc<Counters>,
+    /// Set when this process drains after a takeover: new peers are not accepted.
+    draining: Arc<AtomicBool>,
     /// Where quinn writes a transmit before it is copied into a send slot.
     buf: Vec<u8>,
     /// Received datagrams are copied here for quinn, which decrypts in place.
@@ -179,6 +182,7 @@ impl<A: App> QuicHandler<A> {
         cid_format: CidFormat,
         limits: Limits,
         counters: Arc<Counters>,
+        draining: Arc<AtomicBool>,
     ) -> QuicHandler<A> {
         let mut config = endpoint_config.clone();
         let format = cid_format.clone();
@@ -201,6 +205,7 @@ impl<A: App> QuicHandler<A> {
             epoch: Instant::now(),
             limits,
             counters,
+            draining,
             buf: Vec::with_capacity(64 * 1024),
             rx: BytesMut::with_capacity(64 * 1024),
         }
@@ -232,10 +237,9 @@ impl<A: App> QuicHandler<A> {
         // recognises it by its token; that is no routing failure.)
         let names_other = short_header
             && payload.len() > self.cid_format.len()
-            && self
+            && !self
                 .cid_format
-                .worker_of(&payload[1..=self.cid_format.len()])
-                != Some(usize::from(self.worker));
+                .issued_by(&payload[1..=self.cid_format.len()], self.worker);
         self.rx.clear();
         self.rx.extend_from_slice(payload);
         let data = self.rx.split();
@@ -277,6 +281,14 @@ impl<A: App> QuicHandler<A> {
     fn incoming(&mut self, now: Instant, incoming: Incoming, reply: &mut Reply<'_>) {
         self.buf.clear();
         let limits = self.limits;
+        if self.draining.load(Ordering::Relaxed) {
+            // No answer: a refusal would end the attempt, while the client's retransmission
+            // goes to the process that took over (the reuseport program sends Initials to
+            // the current generation).
+            self.counters.add(|c| &c.refused_draining);
+            self.endpoint.ignore(incoming);
+            return;
+        }
         if self.handshakes >= limits.max_handshakes {
             self.counters.add(|c| &c.refused);
             self.counters.add(|c| &c.refused_busy);

@@ -181,6 +181,11 @@ pub struct Quic {
     pool: Arc<h3::BlockingPool>,
     /// Each worker's handler counts in its own [`Counters`]; a read sums them.
     counters: Arc<std::sync::Mutex<Vec<Arc<Counters>>>>,
+    /// The process generation the CIDs of handlers made from now on carry
+    /// ([`Quic::set_generation`]).
+    generation: std::sync::atomic::AtomicU8,
+    /// Set by [`Quic::drain`]: every handler drops new peers' Initials from then on.
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Quic {
@@ -259,7 +264,33 @@ impl Quic {
                 .unwrap_or_default(),
             pool: Arc::default(),
             counters: Arc::default(),
+            generation: Default::default(),
+            draining: Arc::default(),
         })
+    }
+
+    /// The process generation this server's CIDs carry (0 to 15; `--takeover` takes the one
+    /// after the old process's, so the reuseport program tells their connections apart). Set
+    /// it before the workers' handlers are made.
+    pub fn set_generation(&self, generation: u8) {
+        self.generation.store(
+            generation % crate::reuseport::GENERATIONS,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Stops accepting new connections on every worker (after a takeover that left this
+    /// process its connections): a new peer's Initial is dropped, counted in
+    /// `refused_draining`, and its retransmission reaches the process that took over. The
+    /// connections open go on until they close ([`QuicStats::open`]).
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// A handle that drains this server from another thread ([`Quic::drain`]).
+    pub fn drainer(&self) -> impl Fn() + Send + Sync + 'static {
+        let draining = self.draining.clone();
+        move || draining.store(true, Ordering::Release)
     }
 
     /// Sets the engine options the QUIC handler relies on: stateless dispatch (quinn keeps
@@ -277,6 +308,7 @@ impl Quic {
         config.validate_peers = false;
         config.cid_routing = true;
         config.cid_worker_offset = self.cid_format.worker_offset() as u8;
+        config.cid_len = self.cid_format.len() as u8;
         config.dont_fragment = true;
         Ok(())
     }
@@ -359,9 +391,12 @@ impl Quic {
             app,
             self.server_config.clone(),
             &self.endpoint_config,
-            self.cid_format.clone(),
+            self.cid_format
+                .clone()
+                .with_generation(self.generation.load(Ordering::Relaxed)),
             self.limits,
             counters,
+            self.draining.clone(),
         )
     }
 
@@ -461,6 +496,9 @@ quic_counters! {
     /// Initials refused because the handshakes in flight were at `max_handshakes` (also
     /// counted in `refused`).
     refused_busy,
+    /// New peers' Initials dropped because this process drains after a takeover (the
+    /// retransmission reaches the process that took over).
+    refused_draining,
     /// Stateless resets sent (a short-header packet for a connection this worker does not
     /// have: routing failed, or the connection is long gone).
     stateless_resets,
@@ -500,6 +538,13 @@ quic_counters! {
     early_data_accepted,
     /// Bidirectional streams opened by early data (before the handshake completed).
     early_streams,
+}
+
+impl QuicStats {
+    /// Connections held now: accepted and not yet drained.
+    pub fn open(&self) -> u64 {
+        self.accepted.saturating_sub(self.drained)
+    }
 }
 
 impl Counters {

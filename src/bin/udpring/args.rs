@@ -148,8 +148,18 @@ pub struct ServeArgs {
     /// Without a running udpring on the address, start as usual. Sockets are taken only from
     /// a process of this user or root, and only UDP sockets bound to --bind with
     /// SO_REUSEPORT; anything else is refused in one line naming the peer, and exit 1.
+    /// --app quic: QUIC connections survive it. Where the kernel loads udpring's SK_REUSEPORT
+    /// eBPF program (Linux 4.19, CAP_BPF and CAP_NET_ADMIN), the new process binds sockets of
+    /// its own and takes the next generation: new connections go to it, the old process's
+    /// connections keep reaching the old process, which accepts no new ones and exits 0
+    /// once its last connection closes (or after --drain-timeout). Elsewhere a line at start
+    /// says so, and QUIC connections end at a takeover.
     #[arg(long)]
     pub takeover: bool,
+    /// --app quic, after a --takeover that left this process its connections: how long it
+    /// keeps driving them before it closes the rest (CONNECTION_CLOSE) and exits.
+    #[arg(long, value_name = "DUR", default_value_t = Dur(std::time::Duration::from_secs(60)))]
+    pub drain_timeout: Dur,
     /// How datagrams of new peers are spread over the workers: `none` (the kernel's
     /// SO_REUSEPORT hash) or `cpu` (the worker pinned to the CPU that received the packet;
     /// needs --pin-cpus and one worker per allowed CPU).

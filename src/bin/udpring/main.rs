@@ -96,6 +96,12 @@ struct Carry {
     /// Called in this process, before its workers start, with what the process taken over
     /// from handed over (`None`: it speaks takeover version 1 and had nothing to give).
     import: Option<StateImport>,
+    /// Called before the workers start with the generation a takeover gave this process.
+    generation: Option<Box<dyn FnOnce(u8)>>,
+    /// After a takeover that left this process its connections: stops accepting new ones.
+    drain: Option<Box<dyn Fn()>>,
+    /// Whether no connection is left to drain.
+    drained: Option<Box<dyn Fn() -> bool>>,
 }
 
 /// `--app quic`: the TLS identity (given, or made and written out), the QUIC service, the
@@ -175,9 +181,22 @@ fn serve_quic(args: &ServeArgs) -> Result<ExitCode> {
                     ),
                 },
             })),
+            ..Carry::default()
         }
     };
     let quic = std::sync::Arc::new(quic);
+    let carry = Carry {
+        generation: Some(Box::new({
+            let quic = quic.clone();
+            move |g| quic.set_generation(g)
+        })),
+        drain: Some(Box::new(quic.drainer())),
+        drained: Some(Box::new({
+            let stats = quic.stats_source();
+            move || stats().open() == 0
+        })),
+        ..carry
+    };
     let code = run(args, config, carry, move |worker| quic.handler(worker))?;
     tracing::info!("quic final {}", stats().summary());
     print_for_scripts(format_args!("udpring quic {}", stats().summary()));
@@ -233,8 +252,14 @@ where
     // Block the shutdown signals before any worker exists so they inherit the mask and only
     // this thread sees SIGINT/SIGTERM.
     ops::block_shutdown_signals().context("cannot block signals")?;
-    let Carry { export, import } = carry;
-    let (server, origin) = start(args, config, import, factory)?;
+    let Carry {
+        export,
+        import,
+        generation,
+        drain,
+        drained,
+    } = carry;
+    let (server, origin) = start(args, config, import, generation, factory)?;
     let features: Vec<&str> = server
         .features()
         .list
@@ -290,11 +315,34 @@ where
             if let Some(m) = metrics.take() {
                 m.shutdown();
             }
-            wait_logging_stats(&server, args.stats_interval(), &|| server.is_finished())?
+            if offer.as_ref().is_some_and(|o| o.drains()) {
+                // New connections go to the new process; this one's stay here until they
+                // close, or until the drain timeout closes them.
+                if let Some(drain) = &drain {
+                    drain();
+                }
+                let deadline = Instant::now() + args.drain_timeout.0;
+                let left = || drained.as_ref().is_none_or(|d| d());
+                let signal = wait_logging_stats(&server, args.stats_interval(), &|| {
+                    left() || Instant::now() >= deadline
+                })?;
+                if signal.is_none() && !left() {
+                    tracing::warn!(
+                        timeout = ?args.drain_timeout.0,
+                        "drain timeout: closing the connections still open"
+                    );
+                }
+                signal
+            } else {
+                wait_logging_stats(&server, args.stats_interval(), &|| server.is_finished())?
+            }
         }
     };
     match signal {
         Some(signal) => tracing::info!(signal, "shutting down"),
+        None if offer.as_ref().is_some_and(|o| o.drains()) => {
+            tracing::info!("taken over: every connection of this process has closed")
+        }
         None => tracing::info!("taken over: every worker has finished"),
     }
     drop(offer);
@@ -343,6 +391,7 @@ fn start<H, F>(
     args: &ServeArgs,
     mut config: ServerConfig,
     import: Option<StateImport>,
+    on_generation: Option<Box<dyn FnOnce(u8)>>,
     factory: F,
 ) -> Result<(Server, Origin)>
 where
@@ -368,6 +417,28 @@ where
         {
             Some(mut handover) => {
                 let pid = handover.pid();
+                if let Some(generation) = handover.generation() {
+                    // The old process keeps its sockets and connections; this one joins the
+                    // group with sockets of its own and takes the new connections.
+                    if let Some(import) = import {
+                        import(handover.take_state());
+                    }
+                    if let Some(set) = on_generation {
+                        set(generation);
+                    }
+                    config.generation = generation;
+                    config.routing_map = handover.routing_map();
+                    let server = Server::start(config, factory)?;
+                    tracing::info!(
+                        pid,
+                        generation,
+                        "took over new connections; the old process drains its own"
+                    );
+                    if let Err(e) = handover.complete() {
+                        tracing::warn!(pid, error = %e, "the process taken over from did not confirm; serving anyway");
+                    }
+                    return Ok((server, Origin::TakenOver(pid)));
+                }
                 let sockets = handover.take_sockets();
                 if let Some(import) = import {
                     import(handover.take_state());
