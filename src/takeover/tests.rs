@@ -246,7 +246,7 @@ fn hand_over_thread(
 ) -> JoinHandle<io::Result<u32>> {
     std::thread::spawn(move || {
         let stop = AtomicBool::new(false);
-        hand_over(&old, &[socket], &stop, state.as_ref())
+        hand_over(&old, &[socket], None, &stop, state.as_ref()).map(|(pid, _)| pid)
     })
 }
 
@@ -373,5 +373,91 @@ fn request_falls_back_to_version_1() {
     assert_eq!(handover.take_state(), None, "version 1 has no state");
     assert_eq!(handover.take_sockets().len(), 1);
     handover.complete().expect("done");
-    assert_eq!(old.join().unwrap(), vec![HELLO.to_vec(), HELLO_V1.to_vec()]);
+    assert_eq!(
+        old.join().unwrap(),
+        vec![HELLO_V3.to_vec(), HELLO.to_vec(), HELLO_V1.to_vec()]
+    );
+}
+
+/// Plays a version-3 offering side: reads the hello, then sends `messages`.
+fn offer_v3(peer: Socket, messages: Messages) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let (n, _) = recv(&peer, &mut buf).unwrap();
+        assert_eq!(&buf[..n], HELLO_V3);
+        for (payload, fd) in messages {
+            // The receiver may refuse and close before the last message.
+            let _ = send(&peer, &payload, fd.as_ref().map(|f| f.as_raw_fd()));
+        }
+        // Closing now leaves what was sent readable by the other side.
+    })
+}
+
+fn receive_v3(messages: Messages) -> io::Result<Option<Handover>> {
+    let (new, old) = Socket::pair(Domain::UNIX, Type::SEQPACKET, None).unwrap();
+    let peer = offer_v3(old, messages);
+    let got = receive_offer_in(new, "127.0.0.1:1".parse().unwrap(), HELLO_V3);
+    peer.join().unwrap();
+    got
+}
+
+/// A routing map is a descriptor another process chose: a socket offered as one, a
+/// generation out of range, or no descriptor at all is refused in one line.
+#[test]
+fn a_routing_map_that_is_not_one_is_refused() {
+    let udp = OwnedFd::from(reuseport_udp("127.0.0.1:0"));
+    for (messages, says) in [
+        (
+            vec![(b"generation 2".to_vec(), Some(udp.try_clone().unwrap()))],
+            "is not a BPF map",
+        ),
+        (
+            vec![(b"generation 2".to_vec(), None)],
+            "without the routing map",
+        ),
+        (
+            vec![(b"generation 16".to_vec(), Some(udp.try_clone().unwrap()))],
+            "generation \"16\"",
+        ),
+    ] {
+        let line = receive_v3(messages).err().expect("refused").to_string();
+        assert!(line.starts_with(&refused_prefix()), "{line}");
+        assert!(line.contains(says), "{says}: {line}");
+        assert!(!line.contains('\n'), "one line: {line}");
+    }
+}
+
+/// A real socket array and a state: the taker gets the next generation and the map.
+#[test]
+fn a_good_routing_offer_gives_the_next_generation() {
+    let map = match crate::ebpf::SocketArray::create(crate::reuseport::MAP_ENTRIES) {
+        Ok(m) => m,
+        Err(e) => {
+            let why = format!("BPF map refused ({e}): needs CAP_BPF");
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let fd = map.fd().try_clone().unwrap();
+    let mut handover = receive_v3(vec![
+        (b"generation 15".to_vec(), Some(fd)),
+        (b"state 0".to_vec(), None),
+    ])
+    .expect("accepted")
+    .expect("offered");
+    assert_eq!(handover.generation(), Some(0), "15 wraps to 0");
+    assert!(handover.routing_map().is_some());
+    assert!(handover.take_sockets().is_empty());
+    assert_eq!(handover.take_state(), Some(Vec::new()));
+    // A map of another size is not the routing map.
+    let small = crate::ebpf::SocketArray::create(8).unwrap();
+    let line = receive_v3(vec![(
+        b"generation 1".to_vec(),
+        Some(small.fd().try_clone().unwrap()),
+    )])
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(line.contains("8 entries"), "{line}");
 }
