@@ -174,6 +174,8 @@ pub struct QuicHandler<A: App = Builtin> {
 }
 
 impl<A: App> QuicHandler<A> {
+    // One caller (`Quic::handler_with`), which hands over what the `Quic` shares.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         worker: u8,
         app: A,

@@ -12,6 +12,8 @@ mod engine;
 mod examples;
 mod faults;
 mod fd_exhaustion;
+#[cfg(feature = "quic")]
+mod fleet;
 mod gro;
 mod hardening;
 #[cfg(feature = "bench-h3")]

@@ -322,7 +322,7 @@ where
                     drain();
                 }
                 let deadline = Instant::now() + args.drain_timeout.0;
-                let left = || drained.as_ref().is_none_or(|d| d());
+                let left = || drained.as_ref().map_or(true, |d| d());
                 let signal = wait_logging_stats(&server, args.stats_interval(), &|| {
                     left() || Instant::now() >= deadline
                 })?;

@@ -3,7 +3,7 @@
 //! (`systemd-socket-activate`), and CPU steering (`--steer cpu`). The long variants are
 //! `#[ignore = "stress: make stress"]`.
 
-mod process;
+pub mod process;
 
 mod activation;
 mod guard;

@@ -137,7 +137,7 @@ fn a_takeover_peer_of_another_user_is_refused() {
 
 /// A trusted (same-user) peer in this test process, listening on the abstract name for
 /// `addr`, speaking takeover version 1 as an older udpring does: it closes the connection on
-/// the version-2 hello (the new process then asks again in version 1), reads the `/1` hello,
+/// the version-3 and version-2 hellos (the new process then asks again in version 1), reads the `/1` hello,
 /// sends `messages` (payload, descriptor), then waits until the other side closes or says
 /// something (`go`), and returns what it said.
 fn fake_offer(addr: SocketAddr, messages: Vec<(String, Option<OwnedFd>)>) -> JoinHandle<String> {
@@ -153,7 +153,8 @@ fn fake_offer(addr: SocketAddr, messages: Vec<(String, Option<OwnedFd>)>) -> Joi
             let n = (&conn).read(&mut buf).expect("hello");
             match &buf[..n] {
                 b"udpring-takeover/1" => break conn,
-                b"udpring-takeover/2" => continue, // closed: version 1 knows no other
+                // Closed: version 1 knows no other.
+                b"udpring-takeover/3" | b"udpring-takeover/2" => continue,
                 other => panic!("hello {:?}", String::from_utf8_lossy(other)),
             }
         };
