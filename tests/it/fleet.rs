@@ -16,10 +16,8 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quinn::crypto::rustls::QuicClientConfig;
 use udpring::quic::{Identity, ALPN_ECHO};
 
 use crate::common::quic::pattern;
@@ -124,23 +122,10 @@ fn enter_netns(ns: &str) {
 }
 
 fn client_config(hosts: &[HostFiles]) -> quinn::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    for h in hosts {
-        roots.add(h.identity.chain[0].clone()).expect("root");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls 1.3")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN_ECHO.to_vec()];
-    let mut transport = quinn::TransportConfig::default();
-    transport.max_idle_timeout(Some(Duration::from_secs(20).try_into().expect("idle")));
-    let mut config =
-        quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).expect("quic tls")));
-    config.transport_config(Arc::new(transport));
-    config
+    let certs: Vec<_> = hosts.iter().map(|h| h.identity.chain[0].clone()).collect();
+    crate::common::quic::quic_client_config(crate::common::quic::client_tls_trusting(
+        &certs, ALPN_ECHO,
+    ))
 }
 
 /// The host (0-based) whose certificate `conn` was given.

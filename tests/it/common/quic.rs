@@ -88,8 +88,15 @@ pub fn client(cert: &CertificateDer<'static>, alpn: &[u8]) -> quinn::Endpoint {
 
 /// The tests' client TLS: TLS 1.3 trusting `cert` only, ALPN `alpn`.
 pub fn client_tls(cert: &CertificateDer<'static>, alpn: &[u8]) -> rustls::ClientConfig {
+    client_tls_trusting(std::slice::from_ref(cert), alpn)
+}
+
+/// [`client_tls`] trusting each of `certs`.
+pub fn client_tls_trusting(certs: &[CertificateDer<'static>], alpn: &[u8]) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.clone()).expect("root");
+    for cert in certs {
+        roots.add(cert.clone()).expect("root");
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -102,7 +109,11 @@ pub fn client_tls(cert: &CertificateDer<'static>, alpn: &[u8]) -> rustls::Client
 
 /// The tests' client configuration: [`client_tls`], 20 s idle.
 pub fn client_config(cert: &CertificateDer<'static>, alpn: &[u8]) -> quinn::ClientConfig {
-    let tls = client_tls(cert, alpn);
+    quic_client_config(client_tls(cert, alpn))
+}
+
+/// A quinn client configuration on `tls`, 20 s idle.
+pub fn quic_client_config(tls: rustls::ClientConfig) -> quinn::ClientConfig {
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(Duration::from_secs(20).try_into().expect("idle")));
     let mut config =

@@ -45,16 +45,7 @@ fn a_client_resumes_with_0rtt_across_a_takeover() {
     if !kernel_supports_udpring() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("udpring-quic-takeover-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let made = Identity::self_signed(&["localhost".into()]).expect("certificate");
-    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert_path, &made.cert_pem).unwrap();
-    std::fs::write(&key_path, &made.key_pem).unwrap();
-    let (cert_arg, key_arg) = (
-        cert_path.to_str().unwrap().to_string(),
-        key_path.to_str().unwrap().to_string(),
-    );
+    let (dir, identity, cert_arg, key_arg) = identity_files("quic-takeover");
     let quic_args = [
         "--app",
         "quic",
@@ -73,7 +64,7 @@ fn a_client_resumes_with_0rtt_across_a_takeover() {
         .expect("runtime");
     let endpoint = {
         let _guard = rt.enter();
-        resuming_client(&made.identity.chain[0], ALPN_ECHO)
+        resuming_client(&identity.chain[0], ALPN_ECHO)
     };
     bounded(&rt, async {
         let conn = endpoint
@@ -343,19 +334,7 @@ fn the_old_process_closes_its_quic_connections_after_a_takeover() {
     if !kernel_supports_udpring() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!(
-        "udpring-quic-takeover-close-{}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let made = Identity::self_signed(&["localhost".into()]).expect("certificate");
-    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert_path, &made.cert_pem).unwrap();
-    std::fs::write(&key_path, &made.key_pem).unwrap();
-    let (cert_arg, key_arg) = (
-        cert_path.to_str().unwrap().to_string(),
-        key_path.to_str().unwrap().to_string(),
-    );
+    let (dir, identity, cert_arg, key_arg) = identity_files("quic-takeover-close");
     let quic_args = [
         "--app",
         "quic",
@@ -380,7 +359,7 @@ fn the_old_process_closes_its_quic_connections_after_a_takeover() {
         .expect("runtime");
     let endpoint = {
         let _guard = rt.enter();
-        resuming_client(&made.identity.chain[0], ALPN_ECHO)
+        resuming_client(&identity.chain[0], ALPN_ECHO)
     };
     // Three connections, on both workers as the kernel's hash spreads them, each left open.
     let conns: Vec<quinn::Connection> = rt.block_on(async {
