@@ -61,13 +61,16 @@ BEFORE = "udpring-before"
 # configuration is never flattered by them.
 ALL_SERVERS = (
     "udpring", BEFORE, "udpring-batch", "udpring-poll", "recvmmsg", "recvmmsg-epoll",
-    "quinn-udp", "recvfrom", "tokio", "sockperf",
+    "gro-gso", "quinn-udp", "recvfrom", "tokio", "sockperf",
 )
 REFERENCE = "recvmmsg"
 # row -> (example binary, whether it takes --max-size)
 BASELINES = {
     "recvmmsg": ("baseline_recvmmsg", True),
     "recvmmsg-epoll": ("baseline_recvmmsg_epoll", False),
+    # The C loop's technique in Rust (issue 17): UDP_GRO receive, per-peer UDP_SEGMENT trains
+    # over iovecs into the receive buffers, recvmmsg/sendmmsg, no io_uring.
+    "gro-gso": ("baseline_gro_gso", False),
     "quinn-udp": ("baseline_quinn_udp", True),
     "recvfrom": ("baseline_recvfrom", False),
     "tokio": ("baseline_tokio", False),
