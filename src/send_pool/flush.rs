@@ -112,6 +112,9 @@ impl SendPool {
     fn build_trains(&mut self) {
         self.trains.clear();
         self.open_trains.clear();
+        // The last destination's open train: replies to one peer come in runs (a GRO train
+        // answered datagram by datagram), and a comparison is cheaper than a table lookup.
+        let mut last: Option<(Dest, usize)> = None;
         for i in 0..self.queued.len() {
             let index = self.queued[i];
             let (dest, len, own) = {
@@ -122,7 +125,11 @@ impl SendPool {
             };
             let joinable = !own && len > 0 && len <= usize::from(u16::MAX) && self.trains_to(&dest);
             if joinable {
-                if let Some(&t) = self.open_trains.get(&dest) {
+                let open = match last {
+                    Some((d, t)) if d == dest => Some(t),
+                    _ => self.open_trains.get(&dest).copied(),
+                };
+                if let Some(t) = open {
                     let train = &mut self.trains[t];
                     if len <= train.segment && train.bytes + len <= MAX_UDP4_PAYLOAD {
                         self.meta[train.tail as usize].next = index;
@@ -132,6 +139,9 @@ impl SendPool {
                         if len < train.segment || usize::from(train.count) == MAX_GSO_SEGMENTS {
                             // A shorter segment ends a train, and so does the 64th.
                             self.open_trains.remove(&dest);
+                            last = None;
+                        } else {
+                            last = Some((dest, t));
                         }
                         continue;
                     }
@@ -149,6 +159,7 @@ impl SendPool {
                 // A newer train replaces an older one that could not take this reply, so a
                 // later reply never joins a train sent before one it follows.
                 self.open_trains.insert(dest, t);
+                last = Some((dest, t));
             }
         }
     }
