@@ -206,7 +206,8 @@ impl SendPool {
             // copies it with one `copy_from_user` instead of one per segment, each from
             // another slot's page (issue 17: 16 iovecs of 64 B cost the kernel's
             // `_copy_from_iter` about six times what one iovec of 1 KiB does). The members
-            // keep their own data, which a train split after a refusal sends from.
+            // stay in flight with the head until its completion (nothing resends a refused
+            // train: its datagrams are counted as send errors), their own copies unread.
             let head_at = head as usize * capacity;
             let mut at = h.iov[0].iov_len;
             for k in 1..n {
