@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 
 use clap::Parser;
 
@@ -256,21 +256,6 @@ impl Batch {
     }
 }
 
-/// Sends `msgs`, retrying after a partial send; a train the kernel refuses is skipped.
-fn send_all(fd: RawFd, msgs: &mut [libc::mmsghdr]) {
-    let mut done = 0;
-    while done < msgs.len() && !common::stopping() {
-        // SAFETY: msgs[done..] are initialised headers pointing at live buffers/addresses.
-        let rc =
-            unsafe { libc::sendmmsg(fd, msgs[done..].as_mut_ptr(), (msgs.len() - done) as u32, 0) };
-        if rc > 0 {
-            done += rc as usize;
-        } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            done += 1;
-        }
-    }
-}
-
 fn main() -> std::io::Result<()> {
     let args = common::Args::parse();
     common::install_signal_handlers()?;
@@ -314,7 +299,7 @@ fn main() -> std::io::Result<()> {
         b.plan(n);
         b.headers();
         let mut out = std::mem::take(&mut b.out_msgs);
-        send_all(fd, &mut out);
+        common::send_all_blocking(fd, &mut out);
         b.out_msgs = out;
         for i in 0..n {
             b.rearm(i);

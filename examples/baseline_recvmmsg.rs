@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 
 use clap::Parser;
 
@@ -55,22 +55,6 @@ impl Batch {
     }
 }
 
-/// Sends `msgs`, retrying after a partial send. The socket is blocking, so a full send buffer
-/// waits instead of dropping; a datagram the kernel refuses outright is skipped.
-fn send_all(fd: RawFd, msgs: &mut [libc::mmsghdr]) {
-    let mut done = 0;
-    while done < msgs.len() && !common::stopping() {
-        // SAFETY: msgs[done..] are initialised headers pointing at live buffers/addresses.
-        let rc =
-            unsafe { libc::sendmmsg(fd, msgs[done..].as_mut_ptr(), (msgs.len() - done) as u32, 0) };
-        if rc > 0 {
-            done += rc as usize;
-        } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            done += 1; // sendmmsg(2) reports an error only for the first datagram: skip it
-        }
-    }
-}
-
 fn main() -> std::io::Result<()> {
     let args = common::SizedArgs::parse();
     common::install_signal_handlers()?;
@@ -103,7 +87,7 @@ fn main() -> std::io::Result<()> {
             truncated += u64::from(m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0);
             b.iov[i].iov_len = m.msg_len as usize;
         }
-        send_all(fd, &mut b.msgs[..n]);
+        common::send_all_blocking(fd, &mut b.msgs[..n]);
         for i in 0..n {
             b.rearm(i);
         }

@@ -30,17 +30,22 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
+use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::server::Server;
 
+mod check;
+mod state;
 mod wire;
+
+pub(crate) use check::check_offered_socket;
+use state::{receive_state, send_state};
 
 use wire::{peer_cred, readable, recv, send};
 
@@ -550,100 +555,6 @@ fn receive_offer_in(conn: Socket, addr: SocketAddr, hello: &[u8]) -> io::Result<
         state,
         pid: cred.pid as u32,
     }))
-}
-
-/// Sends `state LEN` and the state in [`STATE_CHUNK`] messages.
-fn send_state(conn: &Socket, state: &[u8]) -> io::Result<()> {
-    send(conn, format!("state {}", state.len()).as_bytes(), None)?;
-    for chunk in state.chunks(STATE_CHUNK) {
-        send(conn, chunk, None)?;
-    }
-    Ok(())
-}
-
-/// Receives what [`send_state`] sent: a count of at most [`MAX_STATE`], then messages of
-/// exactly the sizes it implies, none with a descriptor. The error says what came instead,
-/// to follow "takeover refused: peer ...".
-fn receive_state(conn: &Socket) -> Result<Vec<u8>, String> {
-    let mut head = [0u8; 64];
-    let (n, fd) = recv(conn, &mut head).map_err(|e| format!("broke off the exchange: {e}"))?;
-    let len = std::str::from_utf8(&head[..n])
-        .ok()
-        .and_then(|s| s.strip_prefix("state "))
-        .and_then(|s| s.parse::<u64>().ok())
-        .filter(|_| fd.is_none())
-        .ok_or_else(|| {
-            format!(
-                "answered {:?} instead of a state length",
-                String::from_utf8_lossy(&head[..n])
-            )
-        })?;
-    let len = usize::try_from(len)
-        .ok()
-        .filter(|&l| l <= MAX_STATE)
-        .ok_or_else(|| format!("offered {len} bytes of state; at most {MAX_STATE} are accepted"))?;
-    // Grown as messages arrive, never sized from the peer's count alone.
-    let mut state = Vec::new();
-    // One byte more than a chunk, so a message too long shows as one (or as MSG_TRUNC).
-    let mut buf = vec![0u8; STATE_CHUNK + 1];
-    while state.len() < len {
-        let want = (len - state.len()).min(STATE_CHUNK);
-        let (n, fd) = recv(conn, &mut buf).map_err(|e| format!("broke off the exchange: {e}"))?;
-        if fd.is_some() || n != want {
-            return Err(format!(
-                "sent a state message of {n} bytes{} where {want} were due",
-                if fd.is_some() {
-                    " with a descriptor"
-                } else {
-                    ""
-                }
-            ));
-        }
-        state.extend_from_slice(&buf[..n]);
-    }
-    Ok(state)
-}
-
-/// Whether `fd` is a socket this process may serve `addr` on: a UDP datagram socket of
-/// `addr`'s family (`SO_DOMAIN`, `SO_TYPE`, `SO_PROTOCOL`), bound to `addr` (getsockname),
-/// in a `SO_REUSEPORT` group (the new process's own connected-session sockets join it).
-/// The error says what it is instead, to follow "offered as socket I".
-pub(crate) fn check_offered_socket(fd: BorrowedFd<'_>, addr: SocketAddr) -> Result<(), String> {
-    let socket = SockRef::from(&fd);
-    let unreadable =
-        |what: &str, e: io::Error| format!("a descriptor whose {what} is unreadable ({e})");
-    let domain = socket.domain().map_err(|e| unreadable("SO_DOMAIN", e))?;
-    let want = Domain::for_address(addr);
-    if domain != want {
-        return Err(format!("a socket of domain {domain:?}, not {want:?}"));
-    }
-    let kind = socket.r#type().map_err(|e| unreadable("SO_TYPE", e))?;
-    if kind != Type::DGRAM {
-        return Err(format!("a socket of type {kind:?}, not a datagram socket"));
-    }
-    let protocol = socket
-        .protocol()
-        .map_err(|e| unreadable("SO_PROTOCOL", e))?;
-    if protocol != Some(Protocol::UDP) {
-        return Err(format!("a socket of protocol {protocol:?}, not UDP"));
-    }
-    let local = socket
-        .local_addr()
-        .map_err(|e| unreadable("address", e))?
-        .as_socket();
-    if local.map(|a| (a.ip(), a.port())) != Some((addr.ip(), addr.port())) {
-        return Err(match local {
-            Some(local) => format!("a UDP socket bound to {local}, not {addr}"),
-            None => format!("a UDP socket without an address, not bound to {addr}"),
-        });
-    }
-    if !socket
-        .reuse_port()
-        .map_err(|e| unreadable("SO_REUSEPORT", e))?
-    {
-        return Err("a UDP socket without SO_REUSEPORT".into());
-    }
-    Ok(())
 }
 
 /// [`recv`] on a socket with a short read timeout, retried until a message arrives, `stop`

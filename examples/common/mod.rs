@@ -116,3 +116,20 @@ pub fn wait_readable(ep: RawFd) -> bool {
     let n = unsafe { libc::epoll_wait(ep, &mut ev, 1, 100) };
     n > 0
 }
+
+/// Sends `msgs` on a blocking socket, retrying after a partial send: a full send buffer
+/// waits instead of dropping; a datagram (or train) the kernel refuses outright is skipped
+/// (sendmmsg(2) reports an error only for the first message).
+pub fn send_all_blocking(fd: RawFd, msgs: &mut [libc::mmsghdr]) {
+    let mut done = 0;
+    while done < msgs.len() && !stopping() {
+        // SAFETY: msgs[done..] are initialised headers pointing at live buffers/addresses.
+        let rc =
+            unsafe { libc::sendmmsg(fd, msgs[done..].as_mut_ptr(), (msgs.len() - done) as u32, 0) };
+        if rc > 0 {
+            done += rc as usize;
+        } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            done += 1;
+        }
+    }
+}

@@ -1,4 +1,6 @@
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, RawFd};
+
+use socket2::Protocol;
 
 use super::*;
 
