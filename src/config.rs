@@ -122,6 +122,9 @@ pub struct ServerConfig {
     pub exclusive: bool,
     /// How datagrams are spread over the workers.
     pub steer: Steer,
+    /// Also serve through AF_XDP sockets on an interface's queues (`--xdp IFACE`,
+    /// [`crate::xdp`]), beside the ring workers. `None` by default.
+    pub xdp: Option<crate::xdp::XdpConfig>,
 }
 
 /// Largest UDP payload over IPv4 (65,535 - 20 IP header - 8 UDP header).
@@ -166,6 +169,7 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_millis(900),
             exclusive: true,
             steer: Steer::None,
+            xdp: None,
         }
     }
 }
@@ -209,6 +213,33 @@ impl ServerConfig {
         }
         if self.cookie_rotation < Duration::from_secs(1) {
             return Err("--cookie-rotation must be at least 1s".to_string());
+        }
+        if let Some(x) = &self.xdp {
+            if matches!(
+                self.sessions,
+                SessionMode::Connected | SessionMode::PortPerClient
+            ) {
+                let mode = if self.sessions == SessionMode::Connected {
+                    "connected"
+                } else {
+                    "port-per-client"
+                };
+                return Err(format!(
+                    "--xdp cannot serve --sessions {mode}: its sessions need sockets of their own, which AF_XDP frames never reach (use --sessions none, or drop --xdp)"
+                ));
+            }
+            if self.sessions != SessionMode::None {
+                return Err("--xdp serves --sessions none only: the AF_XDP workers keep no per-peer state (sessions, limits, cookies); use the ring path for shared sessions".to_string());
+            }
+            if self.cid_routing {
+                return Err("--xdp does not serve QUIC (--app quic): its connection-ID routing is a reuseport program, which AF_XDP frames bypass".to_string());
+            }
+            if !x.ring.is_power_of_two() || !(64..=16384).contains(&x.ring) {
+                return Err(format!(
+                    "--xdp-ring must be a power of two from 64 to 16384, got {}",
+                    x.ring
+                ));
+            }
         }
         if let Some(p) = self.busy_poll {
             if p > Duration::from_millis(10) {

@@ -17,11 +17,18 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_int = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_int = 2;
 const BPF_PROG_LOAD: libc::c_int = 5;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_int = 15;
+const BPF_LINK_CREATE: libc::c_int = 28;
 
 /// `BPF_MAP_TYPE_REUSEPORT_SOCKARRAY` (Linux 4.19).
 pub const MAP_REUSEPORT_SOCKARRAY: u32 = 20;
 /// `BPF_PROG_TYPE_SK_REUSEPORT` (Linux 4.19).
 pub const PROG_SK_REUSEPORT: u32 = 21;
+/// `BPF_MAP_TYPE_XSKMAP` (Linux 4.18): `u32` keys, AF_XDP sockets as values.
+pub const MAP_XSKMAP: u32 = 17;
+/// `BPF_PROG_TYPE_XDP` (Linux 4.8).
+pub const PROG_XDP: u32 = 6;
+/// `BPF_XDP`, the attach type of an XDP link (Linux 5.9).
+pub const ATTACH_XDP: u32 = 37;
 /// `SO_ATTACH_REUSEPORT_EBPF` (asm-generic/socket.h; the libc crate has no constant).
 const SO_ATTACH_REUSEPORT_EBPF: libc::c_int = 52;
 
@@ -30,6 +37,7 @@ pub mod helper {
     pub const GET_SMP_PROCESSOR_ID: i32 = 8;
     pub const SKB_LOAD_BYTES: i32 = 26;
     pub const SK_SELECT_REUSEPORT: i32 = 82;
+    pub const REDIRECT_MAP: i32 = 51;
 }
 
 /// Register numbers: r0 return value, r1..r5 arguments (clobbered by calls), r6..r9 kept
@@ -42,6 +50,7 @@ pub const R3: Reg = 3;
 pub const R4: Reg = 4;
 pub const R6: Reg = 6;
 pub const R7: Reg = 7;
+pub const R5: Reg = 5;
 pub const R8: Reg = 8;
 pub const R10: Reg = 10;
 
@@ -63,10 +72,12 @@ const STX: u8 = 0x03;
 const ALU: u8 = 0x04;
 const JMP: u8 = 0x05;
 const ALU64: u8 = 0x07;
+const JMP32: u8 = 0x06;
 const MEM: u8 = 0x60;
 const IMM: u8 = 0x00;
 const DW: u8 = 0x18;
 const W: u8 = 0x00;
+const H: u8 = 0x08;
 const B: u8 = 0x10;
 const K: u8 = 0x00;
 const X: u8 = 0x08;
@@ -77,6 +88,7 @@ const MOD: u8 = 0x90;
 const MOV: u8 = 0xb0;
 const JA: u8 = 0x00;
 const JEQ: u8 = 0x10;
+const JGT: u8 = 0x20;
 const JGE: u8 = 0x30;
 const JSET: u8 = 0x40;
 const JNE: u8 = 0x50;
@@ -175,6 +187,11 @@ impl Asm {
         self.push(insn(LDX | MEM | B, dst, src, off, 0))
     }
 
+    /// `dst = *(u16 *)(src + off)` (host order: a big-endian field reads byte-swapped).
+    pub fn load_u16(&mut self, dst: Reg, src: Reg, off: i16) -> &mut Asm {
+        self.push(insn(LDX | MEM | H, dst, src, off, 0))
+    }
+
     /// `dst = *(u32 *)(src + off)`.
     pub fn load_u32(&mut self, dst: Reg, src: Reg, off: i16) -> &mut Asm {
         self.push(insn(LDX | MEM | W, dst, src, off, 0))
@@ -201,6 +218,25 @@ impl Asm {
         };
         self.jumps.push((self.insns.len(), target.0));
         self.push(insn(JMP | op | K, dst, 0, 0, imm))
+    }
+
+    /// `if (u32)dst <cond> (u32)imm goto target`: compares the low 32 bits, so a `u32`
+    /// constant with its top bit set compares as itself, not sign-extended.
+    pub fn jump32_if(&mut self, cond: Cond, dst: Reg, imm: u32, target: Label) -> &mut Asm {
+        let op = match cond {
+            Cond::Eq => JEQ,
+            Cond::Ne => JNE,
+            Cond::Ge => JGE,
+            Cond::Set => JSET,
+        };
+        self.jumps.push((self.insns.len(), target.0));
+        self.push(insn(JMP32 | op | K, dst, 0, 0, imm as i32))
+    }
+
+    /// `if dst > src goto target` (unsigned): the packet bounds check of an XDP program.
+    pub fn jump_if_greater(&mut self, dst: Reg, src: Reg, target: Label) -> &mut Asm {
+        self.jumps.push((self.insns.len(), target.0));
+        self.push(insn(JMP | JGT | X, dst, src, 0, 0))
     }
 
     /// `goto target`.
@@ -408,9 +444,90 @@ impl SocketArray {
     }
 }
 
+/// A `XSKMAP`: slot `i` names the AF_XDP socket that frames of receive queue `i` go to
+/// (`bpf_redirect_map`). A socket leaves it when it closes.
+#[derive(Debug)]
+pub struct XskMap {
+    fd: OwnedFd,
+    entries: u32,
+}
+
+impl XskMap {
+    /// A new map of `entries` empty slots.
+    pub fn create(entries: u32) -> io::Result<XskMap> {
+        let mut attr = MapCreate {
+            map_type: MAP_XSKMAP,
+            key_size: 4,
+            value_size: 4,
+            max_entries: entries,
+            map_flags: 0,
+        };
+        let fd = owned(bpf(BPF_MAP_CREATE, &mut attr)?)?;
+        Ok(XskMap { fd, entries })
+    }
+
+    /// Puts the AF_XDP socket `socket` (bound to a queue) in slot `key`.
+    pub fn set(&self, key: u32, socket: &impl AsRawFd) -> io::Result<()> {
+        if key >= self.entries {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("XSKMAP slot {key} of {}", self.entries),
+            ));
+        }
+        let value: u32 = socket.as_raw_fd() as u32;
+        let mut attr = MapElem {
+            map_fd: self.fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: &key as *const u32 as u64,
+            value: &value as *const u32 as u64,
+            flags: 0,
+        };
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+    }
+
+    /// The map's descriptor, for a program's `load_map`.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+}
+
+#[repr(C)]
+struct LinkCreate {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+/// Attaches an XDP program to interface `ifindex` through a BPF link (`BPF_LINK_CREATE`,
+/// Linux 5.9): the program stays attached while the returned descriptor is open and is
+/// detached by the kernel when the last one closes, so a process that dies, even by
+/// SIGKILL, leaves nothing on the interface. `flags`: `XDP_FLAGS_DRV_MODE` (native) or
+/// `XDP_FLAGS_SKB_MODE` (generic).
+pub fn attach_xdp(ifindex: u32, program: &OwnedFd, flags: u32) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreate {
+        prog_fd: program.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type: ATTACH_XDP,
+        flags,
+    };
+    owned(bpf(BPF_LINK_CREATE, &mut attr)?)
+}
+
 /// Loads `insns` as a program of type `prog_type`. On refusal the error carries the
 /// verifier's last line.
 pub fn load_program(prog_type: u32, name: &str, insns: &[Insn]) -> io::Result<OwnedFd> {
+    load_program_for(prog_type, 0, name, insns)
+}
+
+/// [`load_program`] with the attach type the program is loaded for (`ATTACH_XDP` for a
+/// program attached through an XDP link).
+pub fn load_program_for(
+    prog_type: u32,
+    expected_attach_type: u32,
+    name: &str,
+    insns: &[Insn],
+) -> io::Result<OwnedFd> {
     let license = b"Dual MIT/GPL\0";
     let mut log = vec![0u8; 64 * 1024];
     let mut prog_name = [0u8; 16];
@@ -429,7 +546,7 @@ pub fn load_program(prog_type: u32, name: &str, insns: &[Insn]) -> io::Result<Ow
         prog_flags: 0,
         prog_name,
         prog_ifindex: 0,
-        expected_attach_type: 0,
+        expected_attach_type,
     };
     match bpf(BPF_PROG_LOAD, &mut attr) {
         Ok(fd) => owned(fd),
@@ -449,7 +566,9 @@ pub fn load_program(prog_type: u32, name: &str, insns: &[Insn]) -> io::Result<Ow
                         .trim_end_matches('\0')
                         .lines()
                         .rev()
-                        .find(|l| !l.trim().is_empty())
+                        // The verifier ends with its statistics ("processed N insns ..."):
+                        // the reason is the line before.
+                        .find(|l| !l.trim().is_empty() && !l.starts_with("processed "))
                         .unwrap_or("")
                         .to_string();
                     Err(io::Error::new(e.kind(), format!("{e}: verifier: {last}")))

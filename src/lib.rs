@@ -144,6 +144,7 @@ mod steer;
 mod sys;
 mod takeover;
 mod worker;
+pub mod xdp;
 
 pub use config::{ServerConfig, SessionMode};
 pub use handler::{Datagram, Handler, Reply, SessionHandle, SessionHandler, SessionInfo};

@@ -48,6 +48,17 @@ pub struct Server {
     /// The generation routing this server attached (`ServerConfig::generation_routing`),
     /// `None` where classic BPF routes.
     routing: Option<Arc<crate::reuseport::Routing>>,
+    /// The AF_XDP path (`ServerConfig::xdp`): its program stays attached while this lives.
+    /// Its workers are in `workers`, after the ring workers.
+    xdp: Option<XdpInfo>,
+}
+
+/// What the AF_XDP path got from the kernel.
+struct XdpInfo {
+    _attached: crate::xdp::program::Attached,
+    mode: crate::xdp::CopyMode,
+    native: bool,
+    queues: u32,
 }
 
 /// What a worker reports once its ring is built, before it serves.
@@ -324,6 +335,7 @@ impl Server {
             task_run: TaskRunMode::Plain,
             recv_buffer: 0,
             routing: None,
+            xdp: None,
         };
         for rx in ready {
             let status = rx
@@ -353,7 +365,46 @@ impl Server {
             }
             server.routing = Some(Arc::new(routing));
         }
+        if let Some(xdp) = &config.xdp {
+            let group = crate::xdp::launch(
+                xdp,
+                local_addr,
+                config.max_datagram,
+                server.workers.len(),
+                factory,
+            );
+            match group {
+                Ok(Some(group)) => {
+                    server.xdp = Some(XdpInfo {
+                        native: group.attached.native,
+                        _attached: group.attached,
+                        mode: group.mode,
+                        queues: group.iface.rx_queues,
+                    });
+                    for (shared, thread) in group.workers {
+                        server.workers.push(WorkerHandle {
+                            shared,
+                            thread: Some(thread),
+                        });
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = server.stop();
+                    return Err(e);
+                }
+            }
+        }
         Ok(server)
+    }
+
+    /// The AF_XDP path, when `ServerConfig::xdp` asked for one and the kernel gave it:
+    /// (queues served, native XDP rather than generic, zero-copy rather than copy mode).
+    /// Its workers' counters follow the ring workers' in [`Server::worker_counters`].
+    pub fn xdp_path(&self) -> Option<(u32, bool, bool)> {
+        self.xdp
+            .as_ref()
+            .map(|x| (x.queues, x.native, x.mode == crate::xdp::CopyMode::ZeroCopy))
     }
 
     /// The generation routing attached, if any (for the takeover offer).
@@ -567,12 +618,15 @@ fn prepare(mut config: ServerConfig) -> io::Result<(ServerConfig, Features)> {
 
 /// Each worker's published counters, with the kernel's drop count for its socket.
 fn collect(workers: &[Arc<WorkerShared>], listeners: &[socket2::Socket]) -> Vec<Stats> {
+    // AF_XDP workers follow the ring workers and have no listening socket.
     workers
         .iter()
-        .zip(listeners)
-        .map(|(w, socket)| {
+        .enumerate()
+        .map(|(i, w)| {
             let mut c = w.counters.snapshot();
-            c.kernel_drops = crate::socket::kernel_drops(socket).unwrap_or(0);
+            if let Some(socket) = listeners.get(i) {
+                c.kernel_drops = crate::socket::kernel_drops(socket).unwrap_or(0);
+            }
             c
         })
         .collect()

@@ -163,6 +163,18 @@ define_counters! {
     /// token recycled into another ring. Each one a bug, refused so that the kernel never
     /// writes into a buffer being read.
     buffer_tokens_refused,
+    /// AF_XDP (`--xdp`): frames the XDP program redirected to the worker's socket and it read.
+    xdp_frames_rx,
+    /// AF_XDP: frames the kernel dropped for want of a fill-ring frame or RX ring room.
+    xdp_no_fill,
+    /// AF_XDP: replies dropped because the TX ring or its frames were full.
+    xdp_tx_full,
+    /// AF_XDP: TX descriptors the kernel found invalid.
+    xdp_tx_invalid,
+    /// AF_XDP: frames that reached the socket but are not UDP to the served address and port.
+    xdp_not_ours,
+    /// AF_XDP: frames with a wrong IPv4 header checksum or UDP checksum, dropped unanswered.
+    xdp_bad_checksum,
 }
 
 impl Stats {
@@ -217,6 +229,18 @@ impl fmt::Display for Summary<'_> {
                 f,
                 " amplification_limited={} kernel_drops={} shutdown_dropped={}",
                 c.amplification_limited, c.kernel_drops, c.shutdown_dropped
+            )?;
+        }
+        if c.xdp_frames_rx > 0 || c.xdp_no_fill > 0 || c.xdp_tx_full > 0 || c.xdp_tx_invalid > 0 {
+            write!(
+                f,
+                " xdp_frames_rx={} xdp_no_fill={} xdp_tx_full={} xdp_tx_invalid={} xdp_not_ours={} xdp_bad_checksum={}",
+                c.xdp_frames_rx,
+                c.xdp_no_fill,
+                c.xdp_tx_full,
+                c.xdp_tx_invalid,
+                c.xdp_not_ours,
+                c.xdp_bad_checksum
             )?;
         }
         if c.gso_refused > 0 || c.stale_completions > 0 || c.buffer_tokens_refused > 0 {

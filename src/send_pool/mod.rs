@@ -560,13 +560,20 @@ impl SendPool {
     /// Hands every queued reply to `f` instead of the kernel and frees its slot (for driving
     /// handlers without a socket: tests, benchmarks).
     pub(crate) fn take_queued(&mut self, mut f: impl FnMut(SocketAddr, &[u8])) {
+        self.drain_queued(|dest, _, bytes| f(dest.peer, bytes));
+    }
+
+    /// Hands every queued reply to `f` with its destination and ECN mark, and frees its
+    /// slot: for a path that sends by other means than the pool's messages (AF_XDP, which
+    /// builds frames; made with GSO off, so each reply is one datagram).
+    pub(crate) fn drain_queued(&mut self, mut f: impl FnMut(&Dest, u8, &[u8])) {
         let queued = std::mem::take(&mut self.queued);
         for &index in &queued {
-            let (peer, len) = {
+            let (dest, ecn, len) = {
                 let m = &self.meta[index as usize];
-                (m.dest.peer, m.len)
+                (m.dest, m.ecn, m.len)
             };
-            f(peer, &self.data_mut(index)[..len]);
+            f(&dest, ecn, &self.data_mut(index)[..len]);
             self.release(index);
         }
         self.queued = queued;

@@ -30,3 +30,4 @@ mod quic_relay;
 mod quic_zero_rtt;
 mod sessions;
 mod timers;
+mod xdp;

@@ -165,6 +165,29 @@ pub struct ServeArgs {
     /// needs --pin-cpus and one worker per allowed CPU).
     #[arg(long, value_enum, default_value_t = SteerArg::from(defaults().steer))]
     steer: SteerArg,
+    /// Also serve through AF_XDP on the interface IFACE (issue 17): one AF_XDP socket and
+    /// worker per receive queue, beside the ring workers; an XDP program udpring loads
+    /// itself sends UDP for --bind's address and port to them, and everything else
+    /// (ARP, ICMP, other ports, IP options and fragments) to the kernel, where the ring
+    /// workers serve what reaches the socket. The program is detached when the process
+    /// ends, also by SIGKILL. --sessions none and datagram apps only (not --app quic).
+    /// Where the kernel has no AF_XDP or refuses the program (CAP_BPF, CAP_NET_ADMIN), one
+    /// line says so and the ring path serves alone. Replies go to the MAC address the
+    /// peer's frames came from; the peer's checksums must be complete (on a veth, turn
+    /// the sender's TX checksum offload off).
+    #[arg(long, value_name = "IFACE")]
+    xdp: Option<String>,
+    /// With --xdp: `auto` (native XDP where the driver has it, else generic), `native`
+    /// (an error without driver support) or `generic`.
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto, requires = "xdp")]
+    xdp_mode: XdpModeArg,
+    /// With --xdp: copy mode even where the driver could do zero-copy.
+    #[arg(long, requires = "xdp")]
+    xdp_copy: bool,
+    /// With --xdp: entries of each AF_XDP ring (a power of two, 64..=16384); the UMEM holds
+    /// twice as many 4 KiB frames per queue.
+    #[arg(long, value_name = "N", default_value_t = 2048, requires = "xdp")]
+    xdp_ring: u32,
     /// --app quic: the certificate chain to present (PEM). Without it a self-signed
     /// certificate for `localhost` and the listen address is made at start, written to a
     /// file whose path is printed, and its SHA-256 fingerprint logged.
@@ -267,6 +290,12 @@ impl ServeArgs {
             cookie_rotation: self.cookie_rotation.0,
             amplification_factor: self.amplification_factor,
             steer: self.steer.into(),
+            xdp: self.xdp.as_ref().map(|iface| udpring::xdp::XdpConfig {
+                mode: self.xdp_mode.into(),
+                force_copy: self.xdp_copy,
+                ring: self.xdp_ring,
+                ..udpring::xdp::XdpConfig::new(iface)
+            }),
             // Options without a flag keep the library's value.
             ..d.clone()
         }
@@ -364,6 +393,27 @@ impl From<Sessions> for SessionMode {
             Sessions::Shared => SessionMode::Shared,
             Sessions::Connected => SessionMode::Connected,
             Sessions::PortPerClient => SessionMode::PortPerClient,
+        }
+    }
+}
+
+/// `--xdp-mode`: where the XDP program runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum XdpModeArg {
+    /// Native where the driver has it, generic otherwise.
+    Auto,
+    /// In the driver only.
+    Native,
+    /// The generic hook (any interface).
+    Generic,
+}
+
+impl From<XdpModeArg> for udpring::xdp::XdpMode {
+    fn from(m: XdpModeArg) -> udpring::xdp::XdpMode {
+        match m {
+            XdpModeArg::Auto => udpring::xdp::XdpMode::Auto,
+            XdpModeArg::Native => udpring::xdp::XdpMode::Native,
+            XdpModeArg::Generic => udpring::xdp::XdpMode::Generic,
         }
     }
 }
