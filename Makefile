@@ -3,7 +3,7 @@ CARGO ?= cargo
 BIND ?= 127.0.0.1:9000
 ARGS ?=
 
-.PHONY: build run test lint probe bench bench-quick bench-micro bench-quic fmt clean fuzz soak interop test-h3 bench-scale cluster
+.PHONY: build run test lint probe bench bench-quick bench-micro bench-quic fmt clean fuzz soak interop test-h3 bench-scale cluster bench-xdp
 
 build:
 	$(CARGO) build --release --bins --examples
@@ -96,6 +96,16 @@ bench:
 	$(CARGO) build --release --bins --examples
 	python3 scripts/bench.py $(BENCH_ARGS)
 	python3 scripts/bench_quic.py
+	python3 scripts/bench_xdp.py
+
+# The AF_XDP path (issue 17 part 2): udpring --xdp against its ring path and the lean
+# recvmmsg loop over a veth pair between two network namespaces, 64 x 8 and 64 x 1, server on
+# CPU 0, generator on CPU 1, 3 interleaved rounds (about 2 minutes); server CPU and all CPUs'
+# busy time per answer. Root. Table in target/bench/xdp.md.
+BENCH_XDP_ARGS ?=
+bench-xdp:
+	$(CARGO) build --release --bins --examples
+	python3 scripts/bench_xdp.py $(BENCH_XDP_ARGS)
 
 # udpring --app quic against quinn on tokio (examples/baseline_quinn.rs), the same quinn client
 # (examples/quic_load.rs) for both, pinned: CPU 0 server, CPU 1 client. Results in
