@@ -183,8 +183,8 @@ def main() -> int:
         print("no answer to a probe within 5 s")
         return 1
     if os.geteuid() != 0:
-        print("bench_xdp: needs root (network namespaces, XDP)", file=sys.stderr)
-        return 2
+        print("bench_xdp: skipped: needs root (network namespaces, XDP)", file=sys.stderr)
+        return 0
     command = shlex.join([sys.executable, *sys.argv])
     shapes = [s for s in args.shapes.split(",") if s]
     up()
