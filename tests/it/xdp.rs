@@ -37,6 +37,12 @@ fn sh(cmd: &str) -> std::process::Output {
 
 impl Pair {
     fn up(tag: &str) -> Option<Pair> {
+        Pair::with_queues(tag, 1)
+    }
+
+    /// A pair whose ends have `queues` queues each (a veth's native XDP wants its RX queues
+    /// to be at least its peer's TX queues).
+    fn with_queues(tag: &str, queues: u32) -> Option<Pair> {
         // SAFETY: geteuid(2) takes no arguments and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             skip_or_fail("the AF_XDP tests need root (network namespaces, XDP, AF_XDP)");
@@ -55,7 +61,7 @@ impl Pair {
         let script = format!(
             "set -e
              ip netns add {s}; ip netns add {c}
-             ip link add s0 numrxqueues 1 numtxqueues 1 netns {s} type veth peer name c0 numrxqueues 1 numtxqueues 1 netns {c}
+             ip link add s0 numrxqueues {queues} numtxqueues {queues} netns {s} type veth peer name c0 numrxqueues {queues} numtxqueues {queues} netns {c}
              ip -n {s} link set s0 mtu 1600; ip -n {c} link set c0 mtu 1600
              ip -n {s} addr add {SERVER_V4}/24 dev s0; ip -n {c} addr add {CLIENT_V4}/24 dev c0
              ip -n {s} addr add {SERVER_V6}/64 dev s0 nodad; ip -n {c} addr add {CLIENT_V6}/64 dev c0 nodad
@@ -209,6 +215,51 @@ fn every_size_echoes_exactly_over_ipv4_and_ipv6() {
     assert_eq!(final_counter(&done, "rx"), sent);
     assert_eq!(final_counter(&done, "tx"), sent);
     assert_eq!(final_counter(&done, "xdp_bad_checksum"), 0);
+}
+
+/// One AF_XDP socket and worker per receive queue: with two queues, flows spread over both
+/// (the veth picks the queue by the sender's flow hash), and every datagram of every flow
+/// is answered exactly, by the worker of its queue.
+#[test]
+fn each_queue_has_its_own_socket_and_worker() {
+    let Some(pair) = Pair::with_queues("q", 2) else {
+        return;
+    };
+    let server = pair.serve(&["--bind", &format!("{SERVER_V4}:{PORT}")]);
+    let flows = 32;
+    let per_flow = 20;
+    pair.client(|| {
+        let to: SocketAddr = format!("{SERVER_V4}:{PORT}").parse().unwrap();
+        for f in 0..flows {
+            let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+            for i in 0..per_flow {
+                let p = format!("flow {f} datagram {i}").into_bytes();
+                let (reply, _) = round_trip(&sock, to, &p).expect("echo");
+                assert_eq!(reply, p);
+            }
+        }
+    });
+    let done = server.term();
+    assert_exit_0(&done, "udpring --xdp");
+    assert_eq!(final_counter(&done, "xdp_frames_rx"), flows * per_flow);
+    // The `final total` log line lists each worker's datagrams: the ring worker's, then one
+    // per queue's AF_XDP worker.
+    let line = done
+        .stderr
+        .lines()
+        .find(|l| l.contains("final total"))
+        .unwrap_or_else(|| panic!("no final total line:\n{}", done.stderr));
+    let list = &line[line.find("per_worker_rx=[").expect("per_worker_rx") + 15..];
+    let per_worker: Vec<u64> = list[..list.find(']').unwrap()]
+        .split(", ")
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(per_worker.len(), 3, "{line}");
+    assert_eq!(per_worker[0], 0, "the ring worker got datagrams: {line}");
+    assert!(
+        per_worker[1] > 0 && per_worker[2] > 0,
+        "a queue's worker got nothing: {line}"
+    );
 }
 
 /// What the program passes still reaches the kernel: ARP (the client's neighbour entry is
