@@ -404,7 +404,11 @@ impl Reply<'_> {
     /// peer never gets more than its budget). `mark` is the pool's `queued_len()` from before
     /// the reply was queued: a train spread over several slots (no GSO) is charged and
     /// withdrawn whole, never only its last slot.
-    fn settle(&mut self, mark: usize, result: Result<usize, SendError>) -> Result<(), SendError> {
+    fn settle(
+        &mut self,
+        mark: crate::send_pool::QueueMark,
+        result: Result<usize, SendError>,
+    ) -> Result<(), SendError> {
         match result {
             Err(e) => {
                 self.counters.send_dropped += 1;

@@ -1,6 +1,7 @@
-//! Pushing the turn's replies. Replies to one peer anywhere in the turn's batch (per-peer
-//! order kept) form a UDP GSO train: one `SENDMSG` whose iovec list points at each reply's
-//! own slot (nothing is copied) with a `UDP_SEGMENT` control message, which the kernel
+//! Pushing the turn's replies. Consecutive replies to one peer are a train in one slot
+//! already (`append.rs`); the rest to one peer anywhere in the turn's batch (per-peer order
+//! kept) form a UDP GSO train here: one `SENDMSG` over the members' slots (gathered into the
+//! head's when the train fits it) with a `UDP_SEGMENT` control message, which the kernel
 //! segments back into the same datagrams, in the same order. A train keeps the GSO rules
 //! (kernel `udp_send_skb`): every segment but the last has the first one's size, at most
 //! 64 segments and 65,507 bytes.
@@ -181,6 +182,7 @@ impl SendPool {
         };
         let data = self.data.as_ptr();
         let capacity = self.slot_capacity;
+        let stride = self.stride;
         let fixed_file = self.fixed_file;
         assert_ne!(self.meta[head as usize].state, SlotState::InFlight);
         assert!((head as usize) < self.count);
@@ -194,7 +196,7 @@ impl SendPool {
             let m = &self.meta[index as usize];
             debug_assert_eq!(m.state, SlotState::Queued);
             // Pointer arithmetic only: the kernel dereferences it, within the slot's stretch.
-            h.iov[n].iov_base = data.wrapping_add(index as usize * capacity).cast();
+            h.iov[n].iov_base = data.wrapping_add(index as usize * stride).cast();
             h.iov[n].iov_len = m.len;
             n += 1;
             index = m.next;
@@ -208,7 +210,7 @@ impl SendPool {
             // `_copy_from_iter` about six times what one iovec of 1 KiB does). The members
             // stay in flight with the head until its completion (nothing resends a refused
             // train: its datagrams are counted as send errors), their own copies unread.
-            let head_at = head as usize * capacity;
+            let head_at = head as usize * stride;
             let mut at = h.iov[0].iov_len;
             for k in 1..n {
                 let (src, len) = (h.iov[k].iov_base.cast::<u8>(), h.iov[k].iov_len);

@@ -30,12 +30,15 @@ use std::ptr::NonNull;
 
 use io_uring::squeue;
 
-use crate::datagram::{encode_pktinfo, encode_sockaddr, CONTROL_LEN, MAX_GSO_SEGMENTS};
+use crate::datagram::{CONTROL_LEN, MAX_GSO_SEGMENTS};
 use crate::op::{next_generation, OpKind, UserData};
 
+mod append;
 mod flush;
 mod gso;
+mod queue;
 
+pub use append::QueueMark;
 pub use gso::GsoEvidence;
 use gso::Hold;
 
@@ -177,6 +180,9 @@ struct SlotMeta {
     train_segment: u16,
     /// ECN codepoint to mark the datagrams with (0: none, no control message).
     ecn: u8,
+    /// A plain reply (`queue`), or a train built of them in this slot, that the next plain
+    /// reply to the same destination may join in place (`append.rs`).
+    appendable: bool,
     generation: u32,
 }
 
@@ -202,10 +208,13 @@ pub struct SendPool {
     /// `count` slot headers, from a leaked boxed slice; freed in `Drop` if nothing is in
     /// flight.
     headers: NonNull<SlotHeaders>,
-    /// `count * slot_capacity` bytes of reply data, likewise.
+    /// `count * stride` bytes of reply data, likewise.
     data: NonNull<u8>,
     count: usize,
     slot_capacity: usize,
+    /// Bytes between slots: twice `slot_capacity`, so a train built in one slot
+    /// (`append.rs`) always has `slot_capacity` bytes of room for its next datagram.
+    stride: usize,
     meta: Vec<SlotMeta>,
     free: Vec<u32>,
     /// Slots filled this turn, in order, not yet pushed to the ring.
@@ -221,6 +230,10 @@ pub struct SendPool {
     /// Scratch space of `flush`, kept to avoid allocating per turn.
     trains: Vec<flush::Train>,
     open_trains: flush::OpenTrains,
+    /// Tests of the turn's grouping (`flush.rs`) turn writing trains in place off, so that
+    /// every reply takes a slot of its own as it did before `append.rs`.
+    #[cfg(test)]
+    pub(crate) no_append: bool,
 }
 
 // SAFETY: the pointers are the pool's own heap allocations, used only through `&mut self`
@@ -253,7 +266,8 @@ impl SendPool {
                 "send pool: {slot_capacity}-byte slots, at most {MAX_SLOT_CAPACITY} bytes allowed"
             )));
         }
-        let data_len = count.checked_mul(slot_capacity).ok_or_else(|| {
+        let stride = slot_capacity * 2;
+        let data_len = count.checked_mul(stride).ok_or_else(|| {
             invalid(format!(
                 "send pool: {count} slots of {slot_capacity} bytes overflow usize"
             ))
@@ -279,6 +293,7 @@ impl SendPool {
             data,
             count,
             slot_capacity,
+            stride,
             meta: (0..count)
                 .map(|_| SlotMeta {
                     state: SlotState::Free,
@@ -296,6 +311,7 @@ impl SendPool {
                     head: false,
                     train_segment: 0,
                     ecn: 0,
+                    appendable: false,
                     generation: 0,
                 })
                 .collect(),
@@ -308,6 +324,8 @@ impl SendPool {
             fixed_file: None,
             trains: Vec::with_capacity(count),
             open_trains: flush::OpenTrains::default(),
+            #[cfg(test)]
+            no_append: false,
         };
         for index in 0..count {
             let h = pool.headers_ptr(index);
@@ -315,7 +333,7 @@ impl SendPool {
             // reference covers; the pointers stored are into the same slot (name, iov) and
             // into the slot's own stretch of the data area (index < count).
             unsafe {
-                (*h).iov[0].iov_base = pool.data.as_ptr().add(index * slot_capacity).cast();
+                (*h).iov[0].iov_base = pool.data.as_ptr().add(index * stride).cast();
                 (*h).msg.msg_name = std::ptr::addr_of_mut!((*h).name).cast();
                 (*h).msg.msg_iov = std::ptr::addr_of_mut!((*h).iov).cast();
                 (*h).msg.msg_iovlen = 1;
@@ -360,20 +378,6 @@ impl SendPool {
         self.gso = false;
     }
 
-    /// How many replies are queued this turn: a mark for [`SendPool::cancel_since`].
-    pub fn queued_len(&self) -> usize {
-        self.queued.len()
-    }
-
-    /// Withdraws every reply queued after `mark` (from [`SendPool::queued_len`]), freeing
-    /// their slots: all the slots one request took (a train spread over several when GSO is
-    /// off), not only the last.
-    pub fn cancel_since(&mut self, mark: usize) {
-        while self.queued.len() > mark {
-            self.cancel_last();
-        }
-    }
-
     fn headers_ptr(&self, index: usize) -> *mut SlotHeaders {
         assert!(index < self.count);
         // SAFETY: index < count: inside the headers allocation.
@@ -395,159 +399,10 @@ impl SendPool {
         // SAFETY: as in `headers_mut`; the slice is this slot's stretch of the data area.
         unsafe {
             std::slice::from_raw_parts_mut(
-                self.data.as_ptr().add(index as usize * self.slot_capacity),
+                self.data.as_ptr().add(index as usize * self.stride),
                 self.slot_capacity,
             )
         }
-    }
-
-    /// Queues a reply to `dest` whose payload `fill` writes into the slot's buffer, returning
-    /// its length. The kernel sees it at the next `flush`. A destination that is no address
-    /// (unspecified, port 0) is refused (`NoDestination`) before a slot is taken.
-    pub fn queue(
-        &mut self,
-        dest: Dest,
-        fill: impl FnOnce(&mut [u8]) -> usize,
-    ) -> Result<usize, SendError> {
-        if !dest.is_addressable() {
-            return Err(SendError::NoDestination);
-        }
-        let index = self.free.pop().ok_or(SendError::PoolExhausted)?;
-        debug_assert_eq!(self.meta[index as usize].state, SlotState::Free);
-        match self.prepare(index, dest, fill) {
-            Ok(len) => {
-                self.meta[index as usize].state = SlotState::Queued;
-                self.queued.push(index);
-                Ok(len)
-            }
-            Err(e) => {
-                self.free.push(index);
-                Err(e)
-            }
-        }
-    }
-
-    /// Queues a reply with `options` (see [`SendOptions`]): a ready-made GSO train, an ECN
-    /// mark. A train of more than 64 segments is refused (`TooLong`). Where trains cannot go
-    /// (GSO off, or held for `dest`) the train takes one slot per segment; the length
-    /// returned is the whole train's either way, and [`SendPool::cancel_since`] with the
-    /// `queued_len()` from before the call withdraws all of it.
-    pub fn queue_with(
-        &mut self,
-        dest: Dest,
-        options: SendOptions,
-        fill: impl FnOnce(&mut [u8]) -> usize,
-    ) -> Result<usize, SendError> {
-        let mark = self.queued.len();
-        let len = self.queue(dest, fill)?;
-        // `queue` pushed the slot last: it is ours until flushed.
-        let Some(&index) = self.queued.last() else {
-            return Ok(len);
-        };
-        let segment = options.segment_size.filter(|&s| s > 0 && s < len);
-        let segments = segment.map_or(1, |s| len.div_ceil(s));
-        if segments > MAX_GSO_SEGMENTS || segment.is_some_and(|s| s > usize::from(u16::MAX)) {
-            self.cancel_since(mark);
-            return Err(SendError::TooLong);
-        }
-        {
-            let meta = &mut self.meta[index as usize];
-            meta.ecn = options.ecn & 0b11;
-        }
-        let Some(segment) = segment else {
-            return Ok(len);
-        };
-        if self.trains_to(&dest) {
-            let meta = &mut self.meta[index as usize];
-            meta.train_segment = segment as u16;
-            meta.segments = segments as u16;
-            return Ok(len);
-        }
-        // No trains: each segment gets a slot of its own, copied from the first one.
-        if self.free.len() < segments - 1 {
-            self.cancel_since(mark);
-            return Err(SendError::PoolExhausted);
-        }
-        self.meta[index as usize].len = segment;
-        let ecn = options.ecn;
-        let data = self.data;
-        let first_at = index as usize * self.slot_capacity;
-        for n in 1..segments {
-            let start = n * segment;
-            let end = (start + segment).min(len);
-            let result = self.queue(dest, |buf| {
-                // SAFETY: `data` points at `count * slot_capacity` bytes; slot `index` and the
-                // slot `buf` covers are distinct (the pool hands a slot out once) and both
-                // ours, so the source range and `buf` do not overlap.
-                let first = unsafe {
-                    std::slice::from_raw_parts(data.as_ptr().add(first_at + start), end - start)
-                };
-                buf[..end - start].copy_from_slice(first);
-                end - start
-            });
-            // Free slots were counted above: a failure here is a bookkeeping bug.
-            if result.is_err() {
-                self.cancel_since(mark);
-                return Err(SendError::PoolExhausted);
-            }
-            if let Some(&last) = self.queued.last() {
-                self.meta[last as usize].ecn = ecn & 0b11;
-            }
-        }
-        Ok(len)
-    }
-
-    /// Queues a copy of `bytes` for `dest`.
-    pub fn queue_bytes(&mut self, dest: Dest, bytes: &[u8]) -> Result<usize, SendError> {
-        self.queue(dest, |buf| {
-            let n = bytes.len().min(buf.len());
-            buf[..n].copy_from_slice(&bytes[..n]);
-            // Longer than the slot: `queue` sees the real length and refuses it (TooLong).
-            bytes.len()
-        })
-    }
-
-    fn prepare(
-        &mut self,
-        index: u32,
-        dest: Dest,
-        fill: impl FnOnce(&mut [u8]) -> usize,
-    ) -> Result<usize, SendError> {
-        let len = fill(self.data_mut(index));
-        if len > self.slot_capacity {
-            return Err(SendError::TooLong);
-        }
-        let socket_is_v6 = self.socket_is_v6;
-        let meta = &self.meta[index as usize];
-        let (old, name_valid, pktinfo_len) = (meta.dest, meta.name_valid, meta.pktinfo_len);
-        let h = self.headers_mut(index);
-        let mut name_valid = name_valid && old.peer == dest.peer;
-        if dest.connected {
-            // A connected socket sends to its peer; an address would only cost a route lookup.
-            // The encoded name stays in `name` for a later unconnected send to the same peer.
-            h.msg.msg_namelen = 0;
-        } else if !name_valid || h.msg.msg_namelen == 0 {
-            h.msg.msg_namelen = encode_sockaddr(dest.peer, socket_is_v6, &mut h.name)
-                .ok_or(SendError::AddressFamily)?;
-            name_valid = true;
-        }
-        let pktinfo_len = if old.local != dest.local || (dest.local.is_some() && pktinfo_len == 0) {
-            match dest.local {
-                Some(ip) => encode_pktinfo(ip, &mut h.control),
-                None => 0,
-            }
-        } else {
-            pktinfo_len
-        };
-        let meta = &mut self.meta[index as usize];
-        meta.name_valid = name_valid;
-        meta.pktinfo_len = pktinfo_len;
-        meta.dest = dest;
-        meta.len = len;
-        meta.segments = 1;
-        meta.train_segment = 0;
-        meta.ecn = 0;
-        Ok(len)
     }
 
     /// Withdraws the reply queued last (not yet flushed), freeing its slot.
@@ -555,29 +410,6 @@ impl SendPool {
         if let Some(index) = self.queued.pop() {
             self.release(index);
         }
-    }
-
-    /// Hands every queued reply to `f` instead of the kernel and frees its slot (for driving
-    /// handlers without a socket: tests, benchmarks).
-    pub(crate) fn take_queued(&mut self, mut f: impl FnMut(SocketAddr, &[u8])) {
-        self.drain_queued(|dest, _, bytes| f(dest.peer, bytes));
-    }
-
-    /// Hands every queued reply to `f` with its destination and ECN mark, and frees its
-    /// slot: for a path that sends by other means than the pool's messages (AF_XDP, which
-    /// builds frames; made with GSO off, so each reply is one datagram).
-    pub(crate) fn drain_queued(&mut self, mut f: impl FnMut(&Dest, u8, &[u8])) {
-        let queued = std::mem::take(&mut self.queued);
-        for &index in &queued {
-            let (dest, ecn, len) = {
-                let m = &self.meta[index as usize];
-                (m.dest, m.ecn, m.len)
-            };
-            f(&dest, ecn, &self.data_mut(index)[..len]);
-            self.release(index);
-        }
-        self.queued = queued;
-        self.queued.clear();
     }
 
     /// Returns a queued slot to the free list under a new generation.
@@ -657,7 +489,7 @@ impl Drop for SendPool {
             )));
             drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
                 self.data.as_ptr(),
-                self.count * self.slot_capacity,
+                self.count * self.stride,
             )));
         }
     }

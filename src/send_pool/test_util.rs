@@ -2,7 +2,16 @@
 
 use super::*;
 
+/// A pool whose every reply takes a slot of its own (trains in place off: the grouping
+/// tests).
 pub(crate) fn pool(count: usize, cap: usize) -> SendPool {
+    let mut p = SendPool::new(count, cap, false, true).unwrap();
+    p.no_append = true;
+    p
+}
+
+/// A pool as the engine makes it: consecutive replies to one peer join in place.
+pub(crate) fn appending_pool(count: usize, cap: usize) -> SendPool {
     SendPool::new(count, cap, false, true).unwrap()
 }
 
