@@ -193,6 +193,13 @@ impl Features {
                 required: false,
                 fallback: "whole 64 KiB buffers, resident only where written",
             },
+            Feature {
+                name: "AF_XDP sockets (--xdp)",
+                since: "4.18",
+                present: crate::xdp::af_xdp_available(),
+                required: false,
+                fallback: "--xdp serves on the ring path only, with one warning line",
+            },
         ];
         Features {
             kernel_version: sys::kernel_version(&kernel_release),

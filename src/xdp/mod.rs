@@ -67,6 +67,12 @@ impl XdpConfig {
     }
 }
 
+/// Whether this kernel opens AF_XDP sockets (the probe `udpring probe` reports; whether
+/// the XDP program loads depends on privileges too, checked when `--xdp` starts).
+pub fn af_xdp_available() -> bool {
+    xsk::open_socket().is_ok()
+}
+
 /// What the interface is, read from sysfs.
 #[derive(Debug, Clone)]
 pub struct Interface {
