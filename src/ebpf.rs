@@ -355,6 +355,37 @@ struct ProgLoad {
     expected_attach_type: u32,
 }
 
+/// A new map of `map_type` with `u32` keys and values of `value_size` bytes.
+fn create_map(map_type: u32, value_size: u32, entries: u32) -> io::Result<OwnedFd> {
+    let mut attr = MapCreate {
+        map_type,
+        key_size: 4,
+        value_size,
+        max_entries: entries,
+        map_flags: 0,
+    };
+    owned(bpf(BPF_MAP_CREATE, &mut attr)?)
+}
+
+/// Sets slot `key` of `map` (one of `entries`, `what` for the error) to `value`, whose size
+/// is the map's value size.
+fn update_slot<V>(map: &OwnedFd, entries: u32, what: &str, key: u32, value: &V) -> io::Result<()> {
+    if key >= entries {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} slot {key} of {entries}"),
+        ));
+    }
+    let mut attr = MapElem {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: &key as *const u32 as u64,
+        value: value as *const V as u64,
+        flags: 0,
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+}
+
 /// A `REUSEPORT_SOCKARRAY` map: `u32` keys, each naming at most one socket of one reuseport
 /// group, which the program selects with `bpf_sk_select_reuseport`.
 #[derive(Debug)]
@@ -366,14 +397,7 @@ pub struct SocketArray {
 impl SocketArray {
     /// A new array of `entries` empty slots.
     pub fn create(entries: u32) -> io::Result<SocketArray> {
-        let mut attr = MapCreate {
-            map_type: MAP_REUSEPORT_SOCKARRAY,
-            key_size: 4,
-            value_size: 8,
-            max_entries: entries,
-            map_flags: 0,
-        };
-        let fd = owned(bpf(BPF_MAP_CREATE, &mut attr)?)?;
+        let fd = create_map(MAP_REUSEPORT_SOCKARRAY, 8, entries)?;
         Ok(SocketArray { fd, entries })
     }
 
@@ -404,21 +428,8 @@ impl SocketArray {
     /// Puts `socket` in slot `key` (replacing what was there). The socket must be a bound UDP
     /// or TCP socket with `SO_REUSEPORT`, in no other socket array.
     pub fn set(&self, key: u32, socket: &impl AsRawFd) -> io::Result<()> {
-        if key >= self.entries {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("socket array slot {key} of {}", self.entries),
-            ));
-        }
         let value: u64 = socket.as_raw_fd() as u64;
-        let mut attr = MapElem {
-            map_fd: self.fd.as_raw_fd() as u32,
-            _pad: 0,
-            key: &key as *const u32 as u64,
-            value: &value as *const u64 as u64,
-            flags: 0,
-        };
-        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+        update_slot(&self.fd, self.entries, "socket array", key, &value)
     }
 
     /// Whether slot `key` holds a socket (the kernel answers with its cookie).
@@ -455,34 +466,14 @@ pub struct XskMap {
 impl XskMap {
     /// A new map of `entries` empty slots.
     pub fn create(entries: u32) -> io::Result<XskMap> {
-        let mut attr = MapCreate {
-            map_type: MAP_XSKMAP,
-            key_size: 4,
-            value_size: 4,
-            max_entries: entries,
-            map_flags: 0,
-        };
-        let fd = owned(bpf(BPF_MAP_CREATE, &mut attr)?)?;
+        let fd = create_map(MAP_XSKMAP, 4, entries)?;
         Ok(XskMap { fd, entries })
     }
 
     /// Puts the AF_XDP socket `socket` (bound to a queue) in slot `key`.
     pub fn set(&self, key: u32, socket: &impl AsRawFd) -> io::Result<()> {
-        if key >= self.entries {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("XSKMAP slot {key} of {}", self.entries),
-            ));
-        }
         let value: u32 = socket.as_raw_fd() as u32;
-        let mut attr = MapElem {
-            map_fd: self.fd.as_raw_fd() as u32,
-            _pad: 0,
-            key: &key as *const u32 as u64,
-            value: &value as *const u32 as u64,
-            flags: 0,
-        };
-        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+        update_slot(&self.fd, self.entries, "XSKMAP", key, &value)
     }
 
     /// The map's descriptor, for a program's `load_map`.

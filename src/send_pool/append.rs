@@ -200,7 +200,6 @@ mod tests {
     use super::super::test_util::*;
     use super::super::SendOptions;
     use super::*;
-    use crate::handler::Reply;
     use crate::stats::Stats;
 
     fn datagrams(p: &mut SendPool) -> Vec<(SocketAddr, Vec<u8>)> {
@@ -348,15 +347,7 @@ mod tests {
         let mut stats = Stats::default();
         let mut budget = 3000u64;
         {
-            let mut reply = Reply {
-                pool: &mut p,
-                counters: &mut stats,
-                dest: dest("127.0.0.1:5"),
-                listener_fd: 3,
-                session: None,
-                budget: Some(&mut budget),
-                worker: None,
-            };
+            let mut reply = budgeted_reply(&mut p, &mut stats, &mut budget);
             for i in 0..2u8 {
                 assert_eq!(reply.send(&payload(i, 1200)), Ok(()));
             }

@@ -24,6 +24,23 @@ pub(crate) fn dest(peer: &str) -> Dest {
     }
 }
 
+/// A reply to `127.0.0.1:5` on descriptor 3 under an anti-amplification `budget`.
+pub(crate) fn budgeted_reply<'a>(
+    pool: &'a mut SendPool,
+    counters: &'a mut crate::stats::Stats,
+    budget: &'a mut u64,
+) -> crate::handler::Reply<'a> {
+    crate::handler::Reply {
+        pool,
+        counters,
+        dest: dest("127.0.0.1:5"),
+        listener_fd: 3,
+        session: None,
+        budget: Some(budget),
+        worker: None,
+    }
+}
+
 pub(crate) fn queue_bytes(p: &mut SendPool, peer: &str, bytes: &[u8]) -> Result<usize, SendError> {
     p.queue_bytes(dest(peer), bytes)
 }

@@ -219,15 +219,7 @@ fn without_gso_a_train_over_the_budget_is_withdrawn_whole() {
             ..SendOptions::default()
         };
         {
-            let mut reply = Reply {
-                pool: &mut p,
-                counters: &mut stats,
-                dest: dest("127.0.0.1:5"),
-                listener_fd: 3,
-                session: None,
-                budget: Some(&mut budget),
-                worker: None,
-            };
+            let mut reply = budgeted_reply(&mut p, &mut stats, &mut budget);
             let ten = reply.send_to_with(peer, train, |buf| {
                 buf[..12_000].fill(0xAA);
                 12_000
