@@ -520,6 +520,12 @@ async def case_rebind(args, new_host):
             host = new_host(len(paths))
             paths.add(link.rebind(host))
             print(f"rebound to {link.sock.getsockname()}", flush=True)
+            # The server's packets to the old port are lost now. A client that has ACKed
+            # everything has nothing in flight and would wait for data that cannot reach it
+            # (and the server would never see the new port): a PING from the new port, as
+            # after the last byte below, tells the server where the client is.
+            client._quic.send_ping(len(paths))
+            client.transmit()
     await task
     # A rebinding just before the last byte: the server sees the new address on the
     # client's next packet, so ping from it until the challenge arrives (or 5 s pass).
