@@ -1,4 +1,5 @@
-//! The layout of the server connection IDs udpring issues.
+//! The layout of the server connection IDs udpring issues, and the generator that issues
+//! them for one worker ([`WorkerCids`], quinn's `ConnectionIdGenerator`).
 //!
 //! Without a load balancer ([`CidFormat::default`]) a CID is 8 bytes: the worker's index,
 //! the process generation, then 6 pseudo-random bytes. With one ([`LbConfig`]), a CID follows
@@ -201,6 +202,63 @@ pub fn decode_plaintext(cid: &[u8], sid_len: usize) -> Option<(u8, usize, &[u8])
     let first = *cid.first()?;
     let sid = cid.get(1..1 + sid_len)?;
     Some((first >> 5, usize::from(first & 0x1f), sid))
+}
+
+/// Connection IDs of the server's [`CidFormat`] that name the worker (see `super::route`); their
+/// random bytes are a keyed PRF (SipHash-1-3 under a random key) of a counter: unlinkable to
+/// anyone without the key (RFC 9000 section 5.1), and no system call per ID.
+pub(super) struct WorkerCids {
+    worker: u8,
+    format: CidFormat,
+    key: [u8; 16],
+    issued: u64,
+}
+
+impl WorkerCids {
+    pub(super) fn new(worker: u8, format: CidFormat) -> WorkerCids {
+        let mut key = [0u8; 16];
+        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key).is_err() {
+            // Without the system's randomness TLS fails anyway; the clock keeps the IDs from
+            // being predictable across restarts meanwhile.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            key = nanos.to_ne_bytes();
+        }
+        WorkerCids {
+            worker,
+            format,
+            key,
+            issued: 0,
+        }
+    }
+}
+
+impl quinn_proto::ConnectionIdGenerator for WorkerCids {
+    fn generate_cid(&mut self) -> quinn_proto::ConnectionId {
+        use std::hash::Hasher;
+        let mut hasher = siphasher::sip::SipHasher13::new_with_key(&self.key);
+        hasher.write_u64(self.issued);
+        self.issued += 1;
+        let random = hasher.finish().to_le_bytes();
+        quinn_proto::ConnectionId::new(&self.format.make(self.worker, &random))
+    }
+
+    fn validate(&self, cid: &quinn_proto::ConnectionId) -> Result<(), quinn_proto::InvalidCid> {
+        if self.format.issued_by(cid, self.worker) {
+            Ok(())
+        } else {
+            Err(quinn_proto::InvalidCid)
+        }
+    }
+
+    fn cid_len(&self) -> usize {
+        self.format.len()
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use quinn_proto::{
 
 use super::api::{Admission, App, IncomingInfo};
 use super::apps::Builtin;
-use super::cid::CidFormat;
+use super::cid::{CidFormat, WorkerCids};
 use super::dispatch::{AppConn, Dispatch};
 use super::sessions;
 use super::Counters;
@@ -77,63 +77,6 @@ enum Driven {
     Capped,
     /// The send pool is full: back of the queue, resumed when a slot is free.
     Blocked,
-}
-
-/// Connection IDs of the server's [`CidFormat`] that name the worker (see `super::route`); their
-/// random bytes are a keyed PRF (SipHash-1-3 under a random key) of a counter: unlinkable to
-/// anyone without the key (RFC 9000 section 5.1), and no system call per ID.
-struct WorkerCids {
-    worker: u8,
-    format: CidFormat,
-    key: [u8; 16],
-    issued: u64,
-}
-
-impl WorkerCids {
-    fn new(worker: u8, format: CidFormat) -> WorkerCids {
-        let mut key = [0u8; 16];
-        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key).is_err() {
-            // Without the system's randomness TLS fails anyway; the clock keeps the IDs from
-            // being predictable across restarts meanwhile.
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            key = nanos.to_ne_bytes();
-        }
-        WorkerCids {
-            worker,
-            format,
-            key,
-            issued: 0,
-        }
-    }
-}
-
-impl quinn_proto::ConnectionIdGenerator for WorkerCids {
-    fn generate_cid(&mut self) -> quinn_proto::ConnectionId {
-        use std::hash::Hasher;
-        let mut hasher = siphasher::sip::SipHasher13::new_with_key(&self.key);
-        hasher.write_u64(self.issued);
-        self.issued += 1;
-        let random = hasher.finish().to_le_bytes();
-        quinn_proto::ConnectionId::new(&self.format.make(self.worker, &random))
-    }
-
-    fn validate(&self, cid: &quinn_proto::ConnectionId) -> Result<(), quinn_proto::InvalidCid> {
-        if self.format.issued_by(cid, self.worker) {
-            Ok(())
-        } else {
-            Err(quinn_proto::InvalidCid)
-        }
-    }
-
-    fn cid_len(&self) -> usize {
-        self.format.len()
-    }
-
-    fn cid_lifetime(&self) -> Option<std::time::Duration> {
-        None
-    }
 }
 
 /// One worker's QUIC endpoint running app `A` (see the module docs of [`crate::quic`]); the
