@@ -1,5 +1,5 @@
 //! The layout of the server connection IDs udpring issues, and the generator that issues
-//! them for one worker ([`WorkerCids`], quinn's `ConnectionIdGenerator`).
+//! them for one worker (`WorkerCids`, quinn's `ConnectionIdGenerator`).
 //!
 //! Without a load balancer ([`CidFormat::default`]) a CID is 8 bytes: the worker's index,
 //! the process generation, then 6 pseudo-random bytes. With one ([`LbConfig`]), a CID follows
