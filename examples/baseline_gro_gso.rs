@@ -283,23 +283,15 @@ fn main() -> std::io::Result<()> {
     let mut b = Batch::new();
     while !common::stopping() {
         // SAFETY: b.msgs holds BATCH armed headers pointing into b's buffers, which stay put.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                b.msgs.as_mut_ptr(),
-                BATCH as u32,
-                libc::MSG_WAITFORONE,
-                std::ptr::null_mut(),
-            )
-        };
-        if n <= 0 {
+        let n = unsafe { common::recv_batch(fd, &mut b.msgs) };
+        if n == 0 {
             continue;
         }
-        let n = n as usize;
         b.plan(n);
         b.headers();
         let mut out = std::mem::take(&mut b.out_msgs);
-        common::send_all_blocking(fd, &mut out);
+        // SAFETY: the reply headers point into b's buffers and addresses, which stay put.
+        unsafe { common::send_all_blocking(fd, &mut out) };
         b.out_msgs = out;
         for i in 0..n {
             b.rearm(i);

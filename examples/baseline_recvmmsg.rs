@@ -67,19 +67,10 @@ fn main() -> std::io::Result<()> {
     while !common::stopping() {
         // SAFETY: b.msgs holds BATCH armed headers pointing into b.bufs / b.addrs / b.iov,
         // which live (and stay put) across the call.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                b.msgs.as_mut_ptr(),
-                BATCH as u32,
-                libc::MSG_WAITFORONE,
-                std::ptr::null_mut(),
-            )
-        };
-        if n <= 0 {
+        let n = unsafe { common::recv_batch(fd, &mut b.msgs) };
+        if n == 0 {
             continue; // EINTR (a stop signal: the loop condition decides) or a transient error
         }
-        let n = n as usize;
         for i in 0..n {
             // Reply with exactly the received bytes to the received address (msg_namelen was
             // set by the kernel).
@@ -87,7 +78,8 @@ fn main() -> std::io::Result<()> {
             truncated += u64::from(m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0);
             b.iov[i].iov_len = m.msg_len as usize;
         }
-        common::send_all_blocking(fd, &mut b.msgs[..n]);
+        // SAFETY: the first n headers point at the received buffers and addresses in b.
+        unsafe { common::send_all_blocking(fd, &mut b.msgs[..n]) };
         for i in 0..n {
             b.rearm(i);
         }

@@ -117,13 +117,36 @@ pub fn wait_readable(ep: RawFd) -> bool {
     n > 0
 }
 
+/// One `recvmmsg(MSG_WAITFORONE)` on a blocking socket into `msgs`: how many datagrams came,
+/// 0 after EINTR (a stop signal: the caller's loop condition decides) or another error.
+///
+/// # Safety
+/// Every header in `msgs` must point at buffers and addresses that live, and stay put, for
+/// the call.
+pub unsafe fn recv_batch(fd: RawFd, msgs: &mut [libc::mmsghdr]) -> usize {
+    // SAFETY: the caller's contract: the headers point at live buffers.
+    let n = unsafe {
+        libc::recvmmsg(
+            fd,
+            msgs.as_mut_ptr(),
+            msgs.len() as u32,
+            libc::MSG_WAITFORONE,
+            std::ptr::null_mut(),
+        )
+    };
+    usize::try_from(n).unwrap_or(0)
+}
+
 /// Sends `msgs` on a blocking socket, retrying after a partial send: a full send buffer
 /// waits instead of dropping; a datagram (or train) the kernel refuses outright is skipped
 /// (sendmmsg(2) reports an error only for the first message).
-pub fn send_all_blocking(fd: RawFd, msgs: &mut [libc::mmsghdr]) {
+///
+/// # Safety
+/// Every header in `msgs` must point at buffers and addresses that live for the call.
+pub unsafe fn send_all_blocking(fd: RawFd, msgs: &mut [libc::mmsghdr]) {
     let mut done = 0;
     while done < msgs.len() && !stopping() {
-        // SAFETY: msgs[done..] are initialised headers pointing at live buffers/addresses.
+        // SAFETY: the caller's contract: msgs[done..] point at live buffers/addresses.
         let rc =
             unsafe { libc::sendmmsg(fd, msgs[done..].as_mut_ptr(), (msgs.len() - done) as u32, 0) };
         if rc > 0 {

@@ -14,7 +14,6 @@
 //! `make stress`; `make cluster` runs it alone with its report.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -110,15 +109,6 @@ fn start_host(cluster: &Cluster, i: usize, args: &[String], takeover: bool) -> P
         cmd.arg("--takeover");
     }
     spawn_serving(cmd)
-}
-
-/// Moves the calling thread into network namespace `ns` (sockets it makes from then on are
-/// there; other threads are not moved).
-fn enter_netns(ns: &str) {
-    let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns file");
-    // SAFETY: setns(2) on a descriptor we hold open; it changes only this thread's namespace.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
 fn client_config(hosts: &[HostFiles]) -> quinn::ClientConfig {

@@ -131,13 +131,6 @@ impl Drop for Pair {
     }
 }
 
-fn enter_netns(ns: &str) {
-    let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns file");
-    // SAFETY: setns(2) on a descriptor we hold open; it changes only this thread's namespace.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-}
-
 /// `ethtool -K DEV tx on|off` without ethtool: `ETHTOOL_STXCSUM` through `SIOCETHTOOL`.
 fn tx_checksum_offload(dev: &str, on: bool) {
     #[repr(C)]

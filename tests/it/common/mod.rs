@@ -278,3 +278,12 @@ pub fn alone(module: &str, test: &str) -> bool {
     );
     false
 }
+
+/// Moves the calling thread into network namespace `ns` (sockets it makes from then on are
+/// there; other threads are not moved).
+pub fn enter_netns(ns: &str) {
+    let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns file");
+    // SAFETY: setns(2) on a descriptor we hold open; it changes only this thread's namespace.
+    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
